@@ -1,0 +1,221 @@
+"""`tandem`: the workstation (no arguments) and headless commands for scripts and plain terminals.
+
+Errors go to stderr with exit status 1 (2 for bad usage); results go to stdout, as JSON with --json.
+The inference GPU is pinned before anything imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from engine import settings as settings_mod
+
+
+def _progress(message: str, _fraction: float) -> None:
+    print(f"… {message}", file=sys.stderr, flush=True)
+
+
+def _engine(s: settings_mod.Settings, history: bool = True):
+    from engine.api import Engine
+
+    eng = Engine(s, history=history)
+    eng.load(_progress)
+    for name, why in eng.broken_adapters():
+        print(f"warning: adapter folder {name!r} skipped: {why}", file=sys.stderr)
+    return eng
+
+
+def cmd_chat(s: settings_mod.Settings, a: argparse.Namespace) -> int:
+    from engine.api import Conversation, Delta, Finished, Routed
+
+    eng = _engine(s)
+    conv = Conversation()
+
+    def one(prompt: str, live: bool) -> dict:
+        result: dict = {}
+        for ev in eng.ask(conv, prompt, mode=a.adapter, reasoning=a.reasoning, skip_reasoning=a.final_only):
+            if isinstance(ev, Routed) and live:
+                d = ev.decision
+                print(f"[{ev.adapter} · {d.reason} · {d.confidence:.2f}]", file=sys.stderr)
+            elif isinstance(ev, Delta) and live and (ev.channel == "final" or not a.final_only):
+                print(ev.text if ev.channel == "final" else f"\x1b[2m{ev.text}\x1b[0m", end="", flush=True)
+            elif isinstance(ev, Finished):
+                r = ev.reply
+                result = {"final": r.parser.final, "analysis": r.parser.analysis,
+                          "segments": [seg.__dict__ for seg in r.parser.segments], "adapter": ev.adapter,
+                          "route": ev.decision.as_dict(), "stats": r.stats.as_dict(), "turn_id": ev.turn_id}
+        return result
+
+    if a.once is not None:
+        if a.json:
+            print(json.dumps(one(a.once, live=False), ensure_ascii=False))
+        elif a.final_only:
+            print(one(a.once, live=False)["final"])
+        else:
+            res = one(a.once, live=True)
+            print(f"\n[{res['stats']['tokens_out']} tokens, {res['stats']['tokens_per_s']} tok/s]", file=sys.stderr)
+        return 0
+    print("Tandem chat. Empty line or Ctrl-D quits; /base, /auto or /use NAME switch adapter.", file=sys.stderr)
+    while True:
+        try:
+            prompt = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            return 0
+        if not prompt:
+            return 0
+        if prompt.startswith("/"):
+            cmd, _, arg = prompt[1:].partition(" ")
+            try:
+                eng.set_mode({"base": "base", "auto": "auto"}.get(cmd, arg.strip()))
+            except Exception as e:
+                print(f"error: {e}", file=sys.stderr)
+            continue
+        one(prompt, live=True)
+        print()
+
+
+def cmd_route(s: settings_mod.Settings, a: argparse.Namespace) -> int:
+    from engine.adapters import AdapterStore
+    from engine.router import Router
+
+    store = AdapterStore(s.adapters_dir)
+    good, _ = store.scan()
+    router = Router(threshold=s.adapters.router_threshold)
+    router.fit({x.name: x.manifest.prompts + x.manifest.exemplars for x in good})
+    d = router.route(a.prompt)
+    if a.json:
+        print(json.dumps(d.as_dict(), ensure_ascii=False))
+    else:
+        print(f"{d.choice}  (confidence {d.confidence:.2f}, {d.reason})")
+        for name, score in sorted(d.scores.items(), key=lambda kv: -kv[1])[:5]:
+            print(f"  {score:6.3f}  {name}")
+    return 0
+
+
+def cmd_adapters(s: settings_mod.Settings, a: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from engine.adapters import AdapterStore
+
+    store = AdapterStore(s.adapters_dir)
+    if a.action == "list":
+        good, bad = store.scan()
+        if a.json:
+            print(json.dumps({"adapters": [{**asdict(x.manifest), "size_bytes": x.size_bytes} for x in good],
+                              "broken": [{"folder": f, "reason": r} for f, r in bad]}, ensure_ascii=False))
+            return 0
+        if not good:
+            print(f"no adapters in {store.root}")
+        for x in good:
+            loss = f"{x.manifest.final_loss:.3f}" if x.manifest.final_loss is not None else "-"
+            print(f"{x.name:24} {x.manifest.task:12} {x.size_bytes / 2**20:8.1f} MB  loss {loss}")
+        for f, r in bad:
+            print(f"broken: {f}: {r}", file=sys.stderr)
+        return 0
+    if a.action == "show":
+        x = store.get(a.name)
+        print(json.dumps({**asdict(x.manifest), "path": str(x.path), "size_bytes": x.size_bytes},
+                         indent=1, ensure_ascii=False))
+    elif a.action == "rename":
+        store.rename(a.name, a.new_name)
+        print(f"renamed {a.name} -> {a.new_name}")
+    elif a.action == "remove":
+        store.get(a.name)
+        if not a.yes:
+            if not sys.stdin.isatty():
+                print("error: refusing to remove without --yes when not at a terminal", file=sys.stderr)
+                return 1
+            if input(f"Remove adapter {a.name!r}? [y/N] ").strip().lower() != "y":
+                print("kept")
+                return 0
+        store.remove(a.name)
+        print(f"removed {a.name}")
+    elif a.action == "rollback":
+        x = store.rollback(a.name)
+        print(f"{a.name} rolled back to the version created {x.manifest.created:.0f}")
+    elif a.action == "import":
+        x = store.import_folder(Path(a.path), a.name, a.task)
+        print(f"imported {x.name} ({x.size_bytes / 2**20:.1f} MB)")
+    return 0
+
+
+def cmd_ui(s: settings_mod.Settings, _a: argparse.Namespace) -> int:
+    from tui.app import TandemApp
+
+    TandemApp(s).run()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tandem", description=__doc__.splitlines()[0])
+    p.add_argument("--settings", help="settings file (default: $TANDEM_SETTINGS or ./settings.toml)")
+    sub = p.add_subparsers(dest="command")
+
+    c = sub.add_parser("chat", help="chat in a plain terminal, or answer one prompt with --once")
+    c.add_argument("--once", metavar="PROMPT")
+    c.add_argument("--reasoning", choices=settings_mod.REASONING_LEVELS)
+    c.add_argument("--final-only", action="store_true", help="skip reasoning; print only the final answer")
+    c.add_argument("--json", action="store_true")
+    c.add_argument("--adapter", help="NAME, base or auto (default: adapters.mode from settings)")
+    c.set_defaults(fn=cmd_chat)
+
+    r = sub.add_parser("route", help="show which specialist the router picks for a prompt")
+    r.add_argument("prompt")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(fn=cmd_route)
+
+    ad = sub.add_parser("adapters", help="the specialist store")
+    asub = ad.add_subparsers(dest="action", required=True)
+    x = asub.add_parser("list")
+    x.add_argument("--json", action="store_true")
+    asub.add_parser("show").add_argument("name")
+    x = asub.add_parser("rename")
+    x.add_argument("name")
+    x.add_argument("new_name")
+    x = asub.add_parser("remove")
+    x.add_argument("name")
+    x.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    asub.add_parser("rollback", help="make the previous version current again").add_argument("name")
+    x = asub.add_parser("import")
+    x.add_argument("path")
+    x.add_argument("--name")
+    x.add_argument("--task")
+    ad.set_defaults(fn=cmd_adapters)
+
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore")
+    try:
+        s = settings_mod.load(args.settings)
+    except settings_mod.SettingsError as e:
+        print(f"error: settings: {e}", file=sys.stderr)
+        return 1
+    if args.command in (None, "chat", "experts"):
+        from engine.model import pin_gpu
+
+        pin_gpu(s.gpus.inference)
+    fn = getattr(args, "fn", cmd_ui)
+    try:
+        return fn(s, args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # every engine error class carries a message meant for the user
+        from engine.adapters import AdapterError
+        from engine.dataset import DatasetError
+        from engine.model import ModelLoadError
+
+        if isinstance(e, AdapterError | DatasetError | ModelLoadError | settings_mod.SettingsError | KeyError):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Which experts each token went to: recorded from GPT-OSS's routers during generation.
+
+A forward hook on every layer's router keeps its top-k indices and weights on the device (no sync per
+token); they are copied to the CPU once, when the reply ends. That keeps recording cheap enough to
+leave on. Token i of a reply is routed when it is fed back as input, so the last generated token (the
+end-of-turn mark) has no routing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class ExpertTrace:
+    num_layers: int
+    num_experts: int
+    top_k: int
+    prompt_tokens: int
+    indices: list[list[list[int]]]  # [reply token][layer][k]
+    weights: list[list[list[float]]]  # same shape, the router's softmax over the chosen k
+
+    def usage(self) -> list[list[float]]:
+        """[layer][expert]: share of reply tokens routed to that expert (each row sums to top_k)."""
+        n = max(len(self.indices), 1)
+        grid = [[0.0] * self.num_experts for _ in range(self.num_layers)]
+        for token in self.indices:
+            for layer, chosen in enumerate(token):
+                for e in chosen:
+                    grid[layer][e] += 1 / n
+        return grid
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"num_layers": self.num_layers, "num_experts": self.num_experts, "top_k": self.top_k,
+                "prompt_tokens": self.prompt_tokens, "indices": self.indices, "weights": self.weights,
+                "usage": self.usage()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExpertTrace:
+        return cls(d["num_layers"], d["num_experts"], d["top_k"], d["prompt_tokens"], d["indices"], d["weights"])
+
+
+def usage_shift(a: ExpertTrace, b: ExpertTrace) -> list[list[float]]:
+    """[layer][expert]: how much traffic share b gained (+) or lost (-) against a."""
+    ua, ub = a.usage(), b.usage()
+    return [[y - x for x, y in zip(ra, rb, strict=True)] for ra, rb in zip(ua, ub, strict=True)]
+
+
+def router_modules(model: Any) -> list[Any]:
+    """The per-layer routers, in layer order (works through PEFT wrappers)."""
+    found = [(name, m) for name, m in model.named_modules() if name.endswith("mlp.router")]
+
+    def layer_of(name: str) -> int:
+        parts = name.split(".")
+        return int(parts[parts.index("layers") + 1])
+
+    return [m for _, m in sorted(found, key=lambda nm: layer_of(nm[0]))]
+
+
+class ExpertRecorder:
+    """Hooks every router of `model` until `finish` is called."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.routers = router_modules(model)
+        self.calls: list[list[tuple[Any, Any]]] = [[] for _ in self.routers]
+        self.handles = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(self.routers)]
+
+    def _hook(self, layer: int):
+        def hook(_module, _inputs, output):
+            _logits, scores, indices = output  # GptOssTopKRouter returns (logits, top-k scores, indices)
+            self.calls[layer].append((indices.detach(), scores.detach()))
+
+        return hook
+
+    def finish(self, prompt_tokens: int, reply_ids: list[int]) -> ExpertTrace | None:
+        for h in self.handles:
+            h.remove()
+        if not self.routers or not self.calls[0]:
+            return None
+        cfg = self.model.config
+        n_layers = len(self.routers)
+        steps = len(self.calls[0])
+        indices: list[list[list[int]]] = []
+        weights: list[list[list[float]]] = []
+        for step in range(1, steps):  # step 0 is the prompt; step s routes reply token s-1
+            indices.append([self.calls[layer][step][0][-1].tolist() for layer in range(n_layers)])
+            weights.append([[round(w, 4) for w in self.calls[layer][step][1][-1].float().tolist()]
+                            for layer in range(n_layers)])
+        return ExpertTrace(n_layers, int(cfg.num_local_experts), int(cfg.num_experts_per_tok),
+                           prompt_tokens, indices, weights)

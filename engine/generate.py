@@ -1,0 +1,152 @@
+"""Streaming generation: one token at a time, cancellable, with per-reply statistics.
+
+A hand-written decode loop rather than `model.generate`: it lets a cancelled reply stop within one
+token (and drop its KV cache at once), stop on harmony's end-of-turn tokens with the parser's view of
+which channel just ended, and time the first token exactly.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from engine.experts import ExpertRecorder, ExpertTrace
+from engine.harmony import END, STOP_TOKENS, HarmonyParser
+from engine.model import LoadedModel
+
+
+@dataclass
+class Sampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 1024
+    greedy: bool = False
+    seed: int | None = None
+
+
+@dataclass
+class Stats:
+    tokens_in: int = 0
+    tokens_out: int = 0
+    ttft_s: float = 0.0  # request to first token, prefill included
+    seconds: float = 0.0
+    stop: str = ""  # return, call, end, length, cancelled
+
+    @property
+    def tokens_per_s(self) -> float:
+        decode = self.seconds - self.ttft_s
+        return (self.tokens_out - 1) / decode if self.tokens_out > 1 and decode > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {"tokens_in": self.tokens_in, "tokens_out": self.tokens_out, "ttft_s": round(self.ttft_s, 4),
+                "seconds": round(self.seconds, 4), "tokens_per_s": round(self.tokens_per_s, 2), "stop": self.stop}
+
+
+@dataclass
+class Reply:
+    """What a finished (or cancelled) generation produced."""
+
+    parser: HarmonyParser
+    stats: Stats
+    raw: str = ""
+    experts: ExpertTrace | None = None
+    token_texts: list[str] = field(default_factory=list)
+
+
+def _sample(logits, s: Sampling, gen):
+    import torch
+
+    if s.greedy or s.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits.float() / s.temperature
+    if s.top_k > 0:
+        kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) > s.top_p  # keep the token that crosses top_p
+        logits[order[drop]] = float("-inf")
+    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen))
+
+
+def stream(
+    lm: LoadedModel,
+    prompt: str,
+    sampling: Sampling,
+    cancel: threading.Event | None = None,
+    record_experts: bool = False,
+    prefill: str = "",
+) -> Iterator[tuple[list[tuple[int, str, str]], Reply]]:
+    """Yield (parser events, reply so far) per token: events are (segment, channel, text) with the
+    harmony markup removed. The reply's parser holds the channels; its stats
+    are final once the iterator ends. Holds the model's lock for the whole reply. `prefill` is the
+    part of the assistant's turn already in `prompt` (e.g. a forced final channel), for the parser."""
+    import torch
+
+    cancel = cancel or threading.Event()
+    tok, model = lm.tokenizer, lm.model
+    stop_ids = {tok.convert_tokens_to_ids(t): t for t in (*STOP_TOKENS, END)}
+    reply = Reply(HarmonyParser(), Stats())
+    reply.parser.feed(prefill)
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(sampling.seed if sampling.seed is not None else int(time.time_ns() % 2**31))
+    with lm.lock, torch.inference_mode():
+        started = time.perf_counter()
+        ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(lm.device)
+        reply.stats.tokens_in = ids.shape[1]
+        recorder = ExpertRecorder(model) if record_experts else None
+        out_ids: list[int] = []
+        emitted = ""
+        past = None
+        step_input = ids
+        try:
+            while len(out_ids) < sampling.max_new_tokens:
+                if cancel.is_set():
+                    reply.stats.stop = "cancelled"
+                    break
+                out = model(input_ids=step_input, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                nxt = _sample(out.logits[0, -1], sampling, gen)
+                if not out_ids:
+                    reply.stats.ttft_s = time.perf_counter() - started
+                out_ids.append(nxt)
+                text = tok.decode(out_ids, skip_special_tokens=False)
+                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    delta, emitted = text[len(emitted):], text
+                    reply.token_texts.append(delta)
+                    yield reply.parser.feed(delta), reply
+                else:
+                    reply.token_texts.append("")
+                if nxt in stop_ids:
+                    mark = stop_ids[nxt]
+                    ended_final = reply.parser.segments and reply.parser.segments[-1].channel == "final"
+                    if mark in STOP_TOKENS or ended_final:
+                        reply.stats.stop = mark.strip("<|>")
+                        break
+                step_input = torch.tensor([[nxt]], device=lm.device)
+            else:
+                reply.stats.stop = "length"
+        finally:
+            del past  # free the KV cache before the lock is released
+            if recorder:
+                reply.experts = recorder.finish(reply.stats.tokens_in, out_ids)
+            reply.parser.finish()
+            reply.raw = emitted
+            reply.stats.tokens_out = len(out_ids)
+            reply.stats.seconds = time.perf_counter() - started
+    if not reply.stats.stop:
+        reply.stats.stop = "cancelled"
+    yield [], reply
+
+
+def complete(lm: LoadedModel, prompt: str, sampling: Sampling, record_experts: bool = False) -> Reply:
+    """Run a generation to the end and return the reply."""
+    reply = None
+    for _, reply in stream(lm, prompt, sampling, record_experts=record_experts):
+        pass
+    assert reply is not None
+    return reply

@@ -1,0 +1,176 @@
+"""Conversation history in SQLite (WAL): every turn, how it was answered, and what the user thought.
+
+A turn is written *before* generation starts (status 'pending') and completed after, with its partial
+text saved as it streams; a turn left 'pending' by a crash is marked 'interrupted' at the next start.
+So nothing typed is ever lost. The schema is versioned with `PRAGMA user_version` and migrations.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MIGRATIONS = [
+    """
+    CREATE TABLE conversations (id INTEGER PRIMARY KEY, created REAL NOT NULL, title TEXT NOT NULL DEFAULT '');
+    CREATE TABLE turns (
+        id INTEGER PRIMARY KEY,
+        conversation_id INTEGER NOT NULL REFERENCES conversations(id),
+        created REAL NOT NULL,
+        prompt TEXT NOT NULL,
+        final TEXT NOT NULL DEFAULT '',
+        analysis TEXT NOT NULL DEFAULT '',
+        raw TEXT NOT NULL DEFAULT '',
+        adapter TEXT NOT NULL DEFAULT 'base',
+        route TEXT NOT NULL DEFAULT '{}',
+        sampling TEXT NOT NULL DEFAULT '{}',
+        stats TEXT NOT NULL DEFAULT '{}',
+        status TEXT NOT NULL DEFAULT 'pending',
+        rating INTEGER,
+        correction TEXT,
+        good_example INTEGER NOT NULL DEFAULT 0,
+        task TEXT
+    );
+    CREATE INDEX turns_by_conversation ON turns(conversation_id, id);
+    CREATE TABLE preferences (
+        id INTEGER PRIMARY KEY, created REAL NOT NULL, prompt TEXT NOT NULL,
+        adapter_a TEXT NOT NULL, adapter_b TEXT NOT NULL, reply_a TEXT NOT NULL, reply_b TEXT NOT NULL,
+        choice TEXT NOT NULL
+    );
+    """,
+]
+
+
+@dataclass
+class TurnRow:
+    id: int
+    conversation_id: int
+    created: float
+    prompt: str
+    final: str
+    analysis: str
+    adapter: str
+    route: dict[str, Any]
+    stats: dict[str, Any]
+    status: str
+    rating: int | None
+    correction: str | None
+    good_example: bool
+    task: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class History:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # One connection shared by the app's workers; sqlite3 objects need a lock across threads.
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+            self._db.execute("UPDATE turns SET status='interrupted' WHERE status='pending'")
+
+    def _migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise RuntimeError(f"{self.path} was written by a newer Tandem (schema {version})")
+        for i, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            self._db.executescript(f"BEGIN; {script}; PRAGMA user_version={i}; COMMIT;")
+
+    def _exec(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._db.execute(sql, args)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ----- writing
+    def new_conversation(self, title: str = "") -> int:
+        return self._exec("INSERT INTO conversations(created, title) VALUES (?, ?)", (time.time(), title)).lastrowid
+
+    def start_turn(self, conversation_id: int, prompt: str, adapter: str, route: dict, sampling: dict) -> int:
+        return self._exec(
+            "INSERT INTO turns(conversation_id, created, prompt, adapter, route, sampling, task) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (conversation_id, time.time(), prompt, adapter, json.dumps(route), json.dumps(sampling),
+             adapter if adapter != "base" else None),
+        ).lastrowid
+
+    def save_partial(self, turn_id: int, raw: str) -> None:
+        self._exec("UPDATE turns SET raw=? WHERE id=?", (raw, turn_id))
+
+    def finish_turn(self, turn_id: int, final: str, analysis: str, raw: str, stats: dict, status: str) -> None:
+        self._exec("UPDATE turns SET final=?, analysis=?, raw=?, stats=?, status=? WHERE id=?",
+                   (final, analysis, raw, json.dumps(stats), status, turn_id))
+
+    def rate(self, turn_id: int, rating: int) -> None:
+        if not 1 <= rating <= 5:
+            raise ValueError("a rating is 1 to 5")
+        self._exec("UPDATE turns SET rating=? WHERE id=?", (rating, turn_id))
+
+    def correct(self, turn_id: int, correction: str) -> None:
+        self._exec("UPDATE turns SET correction=? WHERE id=?", (correction.strip() or None, turn_id))
+
+    def mark_good(self, turn_id: int, good: bool = True) -> None:
+        self._exec("UPDATE turns SET good_example=? WHERE id=?", (int(good), turn_id))
+
+    def set_task(self, turn_id: int, task: str) -> None:
+        self._exec("UPDATE turns SET task=? WHERE id=?", (task, turn_id))
+
+    def prefer(self, prompt: str, a: str, b: str, reply_a: str, reply_b: str, choice: str) -> int:
+        return self._exec(
+            "INSERT INTO preferences(created, prompt, adapter_a, adapter_b, reply_a, reply_b, choice) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)", (time.time(), prompt, a, b, reply_a, reply_b, choice)).lastrowid
+
+    # ----- reading
+    _COLS = ("id, conversation_id, created, prompt, final, analysis, adapter, route, stats, status, rating, "
+             "correction, good_example, task")
+
+    def _rows(self, where: str = "1", args: tuple = (), limit: int = 1000) -> list[TurnRow]:
+        cur = self._exec(f"SELECT {self._COLS} FROM turns WHERE {where} ORDER BY id LIMIT ?", (*args, limit))
+        return [TurnRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]), json.loads(r[8]), r[9],
+                        r[10], r[11], bool(r[12]), r[13]) for r in cur.fetchall()]
+
+    def turn(self, turn_id: int) -> TurnRow:
+        rows = self._rows("id=?", (turn_id,))
+        if not rows:
+            raise KeyError(f"no turn {turn_id}")
+        return rows[0]
+
+    def turns(self, conversation_id: int | None = None, limit: int = 1000) -> list[TurnRow]:
+        if conversation_id is None:
+            return self._rows(limit=limit)
+        return self._rows("conversation_id=?", (conversation_id,), limit)
+
+    def search(self, text: str, limit: int = 100) -> list[TurnRow]:
+        like = f"%{text}%"
+        return self._rows("prompt LIKE ? OR final LIKE ? OR correction LIKE ?", (like, like, like), limit)
+
+    def conversations(self, limit: int = 100) -> list[dict[str, Any]]:
+        cur = self._exec(
+            "SELECT c.id, c.created, c.title, COUNT(t.id), MAX(t.created) FROM conversations c "
+            "LEFT JOIN turns t ON t.conversation_id=c.id GROUP BY c.id ORDER BY c.id DESC LIMIT ?", (limit,))
+        return [{"id": r[0], "created": r[1], "title": r[2], "turns": r[3], "last": r[4]} for r in cur.fetchall()]
+
+    def usable_for(self, task: str) -> list[TurnRow]:
+        """Turns that teach `task`: corrected ones, or complete ones rated 4+ (or marked good and unrated).
+        A low rating without a correction excludes a turn: it says what not to do, not what to do."""
+        return self._rows(
+            "task=? AND status IN ('complete','cancelled','interrupted') AND "
+            "(correction IS NOT NULL OR (status='complete' AND (rating >= 4 OR (good_example=1 AND rating IS NULL))))",
+            (task,), limit=1_000_000)
+
+    def preferences(self) -> list[dict[str, Any]]:
+        cur = self._exec("SELECT prompt, adapter_a, adapter_b, choice, created FROM preferences ORDER BY id")
+        return [{"prompt": r[0], "a": r[1], "b": r[2], "choice": r[3], "created": r[4]} for r in cur.fetchall()]

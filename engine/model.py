@@ -1,0 +1,111 @@
+"""Loading the base model through unsloth, on the inference GPU or unsloth's CPU fallback.
+
+`pin_gpu` must run before torch is imported (the CLI and the app do it first thing): it makes the
+configured GPU the only one this process sees, so device 0 below always means the right card.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.settings import Settings
+
+Progress = Callable[[str, float], None]
+
+
+class ModelLoadError(RuntimeError):
+    """The configured model could not be loaded; the message says how to fix settings.toml."""
+
+
+def pin_gpu(index: int) -> None:
+    """Expose only GPU `index` to this process. A no-op once torch is imported (too late) or when the
+    user has already chosen with CUDA_VISIBLE_DEVICES."""
+    if "torch" not in sys.modules and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    name: str
+    device: str
+    is_demo: bool
+    load_seconds: float
+    quantized: bool
+    # One generation at a time; adapter swaps take the same lock so they never land mid-reply.
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    @property
+    def num_experts(self) -> int:
+        return int(getattr(self.model.config, "num_local_experts", 0))
+
+
+def _dtype(name: str):
+    import torch
+
+    return None if name == "auto" else getattr(torch, name)
+
+
+def resolve_model_name(settings: Settings, progress: Progress) -> tuple[str, bool]:
+    """(model id or folder, is_demo). Local paths are resolved against the settings file."""
+    name = settings.model.name.strip()
+    if not name:
+        from engine.demo_model import demo_model_path
+
+        return str(demo_model_path(progress)), True
+    local = Path(name).expanduser()
+    if not local.is_absolute():
+        local = settings.root / local
+    looks_local = name.startswith((".", "/", "~")) or local.exists()
+    if looks_local:
+        if not (local / "config.json").exists():
+            raise ModelLoadError(
+                f"model.name = {name!r}: {local} has no config.json. Point [model] name in {settings.source} "
+                "at a folder with a Hugging Face model (config.json + weights), a hub id such as "
+                "'unsloth/gpt-oss-20b-unsloth-bnb-4bit', or leave it empty for the embedded demo model."
+            )
+        return str(local), False
+    return name, False
+
+
+def load_model(settings: Settings, progress: Progress | None = None) -> LoadedModel:
+    """Load the configured base model (or the demo model) ready for generation."""
+    say = progress or (lambda _m, _f: None)
+    started = time.monotonic()
+    say("importing unsloth and torch", 0.05)
+    with contextlib.redirect_stdout(sys.stderr):  # unsloth prints banners; stdout belongs to --json
+        import unsloth  # noqa: F401  (first, so it can patch transformers before the demo build imports it)
+    name, is_demo = resolve_model_name(settings, say)
+    import torch
+    from unsloth import FastLanguageModel
+
+    on_gpu = torch.cuda.is_available()
+    four_bit = settings.model.load_in_4bit and on_gpu
+    say(f"loading {name}{' in 4-bit' if four_bit else ''} on {'GPU' if on_gpu else 'CPU'}", 0.3)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            model, tokenizer = FastLanguageModel.from_pretrained(
+                model_name=name,
+                max_seq_length=settings.model.max_seq_length,
+                load_in_4bit=four_bit,
+                dtype=_dtype(settings.model.dtype) if on_gpu else torch.float32,
+            )
+    except Exception as e:  # hub, disk and config errors all end here; say how to fix it
+        raise ModelLoadError(
+            f"could not load model {name!r}: {type(e).__name__}: {e}\n"
+            f"Set [model] name in {settings.source} to a local model folder or a reachable hub id, "
+            "or leave it empty to use the embedded demo model."
+        ) from e
+    model.eval()
+    device = str(next(model.parameters()).device)
+    say("model ready", 1.0)
+    return LoadedModel(model, tokenizer, name, device, is_demo, time.monotonic() - started, four_bit)

@@ -1,0 +1,49 @@
+"""Shared fixtures: one demo model per test run, and a private settings file per test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Built once per checkout and shared by every test and test worker (engine.demo_model locks the build).
+os.environ.setdefault("TANDEM_CACHE", str(ROOT / ".pytest_cache" / "tandem-cache"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir() -> Path:
+    import unsloth  # noqa: F401  (before transformers, as it asks)
+
+    from engine.demo_model import demo_model_path
+
+    return demo_model_path()
+
+
+@pytest.fixture
+def settings_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the shipped settings.toml in a temp folder, with TANDEM_SETTINGS pointing at it."""
+    path = tmp_path / "settings.toml"
+    shutil.copy(ROOT / "settings.toml", path)
+    monkeypatch.setenv("TANDEM_SETTINGS", str(path))
+    return path
+
+
+@pytest.fixture
+def settings(settings_path: Path):
+    from engine.settings import load
+
+    return load(settings_path)
+
+
+@pytest.fixture
+def engine(settings, demo_model_dir):
+    from engine.api import Engine
+
+    eng = Engine(settings)
+    eng.load()
+    yield eng
+    eng.close()

@@ -1,0 +1,85 @@
+import tomllib
+import warnings
+
+import pytest
+
+from engine import settings as st
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_when_file_missing(tmp_path):
+    s = st.load(tmp_path / "nope.toml")
+    assert s.model.name == "" and s.gpus.inference == 0 and s.gpus.training == 1
+    assert s.adapters_dir == tmp_path / "adapters"
+
+
+def test_shipped_settings_load_and_paths_are_relative_to_file(settings, settings_path):
+    assert settings.adapters_dir == settings_path.parent / "adapters"
+    assert settings.history_db == settings_path.parent / "history.db"
+    assert settings.profile("quick_test").max_steps == 30
+    assert settings.profile("conservative").rank == 8
+
+
+@pytest.mark.parametrize(
+    "toml, key, expected",
+    [
+        ('[chat]\nreasoning = "extreme"', "chat.reasoning", "low, medium or high"),
+        ("[gpus]\ninference = -1", "gpus.inference", "GPU index"),
+        ('[gpus]\ntraining = "one"', "gpus.training", "integer"),
+        ("[model]\nload_in_4bit = 1", "model.load_in_4bit", "true or false"),
+        ("[model]\nmax_seq_length = true", "model.max_seq_length", "integer"),
+        ("[chat]\ntop_p = 1.5", "chat.top_p", "(0, 1]"),
+        ("[training.profiles.quick_test]\nlearning_rate = 3", "training.profiles.quick_test.learning_rate", "(0, 1)"),
+        ("[training.profiles.mine]\nrank = 4", "training.profiles.mine", "max_steps and max_samples"),
+        ('[learning]\nnightly_window = "25:00-03:00"', "learning.nightly_window", "HH:MM-HH:MM"),
+        ('[training]\ndefault_profile = "nope"', "training.default_profile", "quick_test"),
+    ],
+)
+def test_bad_values_name_key_value_and_expectation(tmp_path, toml, key, expected):
+    with pytest.raises(st.SettingsError) as err:
+        st.load(write(tmp_path / "s.toml", toml))
+    assert key in str(err.value) and expected in str(err.value)
+
+
+def test_invalid_toml_names_the_file(tmp_path):
+    with pytest.raises(st.SettingsError, match="not valid TOML"):
+        st.load(write(tmp_path / "s.toml", "[model\nname="))
+
+
+def test_unknown_key_warns_and_survives_a_write(tmp_path):
+    path = write(tmp_path / "s.toml", '[model]\nname = "x"\nfuture_knob = 3\n[plugins]\na = 1\n')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = st.load(path)
+    assert any("model.future_knob" in str(w.message) for w in caught)
+    s2 = st.updated(s, "chat.temperature", "0.7")
+    st.save(s2)
+    data = tomllib.loads(path.read_text())
+    assert data["model"]["future_knob"] == 3 and data["plugins"] == {"a": 1}
+    assert data["chat"]["temperature"] == 0.7 and data["model"]["name"] == "x"
+    assert st.load(path).chat.temperature == 0.7
+
+
+def test_updated_rejects_bad_text_without_touching_the_file(settings, settings_path):
+    before = settings_path.read_text()
+    with pytest.raises(st.SettingsError, match="chat.max_new_tokens"):
+        st.updated(settings, "chat.max_new_tokens", "lots")
+    with pytest.raises(st.SettingsError, match="gpus.training"):
+        st.updated(settings, "gpus.training", "-3")
+    assert settings_path.read_text() == before
+
+
+def test_env_var_points_at_another_file(settings_path):
+    assert st.default_path() == settings_path.resolve()
+
+
+def test_custom_profile_inherits_defaults(tmp_path):
+    s = st.load(write(tmp_path / "s.toml", "[training.profiles.tiny]\nmax_steps = 3\nmax_samples = 8\n"))
+    p = s.profile("tiny")
+    assert (p.max_steps, p.max_samples, p.learning_rate) == (3, 8, 2e-4)
+    with pytest.raises(st.SettingsError, match="known profiles"):
+        s.profile("missing")
