@@ -143,6 +143,60 @@ def cmd_adapters(s: settings_mod.Settings, a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(s: settings_mod.Settings, a: argparse.Namespace) -> int:
+    from engine.dataset import load_examples
+    from engine.runs import Request, RunQueue
+
+    profile = a.profile or s.training.default_profile
+    s.profile(profile)
+    report = load_examples(a.data, limit=s.profile(profile).max_samples)  # refuse bad data before queueing
+    print(f"data: {report.summary()}", file=sys.stderr)
+    if a.from_adapter:
+        from engine.adapters import AdapterStore
+
+        AdapterStore(s.adapters_dir).get(a.from_adapter)
+    gpu = s.gpus.training if a.gpu is None else a.gpu
+    req = Request(task=a.task, data=str(Path(a.data).expanduser().resolve()) if Path(a.data).exists() else a.data,
+                  profile=profile, gpu=gpu, settings=str(s.source), from_adapter=a.from_adapter or "",
+                  name=a.name or "")
+    queue = RunQueue(s)
+    run = queue.submit(req)
+    print(run.id)
+    print(f"{run.state.status} on GPU {gpu}; follow it with: tandem runs show {run.id}", file=sys.stderr)
+    if a.wait:
+        state = queue.wait(run, timeout=a.wait)
+        print(f"{state.status}: {state.outcome or state.error}", file=sys.stderr)
+        return 0 if state.status == "finished" else 1
+    return 0
+
+
+def cmd_runs(s: settings_mod.Settings, a: argparse.Namespace) -> int:
+    from engine.runs import RunQueue
+
+    queue = RunQueue(s)
+    if a.action == "list":
+        rows = [r.summary() for r in queue.runs()]
+        if a.json:
+            print(json.dumps(rows))
+        for r in [] if a.json else rows:
+            print(f"{r['id']:24} {r['task']:12} {r['profile']:12} GPU {r['gpu']}  {r['status']:9} "
+                  f"{r['step']}/{r['total']}  {r['outcome'] or r['error']}")
+        return 0
+    if a.action == "show":
+        run = queue.get(a.id)
+        metrics = run.metrics()
+        out = {**run.summary(), "metrics": metrics[-1] if metrics else None,
+               "warnings": [m["warning"] for m in metrics if m.get("warning")]}
+        print(json.dumps(out, indent=1))
+    elif a.action == "stop":
+        run = queue.stop(a.id)
+        print(f"{run.id}: {run.state.status}")
+    elif a.action == "resume":
+        run = queue.resume(a.id)
+        print(f"{run.id}: {run.state.status}")
+    return 0
+
+
 def cmd_ui(s: settings_mod.Settings, _a: argparse.Namespace) -> int:
     from tui.app import TandemApp
 
@@ -186,6 +240,22 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--task")
     ad.set_defaults(fn=cmd_adapters)
 
+    t = sub.add_parser("train", help="train a specialist on the training GPU (detached; prints the run id)")
+    t.add_argument("--task", required=True)
+    t.add_argument("--data", required=True, help="a .jsonl/.json/.parquet/.csv file or a hub dataset name")
+    t.add_argument("--profile")
+    t.add_argument("--gpu", type=int, help="GPU index (default: gpus.training)")
+    t.add_argument("--from", dest="from_adapter", metavar="ADAPTER", help="continue from an existing adapter")
+    t.add_argument("--name", help="adapter name to publish as (default: the task)")
+    t.add_argument("--wait", type=float, metavar="SECONDS", help="wait for the run to end")
+    t.set_defaults(fn=cmd_train)
+
+    rn = sub.add_parser("runs", help="training runs: list, show, stop, resume")
+    rsub = rn.add_subparsers(dest="action", required=True)
+    rsub.add_parser("list").add_argument("--json", action="store_true")
+    for action in ("show", "stop", "resume"):
+        rsub.add_parser(action).add_argument("id")
+    rn.set_defaults(fn=cmd_runs)
     return p
 
 
@@ -210,8 +280,10 @@ def main(argv: list[str] | None = None) -> int:
         from engine.adapters import AdapterError
         from engine.dataset import DatasetError
         from engine.model import ModelLoadError
+        from engine.runs import RunError
 
-        if isinstance(e, AdapterError | DatasetError | ModelLoadError | settings_mod.SettingsError | KeyError):
+        known = (AdapterError, DatasetError, ModelLoadError, RunError, settings_mod.SettingsError, KeyError)
+        if isinstance(e, known):
             print(f"error: {e}", file=sys.stderr)
             return 1
         raise

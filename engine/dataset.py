@@ -43,13 +43,16 @@ class LoadReport:
     examples: list[Example] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     total_rows: int = 0
+    usable: int = 0  # before any limit
 
     @property
     def skipped_count(self) -> int:
         return sum(self.skipped.values())
 
     def summary(self) -> str:
-        text = f"{len(self.examples)} of {self.total_rows} rows usable"
+        text = f"{self.usable} of {self.total_rows} rows usable"
+        if len(self.examples) < self.usable:
+            text += f", using the first {len(self.examples)}"
         if self.skipped:
             text += "; skipped: " + ", ".join(f"{n} {why}" for why, n in self.skipped.most_common())
         return text
@@ -163,6 +166,7 @@ def load_examples(source: str, limit: int | None = None) -> LoadReport:
             report.examples.append(row_to_example(row))
         except ValueError as e:
             report.skipped[str(e)] += 1
+    report.usable = len(report.examples)
     if limit is not None:
         report.examples = report.examples[:limit]
     if not report.examples:

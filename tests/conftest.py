@@ -47,3 +47,25 @@ def engine(settings, demo_model_dir):
     eng.load()
     yield eng
     eng.close()
+
+
+TINY_PROFILE = """
+[training.profiles.tiny]
+max_steps = 12
+max_samples = 64
+batch_size = 2
+grad_accum = 1
+learning_rate = 0.002
+warmup_steps = 1
+save_steps = 4
+max_seq_length = 256
+"""
+
+
+@pytest.fixture
+def train_settings(settings_path: Path):
+    """Settings with a 'tiny' profile that trains in a few seconds on the demo model."""
+    from engine.settings import load
+
+    settings_path.write_text(settings_path.read_text() + TINY_PROFILE)
+    return load(settings_path)

@@ -1,0 +1,315 @@
+"""The training process: `python -m engine.trainer RUN_DIR` (started by engine.runs, never by hand).
+
+Recipe: unsloth `FastLanguageModel` (4-bit QLoRA on a GPU, its CPU fallback otherwise), rsLoRA on
+attention and every MoE expert, unsloth gradient checkpointing, TRL `SFTTrainer` on prompt/completion
+pairs rendered in harmony so only the assistant's reply is trained on (prompts carry no loss), cosine
+schedule with warmup, `adamw_8bit` on GPU. The data is validated before the model is loaded, so a bad
+dataset never touches the GPU. Metrics go to metrics.jsonl through a TrainerCallback; a stop request
+finishes the step, saves a checkpoint and exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from engine.adapters import AdapterStore, Manifest
+from engine.dataset import DatasetError, Example, load_examples
+from engine.loss_monitor import LossMonitor
+from engine.runs import Run, RunQueue
+from engine.settings import Profile, Settings, load
+
+MAX_ROUTER_PROMPTS = 2000
+
+
+def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Deterministic train/eval split; no eval split below 10 examples."""
+    if fraction <= 0 or len(examples) < 10:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(len(examples) * fraction))
+    ev = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in ev], [examples[i] for i in sorted(ev)]
+
+
+def to_rows(examples: list[Example]) -> list[dict[str, str]]:
+    return [dict(zip(("prompt", "completion"), ex.render(), strict=True)) for ex in examples]
+
+
+def oom_hint(profile_name: str, p: Profile) -> str:
+    return (f"out of GPU memory. In settings.toml [training.profiles.{profile_name}] lower batch_size "
+            f"(now {p.batch_size}) and raise grad_accum (now {p.grad_accum}) to keep the effective batch, "
+            f"or lower max_seq_length (now {p.max_seq_length}).")
+
+
+class _Metrics:
+    """Builds the TrainerCallback that writes metrics.jsonl and honours stop requests."""
+
+    def __init__(self, run: Run, settings: Settings, profile: Profile, tokens_per_sample: float):
+        self.run = run
+        self.monitor = LossMonitor(settings.training.target_loss, settings.training.overfit_below,
+                                   settings.training.underfit_above)
+        self.tokens_per_sample = tokens_per_sample
+        self.samples_per_step = profile.batch_size * profile.grad_accum
+        self.started = time.monotonic()
+        self.first_step_at: float | None = None
+        self.best_loss: float | None = None
+        self.last_loss: float | None = None
+        self.last_eval: float | None = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.run.dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if outer.first_step_at is None:
+                    outer.first_step_at = time.monotonic()
+                if outer.run.stop_requested:
+                    control.should_save = True
+                    control.should_training_stop = True
+                return control
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                outer.on_log(state, logs or {})
+
+        return Callback()
+
+    def on_log(self, state: Any, logs: dict[str, Any]) -> None:
+        import torch
+
+        step, total = int(state.global_step), int(state.max_steps)
+        elapsed = time.monotonic() - self.started
+        # Rates from the first finished step on: the first step carries compilation and warm-up.
+        timed = time.monotonic() - self.first_step_at if self.first_step_at else 0.0
+        samples_s = (step - 1) * self.samples_per_step / timed if timed > 0 and step > 1 else 0.0
+        per_step = timed / (step - 1) if step > 1 and timed > 0 else 0.0
+        rec: dict[str, Any] = {"time": time.time(), "step": step, "total": total, "elapsed_s": round(elapsed, 2),
+                               "eta_s": round(per_step * (total - step), 1) if per_step else None,
+                               "samples_per_s": round(samples_s, 3),
+                               "tokens_per_s": round(samples_s * self.tokens_per_sample, 1)}
+        if "loss" in logs:
+            loss = float(logs["loss"])
+            self.last_loss = loss
+            self.best_loss = loss if self.best_loss is None else min(self.best_loss, loss)
+            rec.update(loss=round(loss, 4), learning_rate=logs.get("learning_rate"),
+                       grad_norm=round(float(logs["grad_norm"]), 4) if logs.get("grad_norm") is not None else None)
+            verdict = self.monitor.classify(loss)
+            rec["loss_state"] = verdict.state
+            if verdict.warning:
+                rec["warning"] = verdict.warning
+        if "eval_loss" in logs:
+            self.last_eval = float(logs["eval_loss"])
+            rec["eval_loss"] = round(self.last_eval, 4)
+        if torch.cuda.is_available():
+            rec["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        self.write(rec)
+        self.run.set_state(step=step, total=total)
+
+
+def _load(settings: Settings, profile: Profile):
+    import torch
+    from unsloth import FastLanguageModel
+
+    from engine.model import resolve_model_name
+
+    name, is_demo = resolve_model_name(settings, lambda *_: None)
+    on_gpu = torch.cuda.is_available()
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=name, max_seq_length=profile.max_seq_length, load_in_4bit=settings.model.load_in_4bit and on_gpu,
+        dtype=None if on_gpu else torch.float32,
+    )
+    base_id = f"demo:{Path(name).name}" if is_demo else name
+    return model, tokenizer, base_id, on_gpu
+
+
+def _peft(model: Any, profile: Profile, from_adapter: Path | None, seed: int, modules: list[str],
+          params: list[str]):
+    from unsloth import FastLanguageModel
+
+    if from_adapter is not None:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(from_adapter), is_trainable=True)
+    return FastLanguageModel.get_peft_model(
+        model, r=profile.rank, lora_alpha=profile.alpha, lora_dropout=0.0, use_rslora=True,
+        target_modules=modules, target_parameters=params or None,
+        use_gradient_checkpointing="unsloth", random_state=seed,
+    )
+
+
+def evaluate_loss(trainer: Any, rows: list[dict[str, str]]) -> float:
+    """Mean completion-token loss of the current model on `rows` (for the promotion gate)."""
+    from datasets import Dataset
+
+    ds = trainer._prepare_dataset(Dataset.from_list(rows), trainer.processing_class, trainer.args,
+                                  packing=False, formatting_func=None, dataset_name="gate")
+    return float(trainer.evaluate(eval_dataset=ds, metric_key_prefix="gate")["gate_loss"])
+
+
+def train(run: Run) -> None:
+    req = run.request
+    settings = load(req.settings)
+    profile = settings.profile(req.profile)
+    report = load_examples(req.data, limit=profile.max_samples)  # raises before the GPU is touched
+    train_ex, eval_ex = split(report.examples, settings.training.eval_fraction, settings.training.seed)
+    (run.dir / "data.json").write_text(json.dumps({"summary": report.summary(), "train": len(train_ex),
+                                                   "eval": len(eval_ex), "skipped": dict(report.skipped),
+                                                   "fingerprint": report.fingerprint()}))
+    print(f"data: {report.summary()}; train {len(train_ex)}, eval {len(eval_ex)}", flush=True)
+
+    model, tokenizer, base_id, on_gpu = _load(settings, profile)
+    store = AdapterStore(settings.adapters_dir)
+    parent = store.get(req.from_adapter).path if req.from_adapter else None
+    from engine.lora import count_adapted, lora_targets
+
+    modules, params = lora_targets(model)  # before PEFT wraps (and renames) the expert parameters
+    model = _peft(model, profile, parent, settings.training.seed, modules, params)
+    adapted = count_adapted(model)
+    print(f"trainable LoRA parameters: {adapted}", flush=True)
+
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    train_rows, eval_rows = to_rows(train_ex), to_rows(eval_ex)
+    tokens_per_sample = sum(len(tokenizer(r["prompt"] + r["completion"])["input_ids"]) for r in train_rows[:200])
+    tokens_per_sample /= max(1, min(200, len(train_rows)))
+    metrics = _Metrics(run, settings, profile, tokens_per_sample)
+    config = SFTConfig(
+        output_dir=str(run.dir / "checkpoints"),
+        max_steps=profile.max_steps,
+        per_device_train_batch_size=profile.batch_size,
+        gradient_accumulation_steps=profile.grad_accum,
+        learning_rate=profile.learning_rate,
+        warmup_steps=profile.warmup_steps,
+        lr_scheduler_type=profile.scheduler,
+        optim="adamw_8bit" if on_gpu else "adamw_torch",
+        weight_decay=0.01,
+        seed=settings.training.seed,
+        train_sampling_strategy="group_by_length",
+        logging_steps=profile.logging_steps,
+        save_steps=profile.save_steps,
+        save_total_limit=settings.training.keep_checkpoints,
+        eval_strategy="steps" if eval_rows else "no",
+        eval_steps=profile.save_steps if eval_rows else None,
+        per_device_eval_batch_size=profile.batch_size,
+        max_length=profile.max_seq_length,
+        completion_only_loss=True,
+        packing=False,
+        report_to="none",
+        use_cpu=not on_gpu,
+        dataloader_num_workers=0,
+        dataset_num_proc=1,
+        bf16=on_gpu,
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(model=model, args=config, processing_class=tokenizer,
+                         train_dataset=Dataset.from_list(train_rows),
+                         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+                         callbacks=[metrics.callback()])
+    resume = str(run.checkpoints[-1]) if run.state.resume and run.checkpoints else None
+    if resume:
+        print(f"resuming from {resume}", flush=True)
+    trainer.train(resume_from_checkpoint=resume)
+
+    if run.stop_requested:  # the callback asked the trainer to save a checkpoint at this step
+        run.set_state(status="stopped", ended=time.time(), outcome=f"stopped at step {trainer.state.global_step}")
+        return
+
+    eval_loss = evaluate_loss(trainer, eval_rows) if eval_rows else None
+    gate = _gate(trainer, req, store)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    model_dir = settings.models_dir / f"gpt-oss-20b_{req.profile}_{profile.scheduler}_r{profile.rank}_{stamp}"
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    trainer.model.save_pretrained(str(model_dir))
+    summary = {"final_loss": metrics.last_loss, "best_loss": metrics.best_loss, "eval_loss": eval_loss,
+               "steps": trainer.state.global_step, "seconds": round(time.monotonic() - metrics.started, 1),
+               "gate": gate}
+    info = {"run_id": run.id, "request": asdict(req), "profile": asdict(profile), "base_model": base_id,
+            "data": json.loads((run.dir / "data.json").read_text()), "metrics": summary, "adapted": adapted}
+    (model_dir / "training_info.json").write_text(json.dumps(info, indent=1, ensure_ascii=False))
+    latest = settings.models_dir / "latest"
+    tmp_link = settings.models_dir / f".latest-{os.getpid()}"
+    tmp_link.symlink_to(model_dir.name)
+    os.replace(tmp_link, latest)
+
+    name = req.name or req.task
+    manifest = Manifest(
+        name=name, task=req.task, base_model=base_id, description=f"trained on {Path(req.data).name}",
+        lora={"rank": profile.rank, "alpha": profile.alpha, "rslora": True, "target_modules": modules,
+              "target_parameters": params},
+        adapted=adapted, profile=req.profile, dataset_fingerprint=info["data"]["fingerprint"],
+        final_loss=metrics.last_loss, best_loss=metrics.best_loss, eval_loss=eval_loss,
+        prompts=[ex.user_prompt for ex in report.examples][:MAX_ROUTER_PROMPTS], run_id=run.id,
+    )
+    if gate.get("promote", True):
+        store.publish(model_dir, manifest)
+        outcome = f"published as {name}" + (f" ({gate['reason']})" if gate.get("reason") else "")
+        run.set_state(status="finished", ended=time.time(), adapter=name, model_dir=str(model_dir), outcome=outcome)
+    else:
+        run.set_state(status="finished", ended=time.time(), model_dir=str(model_dir),
+                      outcome=f"kept as candidate in {model_dir.name}: {gate['reason']}")
+    print(run.state.outcome, flush=True)
+
+
+def _gate(trainer: Any, req: Any, store: AdapterStore) -> dict[str, Any]:
+    """Promotion gate: the new adapter must beat the current one on the user's held-out examples."""
+    if not req.gate:
+        return {}
+    holdout = to_rows(load_examples(req.gate["holdout"]).examples)
+    new_loss = evaluate_loss(trainer, holdout)
+    current = req.gate.get("current")
+    if not current:
+        return {"promote": True, "new_loss": new_loss, "reason": f"first version, held-out loss {new_loss:.4f}"}
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    model = trainer.model
+    mine = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+    set_peft_model_state_dict(model, load_file(str(store.get(current).weights)))
+    old_loss = evaluate_loss(trainer, holdout)
+    model.load_state_dict(mine, strict=False)
+    promote = new_loss < old_loss
+    verb = "beats" if promote else "does not beat"
+    return {"promote": promote, "new_loss": new_loss, "old_loss": old_loss,
+            "reason": f"held-out loss {new_loss:.4f} {verb} current {old_loss:.4f}"}
+
+
+def main(run_dir: str) -> int:
+    run = Run(Path(run_dir))
+    signal.signal(signal.SIGTERM, lambda *_: (run.dir / "stop").touch())  # graceful: finish the step, save
+    queue = None
+    try:
+        queue = RunQueue(load(run.request.settings))
+        train(run)
+        return 0
+    except DatasetError as e:
+        run.set_state(status="failed", ended=time.time(), error=f"data: {e}")
+    except Exception as e:
+        text = f"{type(e).__name__}: {e}"
+        if "out of memory" in text.lower():
+            text = oom_hint(run.request.profile, load(run.request.settings).profile(run.request.profile))
+        run.set_state(status="failed", ended=time.time(), error=text)
+        traceback.print_exc()
+    finally:
+        if queue is not None:
+            queue.start_next(run.request.gpu)  # hand the GPU to the next queued run
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
