@@ -149,10 +149,9 @@ class LiveAdapters:
             if name in self.resident:
                 return
             while self.resident and sum(b for _, b in self.resident.values()) + size > self.budget_bytes:
-                victim = next(n for n in self.resident if n != self.active) if len(self.resident) > 1 else None
-                if victim is None:
-                    break
-                self._drop(victim)
+                # Least recently used first, the active one last (every reply re-activates its adapter anyway).
+                order = sorted(self.resident, key=lambda n: n == self.active)
+                self._drop(order[0])
             try:
                 self._attach(name, config, state)
             except AdapterError:

@@ -69,3 +69,34 @@ def train_settings(settings_path: Path):
 
     settings_path.write_text(settings_path.read_text() + TINY_PROFILE)
     return load(settings_path)
+
+
+@pytest.fixture
+def make_adapter(settings, demo_model_dir):
+    """Publish a randomly initialised (non-zero) LoRA on the demo model covering attention and experts."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from engine.adapters import AdapterStore, Manifest
+    from engine.lora import FUSED_EXPERTS
+
+    store = AdapterStore(settings.adapters_dir)
+
+    def make(name: str, prompts: list[str], seed: int = 0, task: str | None = None, scale: float = 1.0):
+        import torch
+
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32)
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                         target_parameters=list(FUSED_EXPERTS), init_lora_weights=False)
+        model = get_peft_model(base, cfg)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.mul_(scale)
+        out = settings.root / "made" / f"{name}-{seed}"
+        model.save_pretrained(out)
+        manifest = Manifest(name=name, task=task or name, base_model=f"demo:{demo_model_dir.name}", prompts=prompts)
+        return store.publish(out, manifest)
+
+    return make
