@@ -1,0 +1,188 @@
+"""The app driven by Pilot: real engine on the demo model, real training processes."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+import tests.fake_nvml as fake_nvml
+from engine.telemetry import Telemetry
+from tui.app import TandemApp
+from tui.widgets.chat import ChatPanel
+from tui.widgets.switcher import SpecialistSwitcher
+
+
+def app_for(settings, nvml=fake_nvml):
+    return TandemApp(settings, telemetry=Telemetry(nvml, fake_nvml.fixed_host), poll_s=0.3)
+
+
+async def until(pilot, predicate, timeout=120.0, step=0.1):
+    waited = 0.0
+    while not predicate():
+        await pilot.pause(step)
+        waited += step
+        if waited > timeout:
+            raise TimeoutError("condition not reached")
+
+
+async def ready(pilot):
+    await until(pilot, lambda: pilot.app.engine is not None or pilot.app.load_error)
+    assert not pilot.app.load_error
+
+
+async def send(pilot, text):
+    await pilot.click("#prompt")
+    await pilot.press(*text, "enter")
+    await until(pilot, lambda: pilot.app.query_one(ChatPanel).last_reply is not None)
+    await until(pilot, lambda: not pilot.app.generating and not pilot.app.pending)
+    return pilot.app.query_one(ChatPanel).last_reply
+
+
+def test_tui_does_not_import_torch():
+    code = "import sys, tui.app; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "ok", r.stderr
+
+
+async def test_prompt_before_ready_waits_then_streams(settings, demo_model_dir):
+    app = app_for(settings)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press(*"Hello!", "enter")
+        if app.engine is None:  # typed before the model was ready: it waits, visibly
+            assert "waiting for the model" in str(app.query_one("#chat-status").render())
+        await until(pilot, lambda: app.query_one(ChatPanel).last_reply is not None
+                    and app.query_one(ChatPanel).last_reply.meta.tokens_per_s is not None)
+        reply = app.query_one(ChatPanel).last_reply
+        assert reply.final and reply.meta.adapter == "base" and reply.meta.tokens_out > 0
+        assert "tok/s" in reply.meta.line()
+        assert reply.analysis  # the analysis channel arrived too, in its own box
+
+
+async def test_reasoning_toggle_stop_and_new_conversation(settings, demo_model_dir):
+    app = app_for(settings)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await ready(pilot)
+        await pilot.press("ctrl+r")
+        assert app.reasoning == "medium"
+        await pilot.press("ctrl+g")
+        assert app.preset == "creative"
+        reply = await send(pilot, "Translate to French: water")
+        assert reply.query_one("Collapsible").collapsed
+        await pilot.press("ctrl+t")
+        assert not reply.query_one("Collapsible").collapsed
+        # a slow "GPU": every forward pass takes 0.2 s, so the reply is still streaming when Esc comes
+        slow = app.engine.lm.model.register_forward_pre_hook(lambda *_: time.sleep(0.2))
+        await pilot.click("#prompt")
+        await pilot.press(*"Tell me a joke.", "enter")
+        await until(pilot, lambda: app.generating and app.query_one(ChatPanel).last_reply.meta.adapter)
+        await pilot.press("escape")
+        await until(pilot, lambda: not app.generating, timeout=5)
+        slow.remove()
+        meta = app.query_one(ChatPanel).last_reply.meta
+        assert meta.stop == "cancelled" and "stopped" in meta.line() and meta.tokens_out < 10
+        await pilot.press("ctrl+n")
+        await pilot.pause(0.2)
+        assert app.query_one(ChatPanel).last_reply is None and app.conversation.turns == []
+
+
+async def test_switcher_keys_pin_base_and_auto(settings, make_adapter, demo_model_dir):
+    make_adapter("math", ["What is 2 plus 2?"], seed=1)
+    make_adapter("code", ["Write a Python function"], seed=2)
+    app = app_for(settings)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await ready(pilot)
+        await until(pilot, lambda: len(app.query_one(SpecialistSwitcher).rows) == 2)
+        await pilot.press("f3")
+        await pilot.press("2")
+        await pilot.pause(0.1)
+        assert app.engine.mode == "math"
+        assert "pinned · math" in str(app.query_one("#switcher-mode").render())
+        reply = await send(pilot, "Hello!")
+        assert reply.meta.adapter == "math" and reply.meta.reason == "pinned"
+        await pilot.press("f3", "b")
+        assert app.engine.mode == "base"
+        await pilot.press("a")
+        assert app.engine.mode == "auto"
+        await pilot.press("up", "enter")
+        assert app.engine.mode == "code"
+
+
+async def test_feedback_is_stored(settings, demo_model_dir):
+    app = app_for(settings)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await ready(pilot)
+        reply = await send(pilot, "Hello!")
+        await pilot.press("ctrl+f", "4")
+        await pilot.pause(0.1)
+        assert app.engine.history.turn(reply.turn_id).rating == 4
+        await pilot.press("ctrl+f", "c")
+        await pilot.press("ctrl+a", *"Hi there!", "ctrl+s")
+        await pilot.pause(0.1)
+        assert app.engine.history.turn(reply.turn_id).correction == "Hi there!" + reply.final  # typed at the start
+
+
+async def test_settings_screen_validates_before_writing(settings, settings_path, demo_model_dir):
+    app = app_for(settings)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("ctrl+o")
+        field = app.screen.query_one("#chat--temperature")
+        field.value = "hot"
+        before = settings_path.read_text()
+        await pilot.press("ctrl+s")
+        assert "chat.temperature" in str(app.screen.query_one("#settings-error").render())
+        assert settings_path.read_text() == before
+        field.value = "0.5"
+        await pilot.press("ctrl+s")
+        await pilot.pause(0.1)
+        assert app.settings.chat.temperature == 0.5 and "temperature = 0.5" in settings_path.read_text()
+
+
+async def test_help_log_and_views_at_80x24(settings, demo_model_dir):
+    app = app_for(settings)
+    async with app.run_test(size=(80, 24)) as pilot:
+        assert app.has_class("-narrow")
+        await pilot.press("f5")
+        assert app.view == "gpus" and app.query_one("#chat").has_class("-hidden")
+        await until(pilot, lambda: "GPU 1" in str(app.query_one("#gpu-1 .gpu-text").render()))
+        text = str(app.query_one("#gpu-0 .gpu-text").render())
+        assert "inference" in text and "H100" in text and "n/a" in text  # no fan on an H100: n/a, no crash
+        assert "training" in str(app.query_one("#gpu-1 .gpu-text").render())
+        await pilot.press("f2")
+        assert not app.query_one("#chat").has_class("-hidden")
+        await pilot.press("f1")
+        assert type(app.screen).__name__ == "HelpScreen"
+        await pilot.press("escape", "ctrl+l")
+        assert type(app.screen).__name__ == "LogScreen"
+
+
+async def test_no_gpu_panel_says_so(settings, demo_model_dir):
+    app = app_for(settings, nvml=fake_nvml.NoDriver)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await until(pilot, lambda: "No NVIDIA GPU" in str(app.query_one("#gpu-note").render()))
+        assert "RAM" in str(app.query_one("#gpu-note").render())
+
+
+@pytest.mark.slow
+async def test_training_from_the_app_stop_resume_and_goes_live(train_settings, demo_model_dir):
+    from engine.runs import RunQueue
+
+    app = app_for(train_settings)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await ready(pilot)
+        await pilot.press("f4", "n")
+        await pilot.press(*"algebra")
+        app.screen.query_one("#profile").value = "tiny"
+        await pilot.press("ctrl+s")
+        queue = RunQueue(train_settings)
+        await until(pilot, lambda: queue.runs() and queue.runs()[-1].metrics())
+        run = queue.runs()[-1]
+        await pilot.press("f4", "s")
+        await until(pilot, lambda: run.state.status == "stopped", timeout=120)
+        await pilot.press("f4", "r")
+        await until(pilot, lambda: run.state.status == "finished", timeout=240)
+        await until(pilot, lambda: any(r.name == "algebra" for r in app.query_one(SpecialistSwitcher).rows), 30)
+        chart = app.query_one("#loss-chart")
+        assert len(chart.loss) == 12  # the live curve holds every logged step
+        reply = await send(pilot, "Combien font 7 fois 8 ?")
+        assert reply.meta.adapter == "algebra"  # the new specialist answers a routed prompt, no restart

@@ -1,0 +1,443 @@
+"""Tandem's Textual app: chat, specialist switcher, training and GPU panels over one engine.
+
+The app owns no model state: it calls `engine.api.Engine` from thread workers and shows what comes
+back. Slow things never run on the event loop: the model load, every reply, NVML polls and reading
+training runs all happen in workers that hand results back with messages or `call_from_thread`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.reactive import reactive
+from textual.widgets import Footer, Header, Static
+
+from engine import settings as st
+from engine.telemetry import Telemetry
+from tui.screens.forms import (
+    Feedback,
+    FeedbackScreen,
+    HelpScreen,
+    LogScreen,
+    NewRun,
+    NewRunScreen,
+    SettingsScreen,
+)
+from tui.widgets.chat import ChatPanel, ReplyMeta
+from tui.widgets.gpus import GpuPanel
+from tui.widgets.switcher import AdapterRow, SpecialistSwitcher
+from tui.widgets.training import RunView, TrainingPanel
+
+PANELS = ("chat", "specialists", "training", "gpus")
+NARROW_BELOW = 120  # columns; below this the panels become tabs
+PRESETS = {"precise": (0.2, 0.9), "balanced": (0.7, 0.95), "creative": (1.0, 1.0)}
+REASONING = ("low", "medium", "high")
+FLUSH_S = 0.05  # streamed text reaches the screen in batches at most this old
+
+
+class EngineProgress(Message):
+    def __init__(self, text: str, fraction: float) -> None:
+        super().__init__()
+        self.text, self.fraction = text, fraction
+
+
+class EngineReady(Message):
+    pass
+
+
+class EngineFailed(Message):
+    def __init__(self, error: str) -> None:
+        super().__init__()
+        self.error = error
+
+
+class EngineLog(Message):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+
+class TandemApp(App):
+    TITLE = "Tandem"
+    CSS_PATH = "app.tcss"
+    BINDINGS = [
+        Binding("f1", "help", "help"),
+        Binding("f2", "view('chat')", "chat"),
+        Binding("f3", "view('specialists')", "specialists"),
+        Binding("f4", "view('training')", "training"),
+        Binding("f5", "view('gpus')", "GPUs"),
+        Binding("escape", "stop_reply", "stop reply", show=False),
+        Binding("ctrl+n", "new_conversation", "new chat"),
+        Binding("ctrl+r", "cycle_reasoning", "reasoning"),
+        Binding("ctrl+g", "cycle_preset", "preset", show=False),
+        Binding("ctrl+t", "toggle_analysis", "show reasoning", show=False),
+        Binding("ctrl+f", "feedback", "feedback"),
+        Binding("ctrl+o", "settings", "settings", show=False),
+        Binding("ctrl+l", "show_log", "log", show=False),
+    ]
+
+    view: reactive[str] = reactive("chat")
+    reasoning: reactive[str] = reactive("low")
+    preset: reactive[str] = reactive("balanced")
+
+    def __init__(self, settings: st.Settings, telemetry: Telemetry | None = None, poll_s: float = 1.0,
+                 engine_factory: Any = None) -> None:
+        super().__init__()
+        self.settings = settings
+        self.telemetry = telemetry
+        self.poll_s = poll_s
+        self.engine_factory = engine_factory
+        self.engine: Any = None
+        self.conversation: Any = None
+        self.pending: deque[str] = deque()
+        self.cancel: threading.Event | None = None
+        self.generating = False
+        self.log_lines: list[str] = []
+        self.reasoning = settings.chat.reasoning
+        self.load_error = ""
+
+    # ----- layout
+    def compose(self) -> ComposeResult:
+        yield Header(show_clock=False)
+        yield Static("", id="tabs")
+        with Horizontal(id="main"):
+            yield ChatPanel(id="chat")
+            with Vertical(id="side"):
+                yield SpecialistSwitcher(id="specialists")
+                yield TrainingPanel(id="training")
+                yield GpuPanel(self.settings.gpus.inference, self.settings.gpus.training, id="gpus")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = "loading model…"
+        for panel, title in zip(PANELS, ("Chat", "Specialists", "Training", "GPUs"), strict=True):
+            self.query_one(f"#{panel}").border_title = title
+        self._layout(self.size.width)
+        self.query_one(ChatPanel).set_status("Loading the model in the background; you can type already.")
+        self.query_one(SpecialistSwitcher).show([], self.settings.adapters.mode, note="waiting for the model…")
+        self.load_engine()
+        self.poll_gpus()
+        self.poll_runs()
+        self.set_interval(self.poll_s, self.poll_gpus)
+        self.set_interval(self.poll_s, self.poll_runs)
+        self.query_one("#prompt").focus()
+
+    def on_resize(self, event) -> None:
+        self._layout(event.size.width)
+
+    def _layout(self, width: int) -> None:
+        self.set_class(width < NARROW_BELOW, "-narrow")
+        self._show_view()
+
+    def _show_view(self) -> None:
+        narrow = self.has_class("-narrow")
+        for panel in PANELS:
+            self.query_one(f"#{panel}").set_class(narrow and panel != self.view, "-hidden")
+        self.query_one("#side").set_class(narrow and self.view == "chat", "-hidden")
+        self.query_one("#chat").set_class(narrow and self.view != "chat", "-hidden")
+        tabs = "  ".join(f"[reverse] F{i + 2} {p} [/reverse]" if p == self.view else f"F{i + 2} {p}"
+                         for i, p in enumerate(PANELS))
+        self.query_one("#tabs", Static).update(tabs)
+
+    def watch_view(self, _old: str, _new: str) -> None:
+        if self.is_mounted:
+            self._show_view()
+
+    def action_view(self, panel: str) -> None:
+        self.view = panel
+        target = {"chat": "#prompt", "specialists": "#adapters", "training": "#runs", "gpus": "#gpus"}[panel]
+        self.query_one(target).focus()
+
+    # ----- engine lifecycle
+    @work(thread=True, exclusive=True, group="engine")
+    def load_engine(self) -> None:
+        from engine.api import Conversation, Engine
+
+        try:
+            engine = (self.engine_factory or Engine)(self.settings)
+            engine.on_log(lambda text: self.post_message(EngineLog(text)))
+            engine.load(lambda text, frac: self.post_message(EngineProgress(text, frac)))
+            engine.watch_adapters(lambda _changes: self.call_from_thread(self.refresh_switcher))
+        except Exception as e:  # a model that fails to load must not take the app down
+            self.post_message(EngineFailed(f"{type(e).__name__}: {e}"))
+            return
+        self.engine, self.conversation = engine, Conversation()
+        self.post_message(EngineReady())
+
+    @on(EngineProgress)
+    def _engine_progress(self, m: EngineProgress) -> None:
+        self.sub_title = f"{m.text} ({m.fraction:.0%})"
+        self._remember_log(m.text)
+
+    @on(EngineLog)
+    def _engine_log(self, m: EngineLog) -> None:
+        self._remember_log(m.text)
+
+    @on(EngineFailed)
+    def _engine_failed(self, m: EngineFailed) -> None:
+        self.load_error = m.error
+        self.sub_title = "model failed to load"
+        self._remember_log(f"model failed to load: {m.error}")
+        self.query_one(ChatPanel).set_status(f"[red]Model failed to load:[/red] {m.error}\nFix settings (Ctrl+O).")
+        self.notify(m.error, title="model failed to load", severity="error", timeout=15)
+
+    @on(EngineReady)
+    def _engine_ready(self) -> None:
+        lm = self.engine.lm
+        what = "demo model" if lm.is_demo else lm.name
+        self.sub_title = f"{what} · {lm.device}{' · 4-bit' if lm.quantized else ''}"
+        self._remember_log(f"model ready in {lm.load_seconds:.1f} s: {lm.name} on {lm.device}")
+        self.refresh_switcher()
+        self._status()
+        if self.pending:
+            self.ask(self.pending.popleft())
+
+    def _remember_log(self, text: str) -> None:
+        self.log_lines.append(f"{time.strftime('%H:%M:%S')} {text}")
+
+    def _status(self, extra: str = "") -> None:
+        mode = self.engine.mode if self.engine else self.settings.adapters.mode
+        parts = [f"mode {mode}", f"reasoning {self.reasoning}", f"preset {self.preset}"]
+        if self.pending:
+            parts.append(f"{len(self.pending)} prompt(s) waiting for the model")
+        if extra:
+            parts.append(extra)
+        self.query_one(ChatPanel).set_status(" · ".join(parts))
+
+    # ----- chat
+    @on(ChatPanel.Submitted)
+    def _submitted(self, m: ChatPanel.Submitted) -> None:
+        chat = self.query_one(ChatPanel)
+        chat.add_user(m.prompt)
+        if self.engine is None or self.generating:
+            self.pending.append(m.prompt)
+            self._status("waiting for the model" if self.engine is None else "queued after the current reply")
+            return
+        self.ask(m.prompt)
+
+    def ask(self, prompt: str) -> None:
+        self.generating = True
+        self.cancel = threading.Event()
+        reply = self.query_one(ChatPanel).start_reply(prompt)
+        self._status("generating… (Esc stops)")
+        self.run_reply(prompt, reply, self.cancel)
+
+    @work(thread=True, group="chat")
+    def run_reply(self, prompt: str, reply: Any, cancel: threading.Event) -> None:
+        from engine.api import Delta, Finished, Routed
+
+        temperature, top_p = PRESETS[self.preset]
+        sampling = self.engine.sampling(temperature=temperature, top_p=top_p)
+        pieces: list[tuple[str, str]] = []
+        last = time.monotonic()
+        meta = ReplyMeta()
+        try:
+            for ev in self.engine.ask(self.conversation, prompt, reasoning=self.reasoning, sampling=sampling,
+                                      cancel=cancel):
+                if isinstance(ev, Routed):
+                    meta = ReplyMeta(ev.adapter, ev.decision.reason, ev.decision.confidence)
+                    reply.turn_id = ev.turn_id
+                    self.call_from_thread(reply.set_meta, meta)
+                elif isinstance(ev, Delta):
+                    pieces.append((ev.channel, ev.text))
+                    if time.monotonic() - last > FLUSH_S:
+                        self.call_from_thread(self._flush_reply, reply, pieces)
+                        pieces, last = [], time.monotonic()
+                elif isinstance(ev, Finished):
+                    s = ev.reply.stats
+                    meta.ttft_s, meta.tokens_per_s, meta.tokens_out, meta.stop = (
+                        s.ttft_s, s.tokens_per_s, s.tokens_out, s.stop)
+                    self.call_from_thread(self._flush_reply, reply, pieces)
+                    self.call_from_thread(reply.set_meta, meta)
+                    reply.experts = ev.reply.experts
+        except Exception as e:
+            self.call_from_thread(self.notify, f"{type(e).__name__}: {e}", title="reply failed", severity="error")
+            self.post_message(EngineLog(f"reply failed: {type(e).__name__}: {e}"))
+        finally:
+            self.call_from_thread(self._reply_done)
+
+    def _flush_reply(self, reply: Any, pieces: list[tuple[str, str]]) -> None:
+        if pieces:
+            reply.add(pieces)
+            self.query_one(ChatPanel).follow()
+
+    def _reply_done(self) -> None:
+        self.generating = False
+        self.cancel = None
+        self._status()
+        if self.pending and self.engine is not None:
+            self.ask(self.pending.popleft())
+
+    def action_stop_reply(self) -> None:
+        if self.cancel is not None:
+            self.cancel.set()
+
+    def action_new_conversation(self) -> None:
+        from engine.api import Conversation
+
+        self.action_stop_reply()
+        self.conversation = Conversation()
+        self.query_one(ChatPanel).clear()
+        self._status("new conversation")
+
+    def action_cycle_reasoning(self) -> None:
+        self.reasoning = REASONING[(REASONING.index(self.reasoning) + 1) % len(REASONING)]
+        self._status()
+
+    def action_cycle_preset(self) -> None:
+        names = list(PRESETS)
+        self.preset = names[(names.index(self.preset) + 1) % len(names)]
+        self._status()
+
+    def action_toggle_analysis(self) -> None:
+        chat = self.query_one(ChatPanel)
+        chat.show_analysis = not chat.show_analysis
+
+    # ----- specialists
+    def refresh_switcher(self) -> None:
+        if self.engine is None:
+            return
+        rows = [AdapterRow(r.name, r.task, r.size_mb, r.final_loss, r.resident, r.active)
+                for r in self.engine.adapters()]
+        self.query_one(SpecialistSwitcher).show(rows, self.engine.mode, self.engine.broken_adapters())
+
+    @on(SpecialistSwitcher.ModeChosen)
+    def _mode(self, m: SpecialistSwitcher.ModeChosen) -> None:
+        if self.engine is None:
+            self.notify("the model is still loading", severity="warning")
+            return
+        try:
+            self.engine.set_mode(m.mode)
+        except Exception as e:
+            self.notify(str(e), severity="error")
+            return
+        self.refresh_switcher()
+        self._status()
+        self.notify(f"next prompt: {m.mode}", title="specialist", timeout=3)
+
+    # ----- training
+    @work(thread=True, exclusive=True, group="runs")
+    def poll_runs(self) -> None:
+        from engine.runs import RunQueue
+
+        try:
+            runs = RunQueue(self.settings).runs()
+            views = [RunView(r.summary(), r.metrics()) for r in reversed(runs[-20:])]
+        except Exception as e:
+            self.post_message(EngineLog(f"reading training runs failed: {e}"))
+            return
+        self.call_from_thread(self._show_runs, views)
+
+    def _show_runs(self, views: list[RunView]) -> None:
+        panel = self.query_one(TrainingPanel)
+        t = self.settings.training
+        panel.bands = (t.overfit_below, t.target_loss, t.underfit_above)
+        panel.show(views)
+
+    @on(TrainingPanel.Action)
+    def _run_action(self, m: TrainingPanel.Action) -> None:
+        if m.action == "new":
+            sample = Path(__file__).resolve().parent.parent / "data" / "samples" / "math.jsonl"
+            self.push_screen(NewRunScreen(sorted(self.settings.training.profiles),
+                                          self.settings.training.default_profile, str(sample)), self._start_run)
+        else:
+            self.change_run(m.action, m.run_id)
+
+    def _start_run(self, new: NewRun | None) -> None:
+        if new is not None:
+            self.submit_run(new)
+
+    @work(thread=True, group="runs-actions")
+    def submit_run(self, new: NewRun) -> None:
+        from engine.dataset import load_examples
+        from engine.runs import Request, RunQueue
+
+        try:
+            profile = self.settings.profile(new.profile)
+            report = load_examples(new.data, limit=profile.max_samples)
+            data = str(Path(new.data).expanduser().resolve()) if Path(new.data).expanduser().exists() else new.data
+            run = RunQueue(self.settings).submit(Request(
+                task=new.task, data=data, profile=new.profile, gpu=self.settings.gpus.training,
+                settings=str(self.settings.source)))
+        except Exception as e:
+            self.call_from_thread(self.notify, str(e), title="cannot start training", severity="error", timeout=10)
+            return
+        self.call_from_thread(self.notify, f"{run.id}: {run.state.status} · {report.summary()}", title="training")
+        self.poll_runs()
+
+    @work(thread=True, group="runs-actions")
+    def change_run(self, action: str, run_id: str) -> None:
+        from engine.runs import RunQueue
+
+        try:
+            queue = RunQueue(self.settings)
+            run = queue.stop(run_id) if action == "stop" else queue.resume(run_id)
+            self.call_from_thread(self.notify, f"{run.id}: {run.state.status}", title=action)
+        except Exception as e:
+            self.call_from_thread(self.notify, str(e), title=f"cannot {action}", severity="error")
+        self.poll_runs()
+
+    # ----- GPUs
+    @work(thread=True, exclusive=True, group="gpus")
+    def poll_gpus(self) -> None:
+        if self.telemetry is None:
+            self.telemetry = Telemetry()
+        snap = self.telemetry.snapshot()
+        self.call_from_thread(self.query_one(GpuPanel).show, snap)
+
+    # ----- screens
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def action_show_log(self) -> None:
+        self.push_screen(LogScreen(self.log_lines))
+
+    def action_settings(self) -> None:
+        self.push_screen(SettingsScreen(self.settings), self._settings_saved)
+
+    def _settings_saved(self, saved: st.Settings | None) -> None:
+        if saved is None:
+            return
+        needs_restart = saved.model != self.settings.model or saved.gpus != self.settings.gpus
+        self.settings = saved
+        if self.engine is not None:
+            self.engine.settings = saved
+            self.engine.router.threshold = saved.adapters.router_threshold
+        self.notify("saved" + (" · model and GPU changes apply at the next start" if needs_restart else ""),
+                    title="settings")
+
+    def action_feedback(self) -> None:
+        reply = self.query_one(ChatPanel).last_reply
+        if reply is None or reply.turn_id is None or self.engine is None or self.engine.history is None:
+            self.notify("no reply to give feedback on yet", severity="warning")
+            return
+        self.push_screen(FeedbackScreen(reply.prompt, reply.final), lambda fb: self._feedback(reply.turn_id, fb))
+
+    def _feedback(self, turn_id: int, fb: Feedback | None) -> None:
+        if fb is None:
+            return
+        h = self.engine.history
+        if fb.rating is not None:
+            h.rate(turn_id, fb.rating)
+            self.notify(f"rated {fb.rating}/5", title="feedback")
+        if fb.correction:
+            h.correct(turn_id, fb.correction)
+            self.notify("correction saved; it will teach the specialist", title="feedback")
+        if fb.good:
+            h.mark_good(turn_id)
+            self.notify("marked as a good example", title="feedback")
+
+    def on_unmount(self) -> None:
+        if self.cancel is not None:
+            self.cancel.set()
+        if self.engine is not None:
+            self.engine.close()

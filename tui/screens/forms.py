@@ -1,0 +1,229 @@
+"""Modal screens: help, settings, engine log, new training run, feedback on a reply.
+
+Each returns its result through `dismiss`, so the app stays the one place that calls the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, Markdown, RichLog, Select, Static, TextArea
+
+from engine import settings as st
+
+HELP = """\
+# Tandem keys
+
+| key | what |
+| --- | --- |
+| **Enter** | send the prompt (typed before the model is ready: it waits) |
+| **Up / Down** (in the prompt) | prompt history |
+| **Esc** | stop the reply being generated |
+| **F2 F3 F4 F5** | chat · specialists · training · GPUs (on a small terminal they are tabs) |
+| **Ctrl+N** | new conversation |
+| **Ctrl+R** | reasoning level: low → medium → high |
+| **Ctrl+G** | sampling preset: precise → balanced → creative |
+| **Ctrl+T** | show or hide the reasoning (analysis channel) |
+| **Ctrl+F** | feedback on the last reply: rate 1–5, correct it, mark it good |
+| **Ctrl+O** | settings (settings.toml) |
+| **Ctrl+L** | engine log |
+| **Ctrl+P** | command palette: every action |
+| **F1** | this help |
+| **Ctrl+Q** | quit (training runs keep going) |
+
+**Specialists panel**: Enter pins the highlighted adapter, **b** base, **a** auto (router), **1–9** pin.
+**Training panel**: **n** new specialist, **s** stop, **r** resume, Up/Down select a run.
+"""
+
+
+class Dismissable(ModalScreen):
+    BINDINGS = [Binding("escape", "dismiss(None)", "close")]
+
+
+class HelpScreen(Dismissable):
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(classes="dialog"):
+            yield Markdown(HELP)
+            yield Static("Esc closes", classes="hint")
+
+
+class LogScreen(Dismissable):
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__()
+        self.lines = lines
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label("Engine log (Esc closes)")
+            log = RichLog(id="log", wrap=True, markup=False)
+            yield log
+
+    def on_mount(self) -> None:
+        log = self.query_one(RichLog)
+        for line in self.lines or ["(nothing logged yet)"]:
+            log.write(line)
+
+
+# The settings a person changes from the app; the rest stays in the file.
+EDITABLE = [
+    ("model.name", "base model (hub id or folder; empty = demo)"),
+    ("gpus.inference", "inference GPU"),
+    ("gpus.training", "training GPU"),
+    ("chat.reasoning", "reasoning (low/medium/high)"),
+    ("chat.temperature", "temperature"),
+    ("chat.top_p", "top_p"),
+    ("chat.max_new_tokens", "max new tokens"),
+    ("chat.instructions", "developer instructions"),
+    ("adapters.router_threshold", "router threshold"),
+    ("adapters.vram_budget_mb", "adapter VRAM budget (MB)"),
+    ("training.default_profile", "default training profile"),
+    ("learning.retrain_every", "retrain after N examples"),
+]
+
+
+def _get(s: st.Settings, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(s, section), name)
+
+
+class SettingsScreen(Dismissable):
+    """Edits settings.toml. Every field is validated together on save; nothing is written on error."""
+
+    BINDINGS = [Binding("ctrl+s", "save", "save")]
+
+    def __init__(self, settings: st.Settings) -> None:
+        super().__init__()
+        self.settings = settings
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(classes="dialog"):
+            yield Label(f"Settings · {self.settings.source}")
+            for key, label in EDITABLE:
+                with Horizontal(classes="field"):
+                    yield Label(label, classes="field-label")
+                    yield Input(str(_get(self.settings, key)), id=key.replace(".", "--"))
+            yield Static("", id="settings-error")
+            with Horizontal(classes="buttons"):
+                yield Button("Save (Ctrl+S)", id="save", variant="primary")
+                yield Button("Cancel (Esc)", id="cancel")
+
+    @on(Button.Pressed, "#save")
+    def action_save(self) -> None:
+        s = self.settings
+        try:
+            for key, _ in EDITABLE:
+                text = self.query_one(f"#{key.replace('.', '--')}", Input).value
+                if str(_get(s, key)) != text:
+                    s = st.updated(s, key, text)
+            st.save(s)
+        except st.SettingsError as e:
+            self.query_one("#settings-error", Static).update(f"[red]{e}[/red]")
+            return
+        self.dismiss(s)
+
+    @on(Button.Pressed, "#cancel")
+    def _cancel(self) -> None:
+        self.dismiss(None)
+
+
+@dataclass
+class NewRun:
+    task: str
+    data: str
+    profile: str
+
+
+class NewRunScreen(Dismissable):
+    BINDINGS = [Binding("ctrl+s", "start", "start")]
+
+    def __init__(self, profiles: list[str], default_profile: str, default_data: str = "") -> None:
+        super().__init__()
+        self.profiles, self.default_profile, self.default_data = profiles, default_profile, default_data
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label("New specialist")
+            yield Input(placeholder="task name, e.g. math", id="task")
+            yield Input(self.default_data, placeholder="data: a .jsonl/.json/.parquet/.csv path or owner/dataset",
+                        id="data")
+            yield Select([(p, p) for p in self.profiles], value=self.default_profile, allow_blank=False,
+                         id="profile")
+            yield Static("", id="run-error")
+            with Horizontal(classes="buttons"):
+                yield Button("Start (Ctrl+S)", id="start", variant="primary")
+                yield Button("Cancel (Esc)", id="cancel")
+
+    @on(Input.Submitted)
+    @on(Button.Pressed, "#start")
+    def action_start(self) -> None:
+        task = self.query_one("#task", Input).value.strip()
+        data = self.query_one("#data", Input).value.strip()
+        if not task or not data:
+            self.query_one("#run-error", Static).update("[red]task and data are both needed[/red]")
+            return
+        self.dismiss(NewRun(task, data, str(self.query_one("#profile", Select).value)))
+
+    def show_error(self, text: str) -> None:
+        self.query_one("#run-error", Static).update(f"[red]{text}[/red]")
+
+    @on(Button.Pressed, "#cancel")
+    def _cancel(self) -> None:
+        self.dismiss(None)
+
+
+@dataclass
+class Feedback:
+    rating: int | None = None
+    correction: str | None = None
+    good: bool = False
+
+
+class FeedbackScreen(Dismissable):
+    """Rate the last reply (1-5), write the reply you wanted, or mark it as a good example."""
+
+    BINDINGS = [
+        *[Binding(str(i), f"rate({i})", f"rate {i}", show=False) for i in range(1, 6)],
+        Binding("g", "good", "good example"),
+        Binding("c", "correct", "write a correction"),
+        Binding("ctrl+s", "save_correction", "save correction"),
+    ]
+
+    def __init__(self, prompt: str, final: str) -> None:
+        super().__init__()
+        self.prompt, self.final = prompt, final
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label("Feedback on the last reply")
+            yield Static(f"[b]You:[/b] {self.prompt}\n[b]Reply:[/b] {self.final[:400]}", id="feedback-reply")
+            yield Static("1–5 rate · g good example · c write the reply you wanted · Esc close", classes="hint")
+            area = TextArea(self.final, id="correction")
+            area.display = False
+            area.can_focus = False  # keys rate the reply until the user asks to write a correction
+            yield area
+            yield Static("", classes="hint", id="correction-hint")
+
+    def action_rate(self, n: int) -> None:
+        if not self.query_one(TextArea).display:
+            self.dismiss(Feedback(rating=n))
+
+    def action_good(self) -> None:
+        if not self.query_one(TextArea).display:
+            self.dismiss(Feedback(good=True))
+
+    def action_correct(self) -> None:
+        area = self.query_one(TextArea)
+        area.display = area.can_focus = True
+        area.focus()
+        self.query_one("#correction-hint", Static).update("Ctrl+S saves the correction · Esc cancels")
+
+    def action_save_correction(self) -> None:
+        area = self.query_one(TextArea)
+        if area.display and area.text.strip():
+            self.dismiss(Feedback(correction=area.text.strip()))

@@ -1,0 +1,185 @@
+"""The chat panel: the conversation, streaming replies, and the prompt input with history.
+
+A reply shows who answered (adapter, routed or pinned, confidence) and its speed; the analysis channel
+sits dimmed in a collapsible (closed unless the user opened reasoning), the final channel as Markdown.
+The view follows new text only while the user is already at the bottom, so scrolling up to read is
+never fought.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical, VerticalScroll
+from textual.message import Message
+from textual.reactive import reactive
+from textual.widgets import Collapsible, Input, Markdown, Static
+
+
+@dataclass
+class ReplyMeta:
+    """What the chat shows about a reply; filled from engine events by the app."""
+
+    adapter: str = ""
+    reason: str = ""
+    confidence: float = 0.0
+    ttft_s: float | None = None
+    tokens_per_s: float | None = None
+    tokens_out: int | None = None
+    stop: str = ""
+
+    def line(self) -> str:
+        who = self.adapter or "…"
+        how = "pinned" if self.reason == "pinned" else f"auto {self.confidence:.2f}" if self.reason else ""
+        text = f"{who} · {how}" if how else who
+        if self.ttft_s is not None:
+            text += f" · first token {self.ttft_s * 1000:.0f} ms · {self.tokens_per_s:.1f} tok/s · {self.tokens_out} tok"
+        if self.stop == "cancelled":
+            text += " · stopped"
+        return text
+
+
+class UserMessage(Static):
+    pass
+
+
+class Reply(Vertical):
+    """One assistant reply, filled as it streams."""
+
+    show_analysis: reactive[bool] = reactive(False)
+
+    def __init__(self, show_analysis: bool = False) -> None:
+        super().__init__(classes="reply")
+        self.meta = ReplyMeta()
+        self.analysis = ""
+        self.final = ""
+        self.raw = ""
+        self.turn_id: int | None = None
+        self.prompt = ""
+        self.experts = None  # the engine's ExpertTrace of this reply, for the expert view
+        self.set_reactive(Reply.show_analysis, show_analysis)
+
+    def compose(self) -> ComposeResult:
+        yield Static(self.meta.line(), classes="reply-meta")
+        with Collapsible(title="reasoning", collapsed=not self.show_analysis, classes="analysis-box"):
+            yield Static("", classes="analysis")
+        yield Markdown("", classes="final")
+
+    def on_mount(self) -> None:
+        self.query_one(".analysis-box").display = False  # shown once reasoning text arrives
+
+    def watch_show_analysis(self, show: bool) -> None:
+        if self.is_mounted:
+            self.query_one(Collapsible).collapsed = not show
+
+    def set_meta(self, meta: ReplyMeta) -> None:
+        self.meta = meta
+        self.query_one(".reply-meta", Static).update(meta.line())
+
+    def add(self, pieces: list[tuple[str, str]]) -> None:
+        """Append (channel, text) pieces; final text goes to Markdown, the rest to the reasoning box."""
+        final_added = ""
+        for channel, text in pieces:
+            if channel == "final":
+                final_added += text
+            else:
+                self.analysis += text
+                self.raw += text
+        if self.analysis:
+            box = self.query_one(".analysis-box")
+            box.display = True
+            self.query_one(".analysis", Static).update(self.analysis)
+        if final_added:
+            self.final += final_added
+            self.query_one(Markdown).update(self.final)
+
+
+class PromptInput(Input):
+    """An Input with shell-like history on up/down."""
+
+    BINDINGS = [
+        Binding("up", "history(-1)", "previous prompt", show=False),
+        Binding("down", "history(1)", "next prompt", show=False),
+    ]
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.history: list[str] = []
+        self._pos = 0
+
+    def remember(self, text: str) -> None:
+        if text and (not self.history or self.history[-1] != text):
+            self.history.append(text)
+        self._pos = len(self.history)
+
+    def action_history(self, step: int) -> None:
+        if not self.history:
+            return
+        self._pos = max(0, min(len(self.history), self._pos + step))
+        self.value = self.history[self._pos] if self._pos < len(self.history) else ""
+        self.cursor_position = len(self.value)
+
+
+class ChatPanel(Vertical):
+    """Conversation view + input. Posts Submitted; the app does the rest."""
+
+    class Submitted(Message):
+        def __init__(self, prompt: str) -> None:
+            super().__init__()
+            self.prompt = prompt
+
+    show_analysis: reactive[bool] = reactive(False)
+
+    def compose(self) -> ComposeResult:
+        yield VerticalScroll(id="conversation")
+        yield Static("", id="chat-status")
+        yield PromptInput(placeholder="Ask anything · Enter sends · Esc stops · F1 help", id="prompt")
+
+    @property
+    def conversation(self) -> VerticalScroll:
+        return self.query_one("#conversation", VerticalScroll)
+
+    @on(Input.Submitted, "#prompt")
+    def _submitted(self, event: Input.Submitted) -> None:
+        text = event.value.strip()
+        if not text:
+            return
+        box = self.query_one(PromptInput)
+        box.remember(text)
+        box.value = ""
+        self.post_message(self.Submitted(text))
+
+    def add_user(self, text: str) -> None:
+        self.conversation.mount(UserMessage(text, classes="user"))
+        self.conversation.scroll_end(animate=False)
+
+    def start_reply(self, prompt: str) -> Reply:
+        reply = Reply(self.show_analysis)
+        reply.prompt = prompt
+        self.conversation.mount(reply)
+        self.conversation.scroll_end(animate=False)
+        return reply
+
+    def follow(self) -> None:
+        """Keep the newest text in view only if the user has not scrolled up."""
+        view = self.conversation
+        if view.scroll_y >= view.max_scroll_y - 3:
+            view.scroll_end(animate=False)
+
+    def set_status(self, text: str) -> None:
+        self.query_one("#chat-status", Static).update(text)
+
+    def watch_show_analysis(self, show: bool) -> None:
+        for reply in self.query(Reply):
+            reply.show_analysis = show
+
+    def clear(self) -> None:
+        self.conversation.remove_children()
+
+    @property
+    def last_reply(self) -> Reply | None:
+        replies = self.query(Reply)
+        return replies.last() if replies else None

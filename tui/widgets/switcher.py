@@ -1,0 +1,85 @@
+"""The specialist switcher: adapters with task, size, loss and residency, and the router mode.
+
+Keys (when focused): Enter pins the highlighted adapter, `b` base, `a` auto (router), 1-9 pin the
+first nine. The choice applies to the next prompt; the panel confirms it in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.message import Message
+from textual.widgets import DataTable, Static
+
+
+@dataclass
+class AdapterRow:
+    name: str
+    task: str
+    size_mb: float
+    final_loss: float | None
+    resident: bool
+    active: bool
+
+
+class SpecialistSwitcher(Vertical):
+    BINDINGS = [
+        Binding("b", "mode('base')", "base"),
+        Binding("a", "mode('auto')", "auto"),
+        *[Binding(str(i), f"number({i})", f"pin #{i}", show=False) for i in range(1, 10)],
+    ]
+
+    class ModeChosen(Message):
+        def __init__(self, mode: str) -> None:
+            super().__init__()
+            self.mode = mode
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.rows: list[AdapterRow] = []
+        self.mode = "auto"
+        self.broken: list[tuple[str, str]] = []
+
+    def compose(self) -> ComposeResult:
+        yield Static("", id="switcher-mode")
+        table = DataTable(id="adapters", cursor_type="row", zebra_stripes=True)
+        table.add_columns("#", "specialist", "task", "MB", "loss", "where")
+        yield table
+        yield Static("", id="switcher-note")
+
+    def show(self, rows: list[AdapterRow], mode: str, broken: list[tuple[str, str]] | None = None,
+             note: str = "") -> None:
+        self.rows, self.mode, self.broken = rows, mode, broken or []
+        table = self.query_one(DataTable)
+        cursor = table.cursor_row
+        table.clear()
+        for i, r in enumerate(rows, start=1):
+            loss = f"{r.final_loss:.3f}" if r.final_loss is not None else "-"
+            where = "GPU*" if r.active else "GPU" if r.resident else "disk"
+            mark = "▶ " if r.name == mode else ""
+            table.add_row(str(i) if i < 10 else "", mark + r.name, r.task, f"{r.size_mb:.1f}", loss, where, key=r.name)
+        if rows:
+            table.move_cursor(row=min(cursor, len(rows) - 1))
+        label = {"auto": "auto · router picks per prompt", "base": "base · adapters off"}.get(mode, f"pinned · {mode}")
+        self.query_one("#switcher-mode", Static).update(f"mode: {label}")
+        lines = [note] if note else []
+        if not rows:
+            lines.append("No specialists yet: train one in the Training panel (n).")
+        lines += [f"skipped {name}: {why}" for name, why in self.broken]
+        self.query_one("#switcher-note", Static).update("\n".join(lines))
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        """Enter on a row pins that adapter."""
+        event.stop()
+        if self.rows and 0 <= event.cursor_row < len(self.rows):
+            self.post_message(self.ModeChosen(self.rows[event.cursor_row].name))
+
+    def action_mode(self, mode: str) -> None:
+        self.post_message(self.ModeChosen(mode))
+
+    def action_number(self, n: int) -> None:
+        if n <= len(self.rows):
+            self.post_message(self.ModeChosen(self.rows[n - 1].name))

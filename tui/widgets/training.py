@@ -1,0 +1,128 @@
+"""The training panel: queued and active runs, progress with ETA, the live loss curve, rates and warnings.
+
+It only displays what the app's poller read from `logs/runs/` (the runs keep going without the app).
+Keys (when focused): `n` new specialist, `s` stop the selected run, `r` resume it, up/down select.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.message import Message
+from textual.widgets import DataTable, ProgressBar, Static
+
+from tui.widgets.loss_chart import LossChart
+
+
+@dataclass
+class RunView:
+    summary: dict[str, Any]
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _fmt_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
+class TrainingPanel(Vertical):
+    BINDINGS = [
+        Binding("n", "new", "new specialist"),
+        Binding("s", "stop", "stop run"),
+        Binding("r", "resume", "resume run"),
+    ]
+
+    class Action(Message):
+        def __init__(self, action: str, run_id: str | None) -> None:
+            super().__init__()
+            self.action = action
+            self.run_id = run_id
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.runs: list[RunView] = []
+        self.bands = (0.3, 0.5, 1.0)
+
+    def compose(self) -> ComposeResult:
+        table = DataTable(id="runs", cursor_type="row")
+        table.add_columns("run", "task", "profile", "status", "step")
+        yield table
+        yield ProgressBar(id="run-progress", show_eta=False)
+        yield Static("", id="run-stats")
+        yield LossChart(id="loss-chart")
+        yield Static("", id="run-warnings")
+
+    @property
+    def selected(self) -> RunView | None:
+        table = self.query_one(DataTable)
+        if not self.runs:
+            return None
+        return self.runs[min(max(table.cursor_row, 0), len(self.runs) - 1)]
+
+    def show(self, runs: list[RunView]) -> None:
+        """Runs newest first. Keeps the user's selection by run id."""
+        table = self.query_one(DataTable)
+        keep = self.selected.summary["id"] if self.selected else None
+        self.runs = runs
+        table.clear()
+        for rv in runs:
+            s = rv.summary
+            table.add_row(s["id"], s["task"], s["profile"], s["status"], f"{s['step']}/{s['total'] or '?'}",
+                          key=s["id"])
+        ids = [rv.summary["id"] for rv in runs]
+        if keep in ids:
+            table.move_cursor(row=ids.index(keep))
+        self._detail()
+
+    def on_data_table_row_highlighted(self, _event: DataTable.RowHighlighted) -> None:
+        self._detail()
+
+    def _detail(self) -> None:
+        rv = self.selected
+        bar = self.query_one(ProgressBar)
+        stats = self.query_one("#run-stats", Static)
+        warnings = self.query_one("#run-warnings", Static)
+        chart = self.query_one(LossChart)
+        if rv is None:
+            bar.update(total=1, progress=0)
+            stats.update("No training runs. Press n to train a new specialist.")
+            warnings.update("")
+            chart.plot([], [], 1, self.bands)
+            return
+        s = rv.summary
+        bar.update(total=max(s["total"], 1), progress=s["step"])
+        last = next((m for m in reversed(rv.metrics) if "loss" in m), {})
+        last_any = rv.metrics[-1] if rv.metrics else {}
+        evals = [m for m in rv.metrics if "eval_loss" in m]
+        parts = [f"{s['status']} · step {s['step']}/{s['total'] or '?'} · ETA {_fmt_eta(last_any.get('eta_s'))}"]
+        if last:
+            lr = last.get("learning_rate")
+            parts.append(f"loss {last['loss']:.3f}" + (f" · eval {evals[-1]['eval_loss']:.3f}" if evals else "")
+                         + (f" · lr {lr:.2e}" if lr is not None else "")
+                         + (f" · grad {last['grad_norm']:.2f}" if last.get("grad_norm") is not None else ""))
+            parts.append(f"{last.get('tokens_per_s', 0):.0f} tok/s · {last.get('samples_per_s', 0):.2f} samples/s"
+                         + (f" · {last['gpu_mem_gb']:.1f} GB" if last.get("gpu_mem_gb") else ""))
+        if s.get("outcome") or s.get("error"):
+            parts.append(s.get("outcome") or f"error: {s['error']}")
+        stats.update("\n".join(parts))
+        chart.plot([(m["step"], m["loss"]) for m in rv.metrics if "loss" in m],
+                   [(m["step"], m["eval_loss"]) for m in evals], s["total"] or 1, self.bands)
+        warns = [m["warning"] for m in rv.metrics if m.get("warning")]
+        warnings.update("\n".join(f"⚠ {w}" for w in warns[-2:]))
+
+    def action_new(self) -> None:
+        self.post_message(self.Action("new", None))
+
+    def action_stop(self) -> None:
+        if self.selected:
+            self.post_message(self.Action("stop", self.selected.summary["id"]))
+
+    def action_resume(self) -> None:
+        if self.selected:
+            self.post_message(self.Action("resume", self.selected.summary["id"]))
