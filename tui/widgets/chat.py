@@ -36,7 +36,8 @@ class ReplyMeta:
         how = "pinned" if self.reason == "pinned" else f"auto {self.confidence:.2f}" if self.reason else ""
         text = f"{who} · {how}" if how else who
         if self.ttft_s is not None:
-            text += f" · first token {self.ttft_s * 1000:.0f} ms · {self.tokens_per_s:.1f} tok/s · {self.tokens_out} tok"
+            text += f" · first token {self.ttft_s * 1000:.0f} ms · {self.tokens_per_s:.1f} tok/s"
+            text += f" · {self.tokens_out} tok"
         if self.stop == "cancelled":
             text += " · stopped"
         return text
