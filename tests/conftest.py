@@ -72,8 +72,18 @@ def train_settings(settings_path: Path):
 
 
 @pytest.fixture
-def make_adapter(settings, demo_model_dir):
-    """Publish a randomly initialised (non-zero) LoRA on the demo model covering attention and experts."""
+def make_adapter(make_adapter_factory, settings):
+    return make_adapter_factory(settings)
+
+
+@pytest.fixture
+def make_adapter_factory(demo_model_dir):
+    """make_adapter_factory(settings)(name, prompts, seed): publish a randomly initialised (non-zero) LoRA
+    on the demo model covering attention and experts."""
+    return lambda settings: _adapter_maker(settings, demo_model_dir)
+
+
+def _adapter_maker(settings, demo_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 

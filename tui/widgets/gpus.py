@@ -61,7 +61,7 @@ class GpuCard(Vertical):
         mem_frac = _mem_frac(g)
         power = f"{_v(g.power_w)}/{_v(g.power_limit_w)} W"
         lines = [
-            f"[b]GPU {g.index}[/b] {g.name} · [b]{role}[/b]",
+            f"[b]GPU {g.index}[/b] · {g.name} · [b]{role}[/b]",
             f"util {_bar(g.utilization / 100 if g.utilization is not None else None)} {_v(g.utilization, unit='%')}",
             f"mem  {_bar(mem_frac)} {_v(g.memory_used_mb and g.memory_used_mb / 1024, '{:.1f}')}"
             f"/{_v(g.memory_total_mb and g.memory_total_mb / 1024, '{:.1f}')} GB",
