@@ -152,6 +152,40 @@ def _peft(model: Any, profile: Profile, from_adapter: Path | None, seed: int, mo
     )
 
 
+def sft_config(profile: Profile, output_dir: Path, on_gpu: bool, seed: int, keep: int = 2, with_eval: bool = False):
+    """The recipe's TRL settings, shared with bench/train_bench.py so the benchmark measures this recipe."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(output_dir),
+        max_steps=profile.max_steps,
+        per_device_train_batch_size=profile.batch_size,
+        gradient_accumulation_steps=profile.grad_accum,
+        learning_rate=profile.learning_rate,
+        warmup_steps=profile.warmup_steps,
+        lr_scheduler_type=profile.scheduler,
+        optim="adamw_8bit" if on_gpu else "adamw_torch",
+        weight_decay=0.01,
+        seed=seed,
+        train_sampling_strategy="group_by_length",
+        logging_steps=profile.logging_steps,
+        save_steps=profile.save_steps,
+        save_total_limit=keep,
+        eval_strategy="steps" if with_eval else "no",
+        eval_steps=profile.save_steps if with_eval else None,
+        per_device_eval_batch_size=profile.batch_size,
+        max_length=profile.max_seq_length,
+        completion_only_loss=True,
+        packing=False,
+        report_to="none",
+        use_cpu=not on_gpu,
+        dataloader_num_workers=0,
+        dataset_num_proc=1,
+        bf16=on_gpu,
+        disable_tqdm=True,
+    )
+
+
 def evaluate_loss(trainer: Any, rows: list[dict[str, str]]) -> float:
     """Mean completion-token loss of the current model on `rows` (for the promotion gate)."""
     from datasets import Dataset
@@ -183,40 +217,14 @@ def train(run: Run) -> None:
     print(f"trainable LoRA parameters: {adapted}", flush=True)
 
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     train_rows, eval_rows = to_rows(train_ex), to_rows(eval_ex)
     tokens_per_sample = sum(len(tokenizer(r["prompt"] + r["completion"])["input_ids"]) for r in train_rows[:200])
     tokens_per_sample /= max(1, min(200, len(train_rows)))
     metrics = _Metrics(run, settings, profile, tokens_per_sample)
-    config = SFTConfig(
-        output_dir=str(run.dir / "checkpoints"),
-        max_steps=profile.max_steps,
-        per_device_train_batch_size=profile.batch_size,
-        gradient_accumulation_steps=profile.grad_accum,
-        learning_rate=profile.learning_rate,
-        warmup_steps=profile.warmup_steps,
-        lr_scheduler_type=profile.scheduler,
-        optim="adamw_8bit" if on_gpu else "adamw_torch",
-        weight_decay=0.01,
-        seed=settings.training.seed,
-        train_sampling_strategy="group_by_length",
-        logging_steps=profile.logging_steps,
-        save_steps=profile.save_steps,
-        save_total_limit=settings.training.keep_checkpoints,
-        eval_strategy="steps" if eval_rows else "no",
-        eval_steps=profile.save_steps if eval_rows else None,
-        per_device_eval_batch_size=profile.batch_size,
-        max_length=profile.max_seq_length,
-        completion_only_loss=True,
-        packing=False,
-        report_to="none",
-        use_cpu=not on_gpu,
-        dataloader_num_workers=0,
-        dataset_num_proc=1,
-        bf16=on_gpu,
-        disable_tqdm=True,
-    )
+    config = sft_config(profile, run.dir / "checkpoints", on_gpu, settings.training.seed,
+                        keep=settings.training.keep_checkpoints, with_eval=bool(eval_rows))
     trainer = SFTTrainer(model=model, args=config, processing_class=tokenizer,
                          train_dataset=Dataset.from_list(train_rows),
                          eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
