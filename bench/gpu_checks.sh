@@ -13,9 +13,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, peft, trl, unsloth; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__, 'unsloth', unsloth.__version__)" 2>&1 | tail -1
 
 echo "== chat through unsloth on the GPU (demo model, 4-bit)"
-t=$(date +%s.%N)
+t=$SECONDS
 python3 -m engine.cli chat --once "What is 2+2?" --json >"$out/chat.json" 2>"$out/chat.err"
-echo "rc=$? in $(echo "$(date +%s.%N) - $t" | bc) s"; cat "$out/chat.json"; grep -i "error\|4-bit\|loading" "$out/chat.err" | tail -5
+echo "rc=$? in $((SECONDS - t)) s"; cat "$out/chat.json"; grep -i "error\|4-bit\|loading" "$out/chat.err" | tail -5
 
 echo "== quick_test training on the GPU (unsloth 4-bit + TRL)"
 run=$(python3 -m engine.cli train --task math --data data/samples/math.jsonl --profile quick_test --gpu 0 --wait 500 2>"$out/train.err")

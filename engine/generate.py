@@ -92,7 +92,7 @@ def stream(
     stop_ids = {tok.convert_tokens_to_ids(t): t for t in (*STOP_TOKENS, END)}
     reply = Reply(HarmonyParser(), Stats())
     reply.parser.feed(prefill)
-    gen = torch.Generator(device="cpu")
+    gen = torch.Generator(device=lm.device)  # multinomial needs its generator on the logits' device
     gen.manual_seed(sampling.seed if sampling.seed is not None else int(time.time_ns() % 2**31))
     with lm.lock, torch.inference_mode():
         started = time.perf_counter()

@@ -7,6 +7,7 @@ training runs all happen in workers that hand results back with messages or `cal
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -104,6 +105,7 @@ class TandemApp(App):
         self.log_lines: list[str] = []
         self.reasoning = settings.chat.reasoning
         self.load_error = ""
+        self.polls = {"gpus": 0, "runs": 0}  # results shown so far, per poller (tests wait on these)
 
     # ----- layout
     def compose(self) -> ComposeResult:
@@ -342,11 +344,14 @@ class TandemApp(App):
         t = self.settings.training
         panel.bands = (t.overfit_below, t.target_loss, t.underfit_above)
         panel.show(views)
+        self.polls["runs"] += 1
 
     @on(TrainingPanel.Action)
     def _run_action(self, m: TrainingPanel.Action) -> None:
         if m.action == "new":
             sample = Path(__file__).resolve().parent.parent / "data" / "samples" / "math.jsonl"
+            with contextlib.suppress(ValueError):  # shown relative to where the app was started, if inside
+                sample = sample.relative_to(Path.cwd())
             self.push_screen(NewRunScreen(sorted(self.settings.training.profiles),
                                           self.settings.training.default_profile, str(sample)), self._start_run)
         else:
@@ -392,7 +397,11 @@ class TandemApp(App):
         if self.telemetry is None:
             self.telemetry = Telemetry()
         snap = self.telemetry.snapshot()
-        self.call_from_thread(self.query_one(GpuPanel).show, snap)
+        self.call_from_thread(self._show_gpus, snap)
+
+    def _show_gpus(self, snap: Any) -> None:
+        self.query_one(GpuPanel).show(snap)
+        self.polls["gpus"] += 1
 
     # ----- screens
     def action_help(self) -> None:
