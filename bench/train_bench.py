@@ -122,7 +122,8 @@ def main() -> None:
     for kind in ("plain", "recipe"):
         out = subprocess.run([sys.executable, __file__, "--side", kind, "--model-dir", str(folder), "--seq",
                               str(a.seq), "--steps", str(a.steps)], capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                 filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
         line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             print(out.stdout[-3000:], out.stderr[-5000:], file=sys.stderr)
