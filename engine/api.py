@@ -150,8 +150,11 @@ class Engine:
         skip_reasoning: bool = False,
         sampling: Sampling | None = None,
         cancel: threading.Event | None = None,
+        store: bool = True,
+        record_experts: bool | None = None,
     ) -> Iterator[Event]:
-        """Answer `prompt` in `conversation`: yields Routed, then Deltas, then Finished."""
+        """Answer `prompt` in `conversation`: yields Routed, then Deltas, then Finished. `store=False`
+        keeps the turn out of the history (comparisons, scripts)."""
         assert self.lm is not None and self.live is not None, "call load() first"
         sampling = sampling or self.sampling()
         decision = self.decide(prompt, mode)
@@ -163,10 +166,11 @@ class Engine:
             adapter = "base"
             self.live.activate(None)
         turn_id = None
-        if self.history:
+        history = self.history if store else None
+        if history:
             if conversation.id is None:
-                conversation.id = self.history.new_conversation(prompt[:60])
-            turn_id = self.history.start_turn(conversation.id, prompt, adapter, decision.as_dict(), asdict(sampling))
+                conversation.id = history.new_conversation(prompt[:60])
+            turn_id = history.start_turn(conversation.id, prompt, adapter, decision.as_dict(), asdict(sampling))
         yield Routed(decision, adapter, turn_id)
         prefill = SKIP_REASONING_PREFILL if skip_reasoning else ""
         text = render_prompt([*conversation.turns, Turn("user", prompt)], reasoning or self.settings.chat.reasoning,
@@ -175,22 +179,33 @@ class Engine:
         last_save = time.monotonic()
         status = "failed"
         try:
-            record = self.settings.model.record_experts
+            record = self.settings.model.record_experts if record_experts is None else record_experts
             for events, reply in stream(self.lm, text, sampling, cancel, record, prefill):
                 for _, channel, delta in events:
                     if delta:
                         yield Delta(channel, delta)
-                if self.history and time.monotonic() - last_save > 1.0:
-                    self.history.save_partial(turn_id, "".join(reply.token_texts))
+                if history and time.monotonic() - last_save > 1.0:
+                    history.save_partial(turn_id, "".join(reply.token_texts))
                     last_save = time.monotonic()
             assert reply is not None
             status = "cancelled" if reply.stats.stop == "cancelled" else "complete"
         finally:
-            if self.history and turn_id is not None:
+            if history and turn_id is not None:
                 if reply is None:
-                    self.history.finish_turn(turn_id, "", "", "", {}, status)
+                    history.finish_turn(turn_id, "", "", "", {}, status)
                 else:
-                    self.history.finish_turn(turn_id, reply.parser.final, reply.parser.analysis, reply.raw,
+                    history.finish_turn(turn_id, reply.parser.final, reply.parser.analysis, reply.raw,
                                              reply.stats.as_dict(), status)
         conversation.turns += [Turn("user", prompt), Turn("assistant", reply.parser.final or reply.raw)]
         yield Finished(reply, adapter, decision, turn_id)
+
+    def trace_experts(self, prompt: str, mode: str | None = None, max_new_tokens: int = 256) -> Finished:
+        """Answer `prompt` greedily with routing recorded, outside the history: for the expert view and
+        for comparing adapters on the same prompt (greedy, so the difference is the adapter's)."""
+        sampling = Sampling(greedy=True, max_new_tokens=max_new_tokens)
+        done = None
+        for ev in self.ask(Conversation(), prompt, mode=mode, sampling=sampling, store=False, record_experts=True):
+            if isinstance(ev, Finished):
+                done = ev
+        assert done is not None
+        return done

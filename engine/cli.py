@@ -197,6 +197,49 @@ def cmd_runs(s: settings_mod.Settings, a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experts(s: settings_mod.Settings, a: argparse.Namespace) -> int:
+    from engine.experts import usage_shift
+
+    eng = _engine(s, history=False)
+    done = eng.trace_experts(a.prompt, a.adapter, a.max_new_tokens)
+    trace = done.reply.experts
+    if trace is None:
+        print("error: this model exposes no MoE routers to record", file=sys.stderr)
+        return 1
+    tokens = done.reply.token_texts
+    out = {"adapter": done.adapter, "final": done.reply.parser.final, **trace.as_dict(),
+           "tokens": [{"text": t, "experts": trace.indices[i], "weights": trace.weights[i]}
+                      for i, t in enumerate(tokens[: len(trace.indices)])]}
+    if a.compare:
+        other = eng.trace_experts(a.prompt, a.compare, a.max_new_tokens)
+        out["compare"] = {"adapter": other.adapter, "usage": other.reply.experts.usage(),
+                          "shift": usage_shift(other.reply.experts, trace)}
+    if a.json:
+        print(json.dumps(out, ensure_ascii=False))
+        return 0
+    print(f"{done.adapter}: {out['final']!r}  ({len(trace.indices)} reply tokens, top-{trace.top_k} of "
+          f"{trace.num_experts} experts, {trace.num_layers} layers)")
+    print(render_heatmap(trace.usage(), "share of reply tokens per expert"))
+    if a.compare:
+        print(render_heatmap(out["compare"]["shift"], f"{done.adapter} minus {out['compare']['adapter']}",
+                             signed=True))
+    return 0
+
+
+def render_heatmap(grid: list[list[float]], title: str, signed: bool = False) -> str:
+    """A layer x expert map in plain text: darker = more traffic (or +/- for a signed shift)."""
+    shades = " ░▒▓█"
+    lines = [title, "layer " + "".join(str(e % 10) for e in range(len(grid[0])))]
+    for i, row in enumerate(grid):
+        if signed:
+            cells = "".join("+" if v > 0.05 else "-" if v < -0.05 else "·" for v in row)
+        else:
+            top = max(max(row), 1e-9)
+            cells = "".join(shades[min(4, int(v / top * 4.999))] for v in row)
+        lines.append(f"{i:>5} {cells}")
+    return "\n".join(lines)
+
+
 def cmd_ui(s: settings_mod.Settings, _a: argparse.Namespace) -> int:
     from tui.app import TandemApp
 
@@ -239,6 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--name")
     x.add_argument("--task")
     ad.set_defaults(fn=cmd_adapters)
+
+    e = sub.add_parser("experts", help="which experts a reply used, per layer and per token")
+    e.add_argument("prompt")
+    e.add_argument("--adapter", help="NAME, base or auto (default: adapters.mode)")
+    e.add_argument("--compare", metavar="NAME", help="also answer with NAME (or base) and show the traffic shift")
+    e.add_argument("--max-new-tokens", type=int, default=256)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_experts)
 
     t = sub.add_parser("train", help="train a specialist on the training GPU (detached; prints the run id)")
     t.add_argument("--task", required=True)

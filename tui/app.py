@@ -24,6 +24,7 @@ from textual.widgets import Footer, Header, Static
 
 from engine import settings as st
 from engine.telemetry import Telemetry
+from tui.screens.experts import ExpertsScreen
 from tui.screens.forms import (
     Feedback,
     FeedbackScreen,
@@ -84,6 +85,7 @@ class TandemApp(App):
         Binding("ctrl+f", "feedback", "feedback"),
         Binding("ctrl+o", "settings", "settings", show=False),
         Binding("ctrl+l", "show_log", "log", show=False),
+        Binding("f6", "experts", "experts"),
     ]
 
     view: reactive[str] = reactive("chat")
@@ -261,6 +263,7 @@ class TandemApp(App):
                     self.call_from_thread(self._flush_reply, reply, pieces)
                     self.call_from_thread(reply.set_meta, meta)
                     reply.experts = ev.reply.experts
+                    reply.tokens = ev.reply.token_texts
         except Exception as e:
             self.call_from_thread(self.notify, f"{type(e).__name__}: {e}", title="reply failed", severity="error")
             self.post_message(EngineLog(f"reply failed: {type(e).__name__}: {e}"))
@@ -444,6 +447,36 @@ class TandemApp(App):
         if fb.good:
             h.mark_good(turn_id)
             self.notify("marked as a good example", title="feedback")
+
+    def action_experts(self) -> None:
+        reply = self.query_one(ChatPanel).last_reply
+        if reply is None or reply.experts is None:
+            self.notify("no reply with recorded expert routing yet (model.record_experts in settings)",
+                        severity="warning")
+            return
+        self.push_screen(ExpertsScreen(reply.prompt, reply.meta.adapter, reply.experts, reply.tokens))
+
+    @on(ExpertsScreen.CompareRequested)
+    def _compare(self, m: ExpertsScreen.CompareRequested) -> None:
+        names = [r.name for r in self.engine.adapters()]
+        other = "base" if m.adapter != "base" else (names[0] if names else None)
+        if other is None:
+            self.notify("no other adapter to compare with: train or import a specialist", severity="warning")
+            return
+        self.compare_experts(m.prompt, m.adapter, other)
+
+    @work(thread=True, exclusive=True, group="experts")
+    def compare_experts(self, prompt: str, a: str, b: str) -> None:
+        from engine.experts import usage_shift
+
+        if self.generating:
+            self.call_from_thread(self.notify, "wait for the reply to finish", severity="warning")
+            return
+        mine = self.engine.trace_experts(prompt, a).reply.experts
+        theirs = self.engine.trace_experts(prompt, b).reply.experts
+        screen = self.screen
+        if isinstance(screen, ExpertsScreen) and mine and theirs:
+            self.call_from_thread(screen.show_shift, b, a, usage_shift(theirs, mine))
 
     def on_unmount(self) -> None:
         if self.cancel is not None:

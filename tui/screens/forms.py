@@ -33,6 +33,7 @@ HELP = """\
 | **Ctrl+F** | feedback on the last reply: rate 1–5, correct it, mark it good |
 | **Ctrl+O** | settings (settings.toml) |
 | **Ctrl+L** | engine log |
+| **F6** | expert view of the last reply: layer × expert heat map, per-token experts, **c** compare |
 | **Ctrl+P** | command palette: every action |
 | **F1** | this help |
 | **Ctrl+Q** | quit (training runs keep going) |

@@ -61,6 +61,7 @@ class Reply(Vertical):
         self.turn_id: int | None = None
         self.prompt = ""
         self.experts = None  # the engine's ExpertTrace of this reply, for the expert view
+        self.tokens: list[str] = []  # the reply's text per token, aligned with the trace
         self.set_reactive(Reply.show_analysis, show_analysis)
 
     def compose(self) -> ComposeResult:
