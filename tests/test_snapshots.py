@@ -59,16 +59,25 @@ def snap_app(demo_model_dir, make_adapter_factory):
 
 
 async def loaded(pilot):
-    """The model is ready and both pollers have shown their first results; the cursor does not blink
-    (a blinking cursor is on or off depending on when the picture is taken)."""
-    from textual.widgets import Input
-
+    """The model is ready and both pollers have shown their first results."""
     app = pilot.app
     while (app.engine is None and not app.load_error) or not all(app.polls.values()):
         await pilot.pause(0.1)
-    for field in app.query(Input):
-        field.cursor_blink = False
     await pilot.pause(0.3)
+
+
+@pytest.fixture(autouse=True)
+def steady_cursor(monkeypatch):
+    """A blinking cursor is on or off depending on when the picture is taken: keep it on."""
+    from textual.widgets import Input
+
+    init = Input.__init__
+
+    def no_blink(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.cursor_blink = False
+
+    monkeypatch.setattr(Input, "__init__", no_blink)
 
 
 @pytest.mark.parametrize("size", SIZES)
