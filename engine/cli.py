@@ -240,6 +240,73 @@ def render_heatmap(grid: list[list[float]], title: str, signed: bool = False) ->
     return "\n".join(lines)
 
 
+def cmd_history(s: settings_mod.Settings, a: argparse.Namespace) -> int:
+    from engine.history import History
+    from engine.learning import example_of
+
+    h = History(s.history_db)
+    if a.action == "list":
+        rows = h.conversations(a.limit)
+        if a.json:
+            print(json.dumps(rows))
+        for c in [] if a.json else rows:
+            print(f"{c['id']:>5}  {c['turns']:>3} turns  {c['title']}")
+    elif a.action == "show":
+        turns = h.turns(a.id)
+        if not turns:
+            print(f"error: no conversation {a.id}", file=sys.stderr)
+            return 1
+        if a.json:
+            print(json.dumps([t.as_dict() for t in turns], ensure_ascii=False))
+        for t in [] if a.json else turns:
+            extra = "".join([f" · rated {t.rating}" if t.rating else "", " · corrected" if t.correction else "",
+                             f" · {t.status}" if t.status != "complete" else ""])
+            print(f"[{t.id}] you: {t.prompt}\n      {t.adapter}{extra}: {t.final}")
+    elif a.action == "search":
+        for t in h.search(a.text):
+            print(f"[{t.id}] conv {t.conversation_id} · {t.adapter}: {t.prompt[:60]!r} -> {t.final[:60]!r}")
+    elif a.action == "export":
+        rows = [example_of(t) for t in h.usable_for(a.task)] if a.task else [t.as_dict() for t in h.turns()]
+        sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    elif a.action == "label":
+        h.set_task(a.turn, a.task)
+        print(f"turn {a.turn} now teaches {a.task!r}")
+    return 0
+
+
+def cmd_learn(s: settings_mod.Settings, a: argparse.Namespace) -> int:
+    from engine.history import History
+    from engine.learning import Learner
+
+    learner = Learner(s, History(s.history_db))
+    due = learner.due()
+    for task, why in due:
+        print(f"{task}: due ({why})", file=sys.stderr)
+    if not due:
+        print("nothing due", file=sys.stderr)
+    for run_id in [] if a.dry_run else learner.check(a.profile):
+        print(run_id)
+    return 0
+
+
+def cmd_report(s: settings_mod.Settings, a: argparse.Namespace) -> int:
+    from engine.history import History
+    from engine.learning import report
+
+    r = report(History(s.history_db))
+    if a.json:
+        print(json.dumps(r))
+        return 0
+    print(f"{r['turns']} turns · mean rating {r['mean_rating']} ({r['rated']} rated) · "
+          f"corrections {r['correction_rate']} · {r['preferences']} A/B picks")
+    print("usage: " + ", ".join(f"{k} {v}" for k, v in r["usage"].items()))
+    print(f"{'day':10} {'turns':>5} {'rating':>6} {'corr.':>6} {'tok/s':>7} {'router':>6}")
+    for d in r["days"]:
+        print(f"{d['day']:10} {d['turns']:>5} {d['mean_rating'] or '-':>6} {d['correction_rate']:>6} "
+              f"{d['tokens_per_s'] or '-':>7} {d['router_confidence'] or '-':>6}")
+    return 0
+
+
 def cmd_ui(s: settings_mod.Settings, _a: argparse.Namespace) -> int:
     from tui.app import TandemApp
 
@@ -282,6 +349,31 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--name")
     x.add_argument("--task")
     ad.set_defaults(fn=cmd_adapters)
+
+    hi = sub.add_parser("history", help="stored conversations: list, show, search, export, label")
+    hsub = hi.add_subparsers(dest="action", required=True)
+    x = hsub.add_parser("list")
+    x.add_argument("--limit", type=int, default=50)
+    x.add_argument("--json", action="store_true")
+    x = hsub.add_parser("show")
+    x.add_argument("id", type=int)
+    x.add_argument("--json", action="store_true")
+    hsub.add_parser("search").add_argument("text")
+    hsub.add_parser("export", help="JSONL: every turn, or with --task the training examples of a task").add_argument(
+        "--task")
+    x = hsub.add_parser("label", help="say which task a turn teaches (e.g. one base answered)")
+    x.add_argument("turn", type=int)
+    x.add_argument("task")
+    hi.set_defaults(fn=cmd_history)
+
+    le = sub.add_parser("learn", help="retrain specialists whose new examples reached the trigger")
+    le.add_argument("--profile")
+    le.add_argument("--dry-run", action="store_true")
+    le.set_defaults(fn=cmd_learn)
+
+    rp = sub.add_parser("report", help="ratings, corrections, speed, usage and router confidence over time")
+    rp.add_argument("--json", action="store_true")
+    rp.set_defaults(fn=cmd_report)
 
     e = sub.add_parser("experts", help="which experts a reply used, per layer and per token")
     e.add_argument("prompt")

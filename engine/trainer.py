@@ -28,6 +28,7 @@ from engine.runs import Run, RunQueue
 from engine.settings import Profile, Settings, load
 
 MAX_ROUTER_PROMPTS = 2000
+MIN_IMPROVEMENT = 1e-3  # held-out loss a retrained specialist must gain to replace the current one
 
 
 def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -291,7 +292,7 @@ def _gate(trainer: Any, req: Any, store: AdapterStore) -> dict[str, Any]:
     set_peft_model_state_dict(model, load_file(str(store.get(current).weights)))
     old_loss = evaluate_loss(trainer, holdout)
     model.load_state_dict(mine, strict=False)
-    promote = new_loss < old_loss
+    promote = new_loss < old_loss - MIN_IMPROVEMENT
     verb = "beats" if promote else "does not beat"
     return {"promote": promote, "new_loss": new_loss, "old_loss": old_loss,
             "reason": f"held-out loss {new_loss:.4f} {verb} current {old_loss:.4f}"}

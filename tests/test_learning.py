@@ -1,0 +1,142 @@
+"""The learning loop end to end on the demo model: stored turns, feedback, trigger, retraining through the
+queue, the promotion gate, live pickup, and durability of a turn when the process is killed mid-reply."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+from engine.adapters import AdapterStore
+from engine.api import Conversation, Engine, Finished
+from engine.generate import Sampling
+from engine.history import History
+from engine.learning import Learner, build_dataset, report
+from engine.runs import RunQueue
+from engine.settings import load, save, updated
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def math_rows(start, n):
+    with open(os.path.join(ROOT, "data/samples/math.jsonl")) as fh:
+        rows = [json.loads(x) for x in fh][start : start + n]
+    return [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in rows]
+
+
+def ask(engine, prompt, mode="auto"):
+    for ev in engine.ask(Conversation(), prompt, mode=mode, sampling=Sampling(greedy=True, max_new_tokens=24)):
+        if isinstance(ev, Finished):
+            return ev
+
+
+def test_dataset_from_history_keeps_corrections_and_good_turns(tmp_path):
+    h = History(tmp_path / "h.db")
+    conv = h.new_conversation()
+
+    def turn(prompt, final, rating=None, correction=None, good=False, status="complete", task="math"):
+        t = h.start_turn(conv, prompt, task, {}, {})
+        h.finish_turn(t, final, "thinking", final, {}, status)
+        if rating:
+            h.rate(t, rating)
+        if correction:
+            h.correct(t, correction)
+        if good:
+            h.mark_good(t)
+        return t
+
+    turn("1+1?", "3", rating=1, correction="2")  # corrected: the correction is the target
+    turn("2+2?", "4", rating=5)  # good reply
+    turn("3+3?", "7", rating=2)  # bad, no correction: excluded
+    turn("4+4?", "8", good=True)  # marked good, unrated
+    turn("5+5?", "1", status="interrupted", correction="10")  # a crash, but the user said what they wanted
+    turn("2+2?", "four", rating=4)  # same prompt again: the later one wins
+    turn("6+6?", "12", rating=5, task="code")  # another task
+    built = build_dataset(h, "math", tmp_path / "out", holdout_fraction=0.3)
+    rows = [json.loads(x) for p in (built.train, built.holdout) for x in p.read_text().splitlines()]
+    pairs = {r["messages"][0]["content"]: r["messages"][1]["content"] for r in rows}
+    assert pairs == {"1+1?": "2", "2+2?": "four", "4+4?": "8", "5+5?": "10"}
+    assert built.n_holdout >= 1 and built.n_train + built.n_holdout == 4 == built.n_usable
+    assert next(r for r in rows if r["messages"][0]["content"] == "1+1?")["messages"][1]["thinking"] == ""
+    r = report(h)
+    assert r["turns"] == 7 and r["rated"] == 5 and r["usage"]["math"] == 6
+
+
+def test_trigger_retrain_gate_promote_then_reject(train_settings, make_adapter_factory, demo_model_dir):
+    s = train_settings
+    for key, value in (("learning.retrain_every", 6), ("learning.holdout_fraction", 0.3)):
+        s = updated(s, key, value)
+    save(s)
+    s = load(s.source)
+    make_adapter_factory(s)("math", [p for p, _ in math_rows(100, 60)], seed=1)
+    engine = Engine(s)
+    engine.load()
+    changes = []
+    engine.watch_adapters(changes.append)
+    learner = Learner(s, engine.history)
+    store = AdapterStore(s.adapters_dir)
+    v1 = store.get("math").manifest.created
+
+    for i, (prompt, answer) in enumerate(math_rows(0, 10)):
+        done = ask(engine, prompt)
+        assert done.adapter == "math"  # routed: the turn is stored under the math task
+        engine.history.correct(done.turn_id, answer)
+        if i == 4:
+            assert learner.due() == []  # 5 examples: below the trigger
+    bad = ask(engine, "What is 1 plus 1?")
+    engine.history.rate(bad.turn_id, 1)  # rated low, no correction: not an example
+    assert learner.due() == [("math", "10 new examples since the last retrain")]
+
+    [run_id] = learner.check(profile="tiny")
+    assert learner.check(profile="tiny") == []  # the training GPU is busy: nothing more is queued
+    queue = RunQueue(s)
+    state = queue.wait(queue.get(run_id), timeout=300)
+    assert state.status == "finished", (queue.get(run_id).dir / "output.log").read_text()[-3000:]
+    assert state.outcome.startswith("published as math (held-out loss") and " beats current " in state.outcome
+    current = store.get("math").manifest
+    assert current.created != v1 and current.parent == str(v1) and store.versions("math")[0].manifest.created == v1
+    deadline = time.monotonic() + 20
+    while not any("math" in c.get("changed", []) for c in changes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert engine.live.resident["math"][0] == current.created  # the live engine holds the new version
+    assert ask(engine, "Combien font 3 fois 4 ?").adapter == "math"
+
+    # Six more examples, trained with a learning rate too small to learn anything: the gate keeps the
+    # current version and says why, with the numbers.
+    for prompt, answer in math_rows(10, 6):
+        engine.history.correct(ask(engine, prompt).turn_id, answer)
+    s2 = updated(s, "training.profiles.tiny.learning_rate", "1e-12")
+    save(s2)
+    learner = Learner(load(s.source), engine.history)
+    [run_id] = learner.check(profile="tiny")
+    state = queue.wait(queue.get(run_id), timeout=300)
+    assert state.status == "finished" and "kept as candidate" in state.outcome and "does not beat" in state.outcome
+    assert store.get("math").manifest.created == current.created
+    engine.close()
+
+
+def test_killed_mid_reply_keeps_the_turn(settings_path, demo_model_dir):
+    script = textwrap.dedent("""
+        import sys, time
+        from engine.api import Conversation, Delta, Engine
+        from engine.generate import Sampling
+        from engine.settings import load
+        eng = Engine(load())
+        eng.load()
+        eng.lm.model.register_forward_pre_hook(lambda *_: time.sleep(0.5))  # a slow GPU: 20 tokens take 10 s
+        for ev in eng.ask(Conversation(), "Tell me a joke.", sampling=Sampling(greedy=True, max_new_tokens=500)):
+            if isinstance(ev, Delta):
+                print("STREAMING", flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert proc.stdout.readline().strip() == "STREAMING"
+    time.sleep(2.5)  # partial text is saved about once a second
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    h = History(settings_path.parent / "history.db")  # opening it marks turns left pending as interrupted
+    [turn] = h.turns()
+    assert turn.prompt == "Tell me a joke." and turn.status == "interrupted"
+    raw = h._exec("SELECT raw FROM turns WHERE id=?", (turn.id,)).fetchone()[0]
+    assert raw  # what had streamed before the kill is there
