@@ -186,3 +186,26 @@ async def test_training_from_the_app_stop_resume_and_goes_live(train_settings, d
         assert len(chart.loss) == 12  # the live curve holds every logged step
         reply = await send(pilot, "Combien font 7 fois 8 ?")
         assert reply.meta.adapter == "algebra"  # the new specialist answers a routed prompt, no restart
+
+
+async def test_ab_compare_report_and_rollback(settings, make_adapter, demo_model_dir):
+    make_adapter("math", ["What is 2 plus 2?"], seed=1)
+    make_adapter("math", ["What is 2 plus 2?"], seed=2)  # a second version: the first is kept for rollback
+    app = app_for(settings)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot)
+        await send(pilot, "What is 2 plus 2?")
+        await pilot.press("f7")
+        screen = app.screen
+        assert type(screen).__name__ == "CompareScreen"
+        await until(pilot, lambda: len(screen.replies) == 2, timeout=60)
+        await pilot.press("2")
+        await pilot.pause(0.1)
+        [pref] = app.engine.history.preferences()
+        assert pref["choice"] == screen.b and pref["a"] != pref["b"]
+        await pilot.press("f8")
+        assert type(app.screen).__name__ == "ReportScreen"
+        await pilot.press("escape", "f3")
+        created = app.engine.live.known["math"].manifest.created
+        await pilot.press("u")
+        await until(pilot, lambda: app.engine.live.known["math"].manifest.created != created, timeout=20)

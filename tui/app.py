@@ -34,6 +34,7 @@ from tui.screens.forms import (
     NewRunScreen,
     SettingsScreen,
 )
+from tui.screens.review import CompareScreen, ReportScreen
 from tui.widgets.chat import ChatPanel, ReplyMeta
 from tui.widgets.gpus import GpuPanel
 from tui.widgets.switcher import AdapterRow, SpecialistSwitcher
@@ -86,6 +87,8 @@ class TandemApp(App):
         Binding("ctrl+o", "settings", "settings", show=False),
         Binding("ctrl+l", "show_log", "log", show=False),
         Binding("f6", "experts", "experts"),
+        Binding("f7", "compare", "A/B"),
+        Binding("f8", "report", "report", show=False),
     ]
 
     view: reactive[str] = reactive("chat")
@@ -329,6 +332,17 @@ class TandemApp(App):
         self._status()
         self.notify(f"next prompt: {m.mode}", title="specialist", timeout=3)
 
+    @on(SpecialistSwitcher.RollbackRequested)
+    def _rollback(self, m: SpecialistSwitcher.RollbackRequested) -> None:
+        from engine.adapters import AdapterError, AdapterStore
+
+        try:
+            AdapterStore(self.settings.adapters_dir).rollback(m.name)  # the watcher loads it into the model
+        except AdapterError as e:
+            self.notify(str(e), severity="warning")
+            return
+        self.notify(f"{m.name} rolled back to its previous version", title="specialist")
+
     # ----- training
     @work(thread=True, exclusive=True, group="runs")
     def poll_runs(self) -> None:
@@ -447,6 +461,59 @@ class TandemApp(App):
         if fb.good:
             h.mark_good(turn_id)
             self.notify("marked as a good example", title="feedback")
+        self.learn()
+
+    @work(thread=True, exclusive=True, group="learning")
+    def learn(self) -> None:
+        """Feedback may have made a specialist due for retraining: let the learner decide."""
+        from engine.learning import Learner
+
+        try:
+            started = Learner(self.settings, self.engine.history).check()
+        except Exception as e:
+            self.post_message(EngineLog(f"learning check failed: {e}"))
+            return
+        for run_id in started:
+            self.call_from_thread(self.notify, f"retraining started: {run_id}", title="learning")
+        if started:
+            self.poll_runs()
+
+    def action_compare(self) -> None:
+        reply = self.query_one(ChatPanel).last_reply
+        if reply is None or self.engine is None:
+            self.notify("ask something first", severity="warning")
+            return
+        names = [r.name for r in self.engine.adapters()]
+        a = reply.meta.adapter or "base"
+        b = "base" if a != "base" else (names[0] if names else None)
+        if b is None:
+            self.notify("no specialist to compare with yet", severity="warning")
+            return
+        screen = CompareScreen(reply.prompt, a, b)
+        self.push_screen(screen, lambda choice: self._picked(screen, choice))
+        self.answer_both(screen)
+
+    @work(thread=True, exclusive=True, group="experts")
+    def answer_both(self, screen: CompareScreen) -> None:
+        for side, name in (("a", screen.a), ("b", screen.b)):
+            done = self.engine.trace_experts(screen.prompt, name)
+            self.call_from_thread(screen.show, side, done.reply.parser.final or done.reply.raw)
+
+    def _picked(self, screen: CompareScreen, choice: str | None) -> None:
+        if choice is None or self.engine.history is None:
+            return
+        winner = {"a": screen.a, "b": screen.b}.get(choice, "tie")
+        self.engine.history.prefer(screen.prompt, screen.a, screen.b, screen.replies["a"], screen.replies["b"],
+                                   winner)
+        self.notify(f"preference stored: {winner}", title="A/B")
+
+    def action_report(self) -> None:
+        if self.engine is None or self.engine.history is None:
+            self.notify("the model is still loading", severity="warning")
+            return
+        from engine.learning import report
+
+        self.push_screen(ReportScreen(report(self.engine.history)))
 
     def action_experts(self) -> None:
         reply = self.query_one(ChatPanel).last_reply

@@ -33,12 +33,15 @@ HELP = """\
 | **Ctrl+F** | feedback on the last reply: rate 1–5, correct it, mark it good |
 | **Ctrl+O** | settings (settings.toml) |
 | **Ctrl+L** | engine log |
+| **F7** | A/B: the last prompt answered by two adapters side by side; **1**/**2**/**=** stores your pick |
+| **F8** | learning report: ratings, corrections, speed, usage, router confidence |
 | **F6** | expert view of the last reply: layer × expert heat map, per-token experts, **c** compare |
 | **Ctrl+P** | command palette: every action |
 | **F1** | this help |
 | **Ctrl+Q** | quit (training runs keep going) |
 
-**Specialists panel**: Enter pins the highlighted adapter, **b** base, **a** auto (router), **1–9** pin.
+**Specialists panel**: Enter pins the highlighted adapter, **b** base, **a** auto (router), **1–9** pin,
+**u** rolls the highlighted specialist back to its previous version.
 **Training panel**: **n** new specialist, **s** stop, **r** resume, Up/Down select a run.
 """
 

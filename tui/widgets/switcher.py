@@ -29,8 +29,14 @@ class SpecialistSwitcher(Vertical):
     BINDINGS = [
         Binding("b", "mode('base')", "base"),
         Binding("a", "mode('auto')", "auto"),
+        Binding("u", "rollback", "roll back"),
         *[Binding(str(i), f"number({i})", f"pin #{i}", show=False) for i in range(1, 10)],
     ]
+
+    class RollbackRequested(Message):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
 
     class ModeChosen(Message):
         def __init__(self, mode: str) -> None:
@@ -76,6 +82,11 @@ class SpecialistSwitcher(Vertical):
         event.stop()
         if self.rows and 0 <= event.cursor_row < len(self.rows):
             self.post_message(self.ModeChosen(self.rows[event.cursor_row].name))
+
+    def action_rollback(self) -> None:
+        row = self.query_one(DataTable).cursor_row
+        if self.rows and 0 <= row < len(self.rows):
+            self.post_message(self.RollbackRequested(self.rows[row].name))
 
     def action_mode(self, mode: str) -> None:
         self.post_message(self.ModeChosen(mode))

@@ -1,0 +1,70 @@
+"""Event-loop lag of the app while it streams replies, polls the GPUs and follows a training run.
+
+    python bench/tui_lag.py [--seconds 40]
+
+A 10 ms interval timer on the app's loop records how late each tick fires; the app meanwhile streams
+reply after reply from the model, reads a live training run's files every second (a real quick_test run
+of the demo model, started from the app's own code path) and polls NVML. Prints p50 / p99 / max lag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT)]
+
+
+async def run(seconds: float) -> None:
+    from engine.runs import Request, RunQueue
+    from engine.settings import load
+    from tui.app import TandemApp
+
+    work = Path(tempfile.mkdtemp())
+    shutil.copy(ROOT / "settings.toml", work / "settings.toml")
+    settings = load(work / "settings.toml")
+    app = TandemApp(settings, poll_s=1.0)
+    lags: list[float] = []
+    async with app.run_test(size=(160, 48)) as pilot:
+        while app.engine is None and not app.load_error:
+            await pilot.pause(0.1)
+        run = RunQueue(settings).submit(Request(task="lag", data=str(ROOT / "data/samples/math.jsonl"),
+                                                profile="quick_test", gpu=settings.gpus.training,
+                                                settings=str(settings.source)))
+        expected = time.perf_counter()
+
+        def tick() -> None:
+            nonlocal expected
+            now = time.perf_counter()
+            lags.append(max(0.0, now - expected - 0.01))
+            expected = now
+
+        app.set_interval(0.01, tick)
+        started = time.monotonic()
+        replies = 0
+        while time.monotonic() - started < seconds:
+            await pilot.press(*"Tell me a joke.", "enter")
+            while app.generating or app.pending:
+                await pilot.pause(0.05)
+            replies += 1
+        status = RunQueue(settings).get(run.id).state.status
+        if status == "running":
+            RunQueue(settings).stop(run.id)
+    lags_ms = sorted(x * 1e3 for x in lags[10:])
+    print(f"{seconds:.0f} s: {replies} streamed replies, training run {run.id} followed ({status}), "
+          "GPU polls every 1 s")
+    print(f"event-loop lag over {len(lags_ms)} ticks: p50 {statistics.median(lags_ms):.1f} ms, "
+          f"p99 {lags_ms[int(len(lags_ms) * 0.99)]:.1f} ms, max {lags_ms[-1]:.1f} ms (target p99 < 30 ms)")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=40)
+    asyncio.run(run(ap.parse_args().seconds))
