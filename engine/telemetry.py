@@ -90,7 +90,7 @@ class Telemetry:
                 if self.count == 0:
                     self.note = "NVML found no NVIDIA GPU"
             except Exception as e:
-                self.note = f"no NVIDIA GPU or driver here ({type(e).__name__})"
+                self.note = f"the NVIDIA driver could not be reached ({type(e).__name__})"
                 self.nvml = None
 
     def gpu(self, index: int) -> GpuSnapshot:

@@ -33,7 +33,8 @@ class ReplyMeta:
 
     def line(self) -> str:
         who = self.adapter or "…"
-        how = "pinned" if self.reason == "pinned" else f"auto {self.confidence:.2f}" if self.reason else ""
+        how = {"pinned": "pinned", "no specialists": "no specialists yet", "": ""}.get(
+            self.reason, f"auto {self.confidence:.2f}")
         text = f"{who} · {how}" if how else who
         if self.ttft_s is not None:
             text += f" · first token {self.ttft_s * 1000:.0f} ms · {self.tokens_per_s:.1f} tok/s"

@@ -94,7 +94,7 @@ class GpuPanel(VerticalScroll):
         note = self.query_one("#gpu-note", Static)
         if not snap.gpus:
             h = snap.host
-            note.update(f"No NVIDIA GPU here: {snap.note}.\nRunning on the CPU.\n\n"
+            note.update(f"No NVIDIA GPU here: {snap.note}.\nThe model runs on the CPU.\n\n"
                         f"CPU {_bar(h.cpu_percent / 100)} {h.cpu_percent:.0f}%\n"
                         f"RAM {_bar(h.ram_used_gb / h.ram_total_gb)} {h.ram_used_gb:.1f}/{h.ram_total_gb:.1f} GB")
             return
