@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -46,11 +47,22 @@ def test_tui_does_not_import_torch():
 
 
 async def test_prompt_before_ready_waits_then_streams(settings, demo_model_dir):
-    app = app_for(settings)
+    from engine.api import Engine
+
+    release = threading.Event()
+
+    class SlowLoadingEngine(Engine):
+        def load(self, progress=None):
+            release.wait(60)  # the model is still loading while the user types
+            super().load(progress)
+
+    app = TandemApp(settings, telemetry=Telemetry(fake_nvml, fake_nvml.fixed_host), poll_s=0.3,
+                    engine_factory=SlowLoadingEngine)
     async with app.run_test(size=(160, 48)) as pilot:
         await pilot.press(*"Hello!", "enter")
-        if app.engine is None:  # typed before the model was ready: it waits, visibly
-            assert "waiting for the model" in str(app.query_one("#chat-status").render())
+        assert app.engine is None and list(app.pending) == ["Hello!"]
+        assert "waiting for the model" in str(app.query_one("#chat-status").render())
+        release.set()
         await until(pilot, lambda: app.query_one(ChatPanel).last_reply is not None
                     and app.query_one(ChatPanel).last_reply.meta.tokens_per_s is not None)
         reply = app.query_one(ChatPanel).last_reply
