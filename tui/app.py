@@ -8,6 +8,7 @@ training runs all happen in workers that hand results back with messages or `cal
 from __future__ import annotations
 
 import contextlib
+import gc
 import threading
 import time
 from collections import deque
@@ -199,6 +200,10 @@ class TandemApp(App):
 
     @on(EngineReady)
     def _engine_ready(self) -> None:
+        # The model, tokenizer and libraries are hundreds of thousands of long-lived objects; a full
+        # garbage collection walking them stalls the event loop for tenths of a second. Freeze them.
+        gc.collect()
+        gc.freeze()
         lm = self.engine.lm
         what = "demo model" if lm.is_demo else lm.name
         self.sub_title = f"{what} · {lm.device}{' · 4-bit' if lm.quantized else ''}"

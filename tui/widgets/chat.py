@@ -97,7 +97,8 @@ class Reply(Vertical):
             self.query_one(".analysis", Static).update(self.analysis)
         if final_added:
             self.final += final_added
-            self.query_one(Markdown).update(self.final)
+            # append re-parses only the last block; update() would rebuild the whole reply every flush
+            self.query_one(Markdown).append(final_added)
 
 
 class PromptInput(Input):
