@@ -43,7 +43,7 @@ from tui.widgets.training import RunView, TrainingPanel
 
 PANELS = ("chat", "specialists", "training", "gpus")
 NARROW_BELOW = 120  # columns; below this the panels become tabs
-PRESETS = {"precise": (0.2, 0.9), "balanced": (0.7, 0.95), "creative": (1.0, 1.0)}
+PRESETS = {"precise": (0.0, 1.0), "balanced": (0.7, 0.95), "creative": (1.0, 1.0)}  # temperature 0: greedy
 REASONING = ("low", "medium", "high")
 FLUSH_S = 0.05  # streamed text reaches the screen in batches at most this old
 
@@ -113,6 +113,14 @@ class TandemApp(App):
         self.load_error = ""
         self.polls = {"gpus": 0, "runs": 0}  # results shown so far, per poller (tests wait on these)
 
+    def _ui(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+        """call_from_thread for workers, quiet when the app has already shut down (a poll finishing
+        while the user quits must not turn into an error)."""
+        if not self.is_running:
+            return
+        with contextlib.suppress(RuntimeError):
+            self.call_from_thread(fn, *args, **kwargs)
+
     # ----- layout
     def compose(self) -> ComposeResult:
         yield Header(show_clock=False)
@@ -174,7 +182,7 @@ class TandemApp(App):
             engine = (self.engine_factory or Engine)(self.settings)
             engine.on_log(lambda text: self.post_message(EngineLog(text)))
             engine.load(lambda text, frac: self.post_message(EngineProgress(text, frac)))
-            engine.watch_adapters(lambda _changes: self.call_from_thread(self.refresh_switcher))
+            engine.watch_adapters(lambda _changes: self._ui(self.refresh_switcher))
         except Exception as e:  # a model that fails to load must not take the app down
             self.post_message(EngineFailed(f"{type(e).__name__}: {e}"))
             return
@@ -258,25 +266,25 @@ class TandemApp(App):
                 if isinstance(ev, Routed):
                     meta = ReplyMeta(ev.adapter, ev.decision.reason, ev.decision.confidence)
                     reply.turn_id = ev.turn_id
-                    self.call_from_thread(reply.set_meta, meta)
+                    self._ui(reply.set_meta, meta)
                 elif isinstance(ev, Delta):
                     pieces.append((ev.channel, ev.text))
                     if time.monotonic() - last > FLUSH_S:
-                        self.call_from_thread(self._flush_reply, reply, pieces)
+                        self._ui(self._flush_reply, reply, pieces)
                         pieces, last = [], time.monotonic()
                 elif isinstance(ev, Finished):
                     s = ev.reply.stats
                     meta.ttft_s, meta.tokens_per_s, meta.tokens_out, meta.stop = (
                         s.ttft_s, s.tokens_per_s, s.tokens_out, s.stop)
-                    self.call_from_thread(self._flush_reply, reply, pieces)
-                    self.call_from_thread(reply.set_meta, meta)
+                    self._ui(self._flush_reply, reply, pieces)
+                    self._ui(reply.set_meta, meta)
                     reply.experts = ev.reply.experts
                     reply.tokens = ev.reply.token_texts
         except Exception as e:
-            self.call_from_thread(self.notify, f"{type(e).__name__}: {e}", title="reply failed", severity="error")
+            self._ui(self.notify, f"{type(e).__name__}: {e}", title="reply failed", severity="error")
             self.post_message(EngineLog(f"reply failed: {type(e).__name__}: {e}"))
         finally:
-            self.call_from_thread(self._reply_done)
+            self._ui(self._reply_done)
 
     def _flush_reply(self, reply: Any, pieces: list[tuple[str, str]]) -> None:
         if pieces:
@@ -359,7 +367,7 @@ class TandemApp(App):
         except Exception as e:
             self.post_message(EngineLog(f"reading training runs failed: {e}"))
             return
-        self.call_from_thread(self._show_runs, views)
+        self._ui(self._show_runs, views)
 
     def _show_runs(self, views: list[RunView]) -> None:
         panel = self.query_one(TrainingPanel)
@@ -396,9 +404,9 @@ class TandemApp(App):
                 task=new.task, data=data, profile=new.profile, gpu=self.settings.gpus.training,
                 settings=str(self.settings.source)))
         except Exception as e:
-            self.call_from_thread(self.notify, str(e), title="cannot start training", severity="error", timeout=10)
+            self._ui(self.notify, str(e), title="cannot start training", severity="error", timeout=10)
             return
-        self.call_from_thread(self.notify, f"{run.id}: {run.state.status} · {report.summary()}", title="training")
+        self._ui(self.notify, f"{run.id}: {run.state.status} · {report.summary()}", title="training")
         self.poll_runs()
 
     @work(thread=True, group="runs-actions")
@@ -408,9 +416,9 @@ class TandemApp(App):
         try:
             queue = RunQueue(self.settings)
             run = queue.stop(run_id) if action == "stop" else queue.resume(run_id)
-            self.call_from_thread(self.notify, f"{run.id}: {run.state.status}", title=action)
+            self._ui(self.notify, f"{run.id}: {run.state.status}", title=action)
         except Exception as e:
-            self.call_from_thread(self.notify, str(e), title=f"cannot {action}", severity="error")
+            self._ui(self.notify, str(e), title=f"cannot {action}", severity="error")
         self.poll_runs()
 
     # ----- GPUs
@@ -419,7 +427,7 @@ class TandemApp(App):
         if self.telemetry is None:
             self.telemetry = Telemetry()
         snap = self.telemetry.snapshot()
-        self.call_from_thread(self._show_gpus, snap)
+        self._ui(self._show_gpus, snap)
 
     def _show_gpus(self, snap: Any) -> None:
         self.query_one(GpuPanel).show(snap)
@@ -479,7 +487,7 @@ class TandemApp(App):
             self.post_message(EngineLog(f"learning check failed: {e}"))
             return
         for run_id in started:
-            self.call_from_thread(self.notify, f"retraining started: {run_id}", title="learning")
+            self._ui(self.notify, f"retraining started: {run_id}", title="learning")
         if started:
             self.poll_runs()
 
@@ -502,7 +510,7 @@ class TandemApp(App):
     def answer_both(self, screen: CompareScreen) -> None:
         for side, name in (("a", screen.a), ("b", screen.b)):
             done = self.engine.trace_experts(screen.prompt, name)
-            self.call_from_thread(screen.show, side, done.reply.parser.final or done.reply.raw)
+            self._ui(screen.show, side, done.reply.parser.final or done.reply.raw)
 
     def _picked(self, screen: CompareScreen, choice: str | None) -> None:
         if choice is None or self.engine.history is None:
@@ -542,13 +550,13 @@ class TandemApp(App):
         from engine.experts import usage_shift
 
         if self.generating:
-            self.call_from_thread(self.notify, "wait for the reply to finish", severity="warning")
+            self._ui(self.notify, "wait for the reply to finish", severity="warning")
             return
         mine = self.engine.trace_experts(prompt, a).reply.experts
         theirs = self.engine.trace_experts(prompt, b).reply.experts
         screen = self.screen
         if isinstance(screen, ExpertsScreen) and mine and theirs:
-            self.call_from_thread(screen.show_shift, b, a, usage_shift(theirs, mine))
+            self._ui(screen.show_shift, b, a, usage_shift(theirs, mine))
 
     def on_unmount(self) -> None:
         if self.cancel is not None:

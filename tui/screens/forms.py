@@ -28,7 +28,7 @@ HELP = """\
 | **F2 F3 F4 F5** | chat · specialists · training · GPUs (on a small terminal they are tabs) |
 | **Ctrl+N** | new conversation |
 | **Ctrl+R** | reasoning level: low → medium → high |
-| **Ctrl+G** | sampling preset: precise → balanced → creative |
+| **Ctrl+G** | sampling preset: balanced → creative → precise (greedy) |
 | **Ctrl+T** | show or hide the reasoning (analysis channel) |
 | **Ctrl+F** | feedback on the last reply: rate 1–5, correct it, mark it good |
 | **Ctrl+O** | settings (settings.toml) |
