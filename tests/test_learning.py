@@ -140,3 +140,24 @@ def test_killed_mid_reply_keeps_the_turn(settings_path, demo_model_dir):
     assert turn.prompt == "Tell me a joke." and turn.status == "interrupted"
     raw = h._exec("SELECT raw FROM turns WHERE id=?", (turn.id,)).fetchone()[0]
     assert raw  # what had streamed before the kill is there
+
+
+def test_nightly_window_and_new_task_triggers(settings, make_adapter):
+    from datetime import datetime
+
+    make_adapter("math", ["x"], seed=1)
+    s = settings
+    for key, value in (("learning.nightly_window", "23:00-02:00"), ("learning.retrain_every", 100),
+                       ("learning.min_examples_new_task", 3)):
+        s = updated(s, key, value)
+    h = History(s.history_db)
+    conv = h.new_conversation()
+    for i, task in enumerate(["math", "poetry", "poetry", "poetry"]):
+        t = h.start_turn(conv, f"prompt {i}", task, {}, {})
+        h.finish_turn(t, f"answer {i}", "", "", {}, "complete")
+        h.rate(t, 5)
+    at = {hour: datetime(2026, 11, 24, hour, 30).timestamp() for hour in (0, 12, 23)}
+    day = Learner(s, h, now=lambda: at[12]).due()
+    assert day == [("poetry", "new task with 3 examples")]  # math has 1 new example: not enough by day
+    for hour in (23, 0):  # the window wraps past midnight
+        assert ("math", "nightly window, 1 new examples") in Learner(s, h, now=lambda hour=hour: at[hour]).due()
