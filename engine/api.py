@@ -17,7 +17,7 @@ from engine.generate import Reply, Sampling, stream
 from engine.harmony import SKIP_REASONING_PREFILL, Turn, render_prompt
 from engine.history import History
 from engine.lora import LiveAdapters, Residency
-from engine.model import LoadedModel, Progress, load_model
+from engine.model import LoadedModel, Progress, base_identity, load_model
 from engine.router import Decision, Router
 from engine.settings import Settings
 
@@ -82,7 +82,7 @@ class Engine:
     def base_id(self) -> str:
         """The identity adapters are checked against: the demo's folder name or the configured model."""
         assert self.lm is not None
-        return f"demo:{self.lm.name.rsplit('/', 1)[-1]}" if self.lm.is_demo else self.lm.name
+        return base_identity(self.lm.name, self.lm.is_demo)
 
     def on_log(self, fn: Callable[[str], None]) -> None:
         self._listeners.append(fn)

@@ -171,6 +171,11 @@ class History:
             "(correction IS NOT NULL OR (status='complete' AND (rating >= 4 OR (good_example=1 AND rating IS NULL))))",
             (task,), limit=1_000_000)
 
+    def tasks(self) -> list[str]:
+        """Every task some turn is labelled with."""
+        cur = self._exec("SELECT DISTINCT task FROM turns WHERE task IS NOT NULL ORDER BY task")
+        return [r[0] for r in cur.fetchall()]
+
     def preferences(self) -> list[dict[str, Any]]:
         cur = self._exec("SELECT prompt, adapter_a, adapter_b, choice, created FROM preferences ORDER BY id")
         return [{"prompt": r[0], "a": r[1], "b": r[2], "choice": r[3], "created": r[4]} for r in cur.fetchall()]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -68,7 +69,7 @@ def build_dataset(history: History, task: str, out_dir: Path, holdout_fraction: 
 class Learner:
     """Decides when a task retrains, and submits the job. State lives in logs/learning/state.json."""
 
-    def __init__(self, settings: Settings, history: History, now: callable = time.time):
+    def __init__(self, settings: Settings, history: History, now: Callable[[], float] = time.time):
         self.settings = settings
         self.history = history
         self.now = now
@@ -87,10 +88,6 @@ class Learner:
         tmp.write_text(json.dumps(state, indent=1))
         tmp.replace(self.state_path)
 
-    def tasks(self) -> list[str]:
-        cur = self.history._exec("SELECT DISTINCT task FROM turns WHERE task IS NOT NULL ORDER BY task")
-        return [r[0] for r in cur.fetchall()]
-
     def _in_window(self) -> bool:
         window = nightly_window(self.settings)
         if window is None:
@@ -105,7 +102,7 @@ class Learner:
         state = self._state()
         known = {a.manifest.task for a in AdapterStore(self.settings.adapters_dir).scan()[0]}
         out = []
-        for task in self.tasks():
+        for task in self.history.tasks():
             usable = len({t.prompt.strip().lower() for t in self.history.usable_for(task)})
             last = state.get(task, {}).get("examples", 0)
             new = usable - last

@@ -77,6 +77,11 @@ def resolve_model_name(settings: Settings, progress: Progress) -> tuple[str, boo
     return name, False
 
 
+def base_identity(name: str, is_demo: bool) -> str:
+    """What adapters are checked against: the demo build's folder name, or the configured model."""
+    return f"demo:{Path(name).name}" if is_demo else name
+
+
 def load_model(settings: Settings, progress: Progress | None = None) -> LoadedModel:
     """Load the configured base model (or the demo model) ready for generation."""
     say = progress or (lambda _m, _f: None)

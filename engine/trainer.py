@@ -126,7 +126,7 @@ def _load(settings: Settings, profile: Profile):
     import torch
     from unsloth import FastLanguageModel
 
-    from engine.model import resolve_model_name
+    from engine.model import base_identity, resolve_model_name
 
     name, is_demo = resolve_model_name(settings, lambda *_: None)
     on_gpu = torch.cuda.is_available()
@@ -134,8 +134,7 @@ def _load(settings: Settings, profile: Profile):
         model_name=name, max_seq_length=profile.max_seq_length, load_in_4bit=settings.model.load_in_4bit and on_gpu,
         dtype=None if on_gpu else torch.float32,
     )
-    base_id = f"demo:{Path(name).name}" if is_demo else name
-    return model, tokenizer, base_id, on_gpu
+    return model, tokenizer, base_identity(name, is_demo), on_gpu
 
 
 def _peft(model: Any, profile: Profile, from_adapter: Path | None, seed: int, modules: list[str],
