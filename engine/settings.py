@@ -31,7 +31,6 @@ class ModelSettings:
     max_seq_length: int = 4096
     load_in_4bit: bool = True
     dtype: str = "auto"
-    fast_lora: bool = True  # routed-expert LoRA decoding (engine/fast_lora.py); off = plain PEFT
     record_experts: bool = True  # keep each reply's expert routing for the expert view
 
 
