@@ -17,7 +17,7 @@ from engine.telemetry import Telemetry
 from tui.app import TandemApp
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXED = Path("/tmp/tandem-snapshots")  # a fixed folder: the settings screen shows the file's path
+FIXED = Path("/tmp/tandem-snapshots")  # fixed folders: the settings screen shows the file's path
 SIZES = {"80x24": (80, 24), "160x48": (160, 48)}
 
 
@@ -42,11 +42,13 @@ def finished_run(logs: Path) -> None:
 
 
 @pytest.fixture
-def snap_app(demo_model_dir, make_adapter_factory):
-    shutil.rmtree(FIXED, ignore_errors=True)
-    FIXED.mkdir()
-    shutil.copy(ROOT / "settings.toml", FIXED / "settings.toml")
-    settings = load(FIXED / "settings.toml")
+def snap_app(request, demo_model_dir, make_adapter_factory):
+    # One folder per test, so nothing a previous test's app left behind can show up in this picture.
+    folder = FIXED / request.node.name.replace("[", "-").replace("]", "")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    shutil.copy(ROOT / "settings.toml", folder / "settings.toml")
+    settings = load(folder / "settings.toml")
     finished_run(settings.logs_dir)
 
     def make(nvml=fake_nvml, adapters=True):
