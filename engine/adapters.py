@@ -46,6 +46,10 @@ class Manifest:
     run_id: str = ""
     parent: str = ""  # created-time of the version this one replaced, for rollback
 
+    @property
+    def router_prompts(self) -> list[str]:
+        return self.prompts + self.exemplars
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}

@@ -112,7 +112,7 @@ class Engine:
     # ----- adapters and routing
     def retrain_router(self) -> None:
         assert self.live is not None
-        examples = {n: a.manifest.prompts + a.manifest.exemplars for n, a in self.live.known.items()}
+        examples = {n: a.manifest.router_prompts for n, a in self.live.known.items()}
         self.router = Router(threshold=self.settings.adapters.router_threshold).fit(examples)
 
     def adapters(self) -> list[Residency]:

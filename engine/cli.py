@@ -85,7 +85,7 @@ def cmd_route(s: settings_mod.Settings, a: argparse.Namespace) -> int:
     store = AdapterStore(s.adapters_dir)
     good, _ = store.scan()
     router = Router(threshold=s.adapters.router_threshold)
-    router.fit({x.name: x.manifest.prompts + x.manifest.exemplars for x in good})
+    router.fit({x.name: x.manifest.router_prompts for x in good})
     d = router.route(a.prompt)
     if a.json:
         print(json.dumps(d.as_dict(), ensure_ascii=False))
@@ -144,25 +144,13 @@ def cmd_adapters(s: settings_mod.Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_train(s: settings_mod.Settings, a: argparse.Namespace) -> int:
-    from engine.dataset import load_examples
-    from engine.runs import Request, RunQueue
+    from engine.runs import RunQueue
 
-    profile = a.profile or s.training.default_profile
-    s.profile(profile)
-    report = load_examples(a.data, limit=s.profile(profile).max_samples)  # refuse bad data before queueing
-    print(f"data: {report.summary()}", file=sys.stderr)
-    if a.from_adapter:
-        from engine.adapters import AdapterStore
-
-        AdapterStore(s.adapters_dir).get(a.from_adapter)
-    gpu = s.gpus.training if a.gpu is None else a.gpu
-    req = Request(task=a.task, data=str(Path(a.data).expanduser().resolve()) if Path(a.data).exists() else a.data,
-                  profile=profile, gpu=gpu, settings=str(s.source), from_adapter=a.from_adapter or "",
-                  name=a.name or "")
     queue = RunQueue(s)
-    run = queue.submit(req)
+    run, report = queue.submit_checked(a.task, a.data, a.profile, a.gpu, a.from_adapter or "", a.name or "")
+    print(f"data: {report.summary()}", file=sys.stderr)
     print(run.id)
-    print(f"{run.state.status} on GPU {gpu}; follow it with: tandem runs show {run.id}", file=sys.stderr)
+    print(f"{run.state.status} on GPU {run.request.gpu}; follow it with: tandem runs show {run.id}", file=sys.stderr)
     if a.wait:
         state = queue.wait(run, timeout=a.wait)
         print(f"{state.status}: {state.outcome or state.error}", file=sys.stderr)

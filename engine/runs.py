@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.adapters import AdapterStore
+from engine.dataset import LoadReport, load_examples
 from engine.settings import Settings
 
 ACTIVE = ("running", "stopping")
@@ -233,6 +235,20 @@ class RunQueue:
         run.set_state(status="queued", resume=bool(run.checkpoints), error="", ended=None)
         self.start_next(run.request.gpu)
         return run
+
+    def submit_checked(self, task: str, data: str, profile: str | None = None, gpu: int | None = None,
+                       from_adapter: str = "", name: str = "") -> tuple[Run, LoadReport]:
+        """Validate what a person asked for (profile, data rows, starting adapter) before anything is
+        queued, then submit. Returns the run and the data report. The CLI and the app both start here."""
+        profile = profile or self.settings.training.default_profile
+        report = load_examples(data, limit=self.settings.profile(profile).max_samples)
+        if from_adapter:
+            AdapterStore(self.settings.adapters_dir).get(from_adapter)
+        local = Path(data).expanduser()
+        req = Request(task=task, data=str(local.resolve()) if local.exists() else data, profile=profile,
+                      gpu=self.settings.gpus.training if gpu is None else gpu, settings=str(self.settings.source),
+                      from_adapter=from_adapter, name=name)
+        return self.submit(req), report
 
     def wait(self, run: Run, timeout: float, poll: float = 0.5) -> RunState:
         """Block until `run` is done (for the CLI's --wait and for tests)."""

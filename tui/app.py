@@ -393,16 +393,10 @@ class TandemApp(App):
 
     @work(thread=True, group="runs-actions")
     def submit_run(self, new: NewRun) -> None:
-        from engine.dataset import load_examples
-        from engine.runs import Request, RunQueue
+        from engine.runs import RunQueue
 
         try:
-            profile = self.settings.profile(new.profile)
-            report = load_examples(new.data, limit=profile.max_samples)
-            data = str(Path(new.data).expanduser().resolve()) if Path(new.data).expanduser().exists() else new.data
-            run = RunQueue(self.settings).submit(Request(
-                task=new.task, data=data, profile=new.profile, gpu=self.settings.gpus.training,
-                settings=str(self.settings.source)))
+            run, report = RunQueue(self.settings).submit_checked(new.task, new.data, new.profile)
         except Exception as e:
             self._ui(self.notify, str(e), title="cannot start training", severity="error", timeout=10)
             return
