@@ -68,7 +68,8 @@ class SpecialistSwitcher(Vertical):
             mark = "▶ " if r.name == mode else ""
             table.add_row(str(i) if i < 10 else "", mark + r.name, r.task, f"{r.size_mb:.1f}", loss, where, key=r.name)
         if rows:
-            table.move_cursor(row=min(cursor, len(rows) - 1))
+            # no scroll: a refresh must not slide a too-wide table sideways under the user
+            table.move_cursor(row=min(cursor, len(rows) - 1), scroll=False)
         label = {"auto": "auto · router picks per prompt", "base": "base · adapters off"}.get(mode, f"pinned · {mode}")
         self.query_one("#switcher-mode", Static).update(f"mode: {label}")
         lines = [note] if note else []
