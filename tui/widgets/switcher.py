@@ -52,7 +52,9 @@ class SpecialistSwitcher(Vertical):
     def compose(self) -> ComposeResult:
         yield Static("", id="switcher-mode")
         table = DataTable(id="adapters", cursor_type="row", zebra_stripes=True)
-        table.add_columns("#", "specialist", "task", "MB", "loss", "where")
+        # fixed widths: auto-sized columns re-flow a frame after each refresh, so the table would jump
+        for label, width in (("#", 1), ("specialist", 16), ("task", 10), ("MB", 6), ("loss", 6), ("where", 5)):
+            table.add_column(label, width=width)
         yield table
         yield Static("", id="switcher-note")
 
