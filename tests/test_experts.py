@@ -87,8 +87,10 @@ async def test_expert_view_in_the_app(settings, make_adapter, demo_model_dir):
     app = app_for(settings)
     async with app.run_test(size=(80, 24)) as pilot:
         await ready(pilot)
-        await send(pilot, "What is 2 plus 2?")
+        reply = await send(pilot, "What is 2 plus 2?")
+        assert reply.experts is not None, app.log_lines  # a failed reply says why in the log
         await pilot.press("f6")
+        await pilot.pause()
         screen = app.screen
         assert type(screen).__name__ == "ExpertsScreen"
         assert "layer" in str(screen.query_one("#heatmap").render())
