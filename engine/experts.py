@@ -59,13 +59,20 @@ def router_modules(model: Any) -> list[Any]:
 
 
 class ExpertRecorder:
-    """Hooks every router of `model` until `finish` is called."""
+    """Hooks every router of `model` until `finish` is called. With `hooks=False` the caller feeds
+    the routing itself (the fast decoder, whose CUDA graphs run no hooks) through `add_step`."""
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, hooks: bool = True):
         self.model = model
         self.routers = router_modules(model)
         self.calls: list[list[tuple[Any, Any]]] = [[] for _ in self.routers]
-        self.handles = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(self.routers)]
+        self.handles = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(self.routers)] if hooks else []
+
+    def add_step(self, indices: Any, weights: Any) -> None:
+        """One forward's routing, [layer, row, k] each (copied: the decoder reuses its buffers)."""
+        indices, weights = indices.clone(), weights.clone()
+        for layer in range(len(self.routers)):
+            self.calls[layer].append((indices[layer], weights[layer]))
 
     def _hook(self, layer: int):
         def hook(_module, _inputs, output):

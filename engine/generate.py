@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.experts import ExpertRecorder, ExpertTrace
 from engine.harmony import END, STOP_TOKENS, HarmonyParser
@@ -56,6 +57,28 @@ class Reply:
     token_texts: list[str] = field(default_factory=list)
 
 
+class Detokenizer:
+    """Text deltas for a growing list of token ids, decoding only a short window per token (decoding
+    the whole reply each token is quadratic). The window starts a few tokens back so that merges across
+    token boundaries (a space, a multi-byte character split over tokens) come out as the full decode
+    would have them; a delta ending in an incomplete character waits for the next token."""
+
+    def __init__(self, tokenizer: Any):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # window start
+        self.read = 0  # ids before this are already emitted
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=False)
+        now = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=False)
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return now[len(before):]
+
+
 def _sample(logits, s: Sampling, gen):
     import torch
 
@@ -98,8 +121,10 @@ def stream(
         started = time.perf_counter()
         ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(lm.device)
         reply.stats.tokens_in = ids.shape[1]
-        recorder = ExpertRecorder(model) if record_experts else None
+        fast = lm.fast if lm.fast is not None and lm.fast.usable else None
+        recorder = ExpertRecorder(model, hooks=fast is None) if record_experts else None
         out_ids: list[int] = []
+        detok = Detokenizer(tok)
         emitted = ""
         past = None
         step_input = ids
@@ -108,19 +133,25 @@ def stream(
                 if cancel.is_set():
                     reply.stats.stop = "cancelled"
                     break
-                out = model(input_ids=step_input, past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                nxt = _sample(out.logits[0, -1], sampling, gen)
+                if fast is None:
+                    out = model(input_ids=step_input, past_key_values=past, use_cache=True)
+                    past, logits = out.past_key_values, out.logits[:, -1]
+                elif fast.full:
+                    reply.stats.stop = "length"
+                    break
+                else:
+                    logits = fast.step(step_input[:, -1]) if out_ids else fast.prefill(step_input)
+                    if recorder:
+                        recorder.add_step(*fast.routes)
+                nxt = _sample(logits[0], sampling, gen)
                 if not out_ids:
                     reply.stats.ttft_s = time.perf_counter() - started
                 out_ids.append(nxt)
-                text = tok.decode(out_ids, skip_special_tokens=False)
-                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                    delta, emitted = text[len(emitted):], text
-                    reply.token_texts.append(delta)
+                delta = detok.push(nxt)
+                emitted += delta
+                reply.token_texts.append(delta)
+                if delta:
                     yield reply.parser.feed(delta), reply
-                else:
-                    reply.token_texts.append("")
                 if nxt in stop_ids:
                     mark = stop_ids[nxt]
                     ended_final = reply.parser.segments and reply.parser.segments[-1].channel == "final"

@@ -126,6 +126,8 @@ class LiveAdapters:
             model = get_peft_model(model, config, adapter_name=name)
             self.lm.model = model
         self._layers = None
+        if self.lm.fast is not None:
+            self.lm.fast.forget(name)
         result = set_peft_model_state_dict(model, state, adapter_name=name)
         missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
         if missing:
@@ -160,12 +162,16 @@ class LiveAdapters:
                 raise
             except Exception as e:  # a shape mismatch surfaces here as a RuntimeError from torch
                 raise AdapterError(f"{name}: does not fit this base model: {e}") from e
+            if self.lm.fast is not None:
+                self.lm.fast.prepare(name)
             with self._state_lock:
                 self.resident[name] = (a.manifest.created, size)
 
     def _drop(self, name: str) -> None:
         self.lm.model.delete_adapter(name)
         self._layers = None
+        if self.lm.fast is not None:
+            self.lm.fast.forget(name)
         with self._state_lock:
             self.resident.pop(name, None)
             if self.active == name:
@@ -203,6 +209,8 @@ class LiveAdapters:
                         layer._active_adapter = [name]
                 if name is not None:
                     model.base_model.active_adapter = name
+            if self.lm.fast is not None:
+                self.lm.fast.select(name)
             self.last_swap_s = time.perf_counter() - started
             with self._state_lock:
                 self.active = name

@@ -41,6 +41,8 @@ class LoadedModel:
     is_demo: bool
     load_seconds: float
     quantized: bool
+    fast: Any = None  # FastDecoder when model.fast_decode is on and the model suits it
+    fast_note: str = ""  # why the fast path is off, for the log
     # One generation at a time; adapter swaps take the same lock so they never land mid-reply.
     lock: threading.RLock = field(default_factory=threading.RLock)
 
@@ -112,5 +114,19 @@ def load_model(settings: Settings, progress: Progress | None = None) -> LoadedMo
         ) from e
     model.eval()
     device = str(next(model.parameters()).device)
-    say("model ready", 1.0)
-    return LoadedModel(model, tokenizer, name, device, is_demo, time.monotonic() - started, four_bit)
+    lm = LoadedModel(model, tokenizer, name, device, is_demo, time.monotonic() - started, four_bit)
+    attach_fast_decoder(lm, settings)
+    say("model ready" + (f" (reference decoding: {lm.fast_note})" if lm.fast_note else ""), 1.0)
+    return lm
+
+
+def attach_fast_decoder(lm: LoadedModel, settings: Settings) -> None:
+    """Give `lm` the fast decoder when settings want it and the model suits it; otherwise say why."""
+    from engine.fast_decode import FastDecoder, unsupported
+
+    if not settings.model.fast_decode:
+        lm.fast_note = "model.fast_decode is off"
+        return
+    lm.fast_note = unsupported(lm.model) or ""
+    if not lm.fast_note:
+        lm.fast = FastDecoder(lm.model, max_len=settings.model.max_seq_length)

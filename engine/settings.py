@@ -32,6 +32,7 @@ class ModelSettings:
     load_in_4bit: bool = True
     dtype: str = "auto"
     record_experts: bool = True  # keep each reply's expert routing for the expert view
+    fast_decode: bool = True  # static cache, routed-expert LoRA, CUDA graphs; off = transformers+PEFT forward
 
 
 @dataclass

@@ -1,0 +1,150 @@
+"""The fast decoder against the reference (transformers + PEFT) forward, on the demo model in fp32."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.fast_decode import FastDecoder, unsupported
+from engine.generate import Detokenizer, Sampling, complete
+from engine.harmony import Turn, render_prompt
+from engine.lora import ATTENTION, FUSED_EXPERTS
+
+
+@pytest.fixture(scope="module")
+def base(demo_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32).eval()
+
+
+def _random_lora(model, name, seed, **extra):
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=list(ATTENTION), target_parameters=list(FUSED_EXPERTS),
+                     init_lora_weights=False, **extra)
+    if isinstance(model, PeftModel):
+        model.add_adapter(name, cfg)
+    else:
+        model = get_peft_model(model, cfg, adapter_name=name)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if f"lora_A.{name}." in n or f"lora_B.{name}." in n:
+                p.mul_(20)  # large enough to move the logits well beyond the tolerance below
+    return model.eval()
+
+
+def _reference(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=ids).logits[:, -1]
+
+
+def _max_error(model, decoder, ids, steps=6):
+    """Greedy-extend `ids` through the decoder; worst logit difference from the full reference forward."""
+    import torch
+
+    logits = decoder.prefill(ids)
+    worst = (logits - _reference(model, ids)).abs().max().item()
+    for _ in range(steps):
+        nxt = logits.argmax(-1)
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        logits = decoder.step(nxt)
+        worst = max(worst, (logits - _reference(model, ids)).abs().max().item())
+    return worst
+
+
+def test_matches_reference_with_and_without_a_specialist(base):
+    """Prompts longer than the sliding window (64) and than a prefill chunk, two rows in lockstep."""
+    import torch
+
+    decoder = FastDecoder(base, max_len=512, prefill_chunk=40)
+    ids = torch.randint(0, 1000, (2, 100))
+    assert _max_error(base, decoder, ids) < 1e-4
+    model = _random_lora(base, "math", seed=1)
+    with model.disable_adapter():
+        plain = _reference(model, ids)
+    shifted = (_reference(model, ids) - plain).abs().max().item()
+    try:
+        model.set_adapter("math")
+        decoder.select("math")
+        assert decoder.usable and shifted > 0.1  # the adapter matters, so matching it means something
+        assert _max_error(model, decoder, ids) < 1e-4
+        model = _random_lora(model, "code", seed=2)
+        model.set_adapter("code")
+        decoder.select("code")  # same layout: one copy into the slot the steps read
+        assert _max_error(model, decoder, ids) < 1e-4
+        with model.disable_adapter():
+            decoder.select(None)
+            assert _max_error(model, decoder, ids) < 1e-4
+    finally:
+        model.unload()  # give the module-scoped base model back without LoRA layers
+
+
+def test_refuses_what_it_cannot_run(base):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=64))
+    assert "llama" in unsupported(llama)
+    with pytest.raises(ValueError, match="does not apply"):
+        FastDecoder(llama, max_len=64)
+    from peft import LoraConfig
+
+    model = _random_lora(base, "wide", seed=3)
+    model.add_adapter("head", LoraConfig(r=4, target_modules=["lm_head"]))
+    try:
+        decoder = FastDecoder(model, max_len=64)
+        decoder.select("head")
+        assert not decoder.usable and "besides attention and experts" in decoder.reason
+        decoder.select("wide")
+        assert decoder.usable
+        with pytest.raises(ValueError, match="does not fit"):
+            decoder.prefill(torch.zeros((1, 70), dtype=torch.long))
+    finally:
+        model.unload()
+
+
+def test_engine_streams_the_same_tokens_either_way(demo_model_dir):
+    from engine.model import load_model
+    from engine.settings import Settings
+
+    lm = load_model(Settings())
+    assert lm.fast is not None and not lm.fast_note
+    prompt = render_prompt([Turn("user", "What is 2 plus 2?")])
+    sampling = Sampling(greedy=True, max_new_tokens=40)
+    fast = complete(lm, prompt, sampling, record_experts=True)
+    decoder, lm.fast = lm.fast, None
+    reference = complete(lm, prompt, sampling, record_experts=True)
+    lm.fast = decoder
+    assert fast.stats.tokens_out > 5 and len(fast.experts.indices) == fast.stats.tokens_out - 1
+    assert fast.raw == reference.raw and fast.stats.tokens_out == reference.stats.tokens_out
+    assert fast.experts.indices == reference.experts.indices
+
+
+def test_fast_decode_setting_turns_it_off(demo_model_dir):
+    from engine.model import load_model
+    from engine.settings import Settings, updated
+
+    lm = load_model(updated(Settings(), "model.fast_decode", False))
+    assert lm.fast is None and "fast_decode is off" in lm.fast_note
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(demo_model_dir)
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(list("ab 12+\n.é€🙂ü<|>")), max_size=40))
+def test_detokenizer_deltas_add_up_to_the_full_decode(tokenizer, text):
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    detok = Detokenizer(tokenizer)
+    assert "".join(detok.push(i) for i in ids) == tokenizer.decode(ids, skip_special_tokens=False)
