@@ -225,3 +225,21 @@ async def test_ab_compare_report_and_rollback(settings, make_adapter, demo_model
         created = app.engine.live.known["math"].manifest.created
         await pilot.press("u")
         await until(pilot, lambda: app.engine.live.known["math"].manifest.created != created, timeout=20)
+
+
+async def test_brackets_in_prompts_and_replies_are_text_not_markup(settings, demo_model_dir):
+    """A sampled reply once contained '[' + text that Rich read as a closing tag, and the reply failed."""
+    from tui.widgets.chat import ReplyMeta, UserMessage
+
+    app = app_for(settings)
+    async with app.run_test(size=(80, 24)) as pilot:
+        chat = app.query_one(ChatPanel)
+        chat.add_user("[/b] is not [red]markup")
+        reply = chat.start_reply("x")
+        await pilot.pause()
+        reply.add([("analysis", "[/oops] [b"), ("final", "fine")])
+        reply.set_meta(ReplyMeta(adapter="odd[/name]"))
+        await pilot.pause()
+        assert "[/b] is not [red]markup" in str(app.query(UserMessage).last().render())
+        assert "[/oops] [b" in str(reply.query_one(".analysis").render())
+        assert "odd[/name]" in str(reply.query_one(".reply-meta").render())

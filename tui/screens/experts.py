@@ -56,7 +56,7 @@ class ExpertsScreen(ModalScreen):
                         f"{len(t.indices)} tokens")
             yield Static(heatmap(t.usage()), id="heatmap")
             yield Label("Tokens (Up/Down): experts per layer for the selected token")
-            yield OptionList(*[repr(x)[1:-1] or "·" for x in self.tokens[: len(t.indices)]], id="tokens")
+            yield OptionList(*[Text(repr(x)[1:-1] or "·") for x in self.tokens[: len(t.indices)]], id="tokens")
             yield Static("", id="token-experts")
             yield Static("c compares with another adapter · Esc closes", classes="hint", id="compare-hint")
             yield Static("", id="shift")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -107,7 +108,7 @@ class SettingsScreen(Dismissable):
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(classes="dialog"):
-            yield Label(f"Settings · {self.settings.source}")
+            yield Label(f"Settings · {self.settings.source}", markup=False)
             for key, label in EDITABLE:
                 with Horizontal(classes="field"):
                     yield Label(label, classes="field-label")
@@ -127,7 +128,7 @@ class SettingsScreen(Dismissable):
                     s = st.updated(s, key, text)
             st.save(s)
         except st.SettingsError as e:
-            self.query_one("#settings-error", Static).update(f"[red]{e}[/red]")
+            self.query_one("#settings-error", Static).update(Text(str(e), style="red"))
             return
         self.dismiss(s)
 
@@ -169,12 +170,12 @@ class NewRunScreen(Dismissable):
         task = self.query_one("#task", Input).value.strip()
         data = self.query_one("#data", Input).value.strip()
         if not task or not data:
-            self.query_one("#run-error", Static).update("[red]task and data are both needed[/red]")
+            self.query_one("#run-error", Static).update(Text("task and data are both needed", style="red"))
             return
         self.dismiss(NewRun(task, data, str(self.query_one("#profile", Select).value)))
 
     def show_error(self, text: str) -> None:
-        self.query_one("#run-error", Static).update(f"[red]{text}[/red]")
+        self.query_one("#run-error", Static).update(Text(text, style="red"))
 
     @on(Button.Pressed, "#cancel")
     def _cancel(self) -> None:
@@ -205,7 +206,8 @@ class FeedbackScreen(Dismissable):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Label("Feedback on the last reply")
-            yield Static(f"[b]You:[/b] {self.prompt}\n[b]Reply:[/b] {self.final[:400]}", id="feedback-reply")
+            yield Static(Text.assemble(("You: ", "bold"), self.prompt, "\n", ("Reply: ", "bold"), self.final[:400]),
+                         id="feedback-reply")
             yield Static("1–5 rate · g good example · c write the reply you wanted · Esc close", classes="hint")
             area = TextArea(self.final, id="correction")
             area.display = False

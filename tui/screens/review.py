@@ -30,7 +30,7 @@ class CompareScreen(Dismissable):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Label(f"A/B · {self.prompt[:70]}")
+            yield Label(f"A/B · {self.prompt[:70]}", markup=False)
             with Horizontal(id="ab"):
                 for side, name in (("a", self.a), ("b", self.b)):
                     with VerticalScroll(classes="ab-side"):

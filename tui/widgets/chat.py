@@ -45,7 +45,10 @@ class ReplyMeta:
 
 
 class UserMessage(Static):
-    pass
+    """What the user typed, shown as typed: brackets in a prompt are not markup."""
+
+    def __init__(self, text: str, **kw) -> None:
+        super().__init__(text, markup=False, **kw)
 
 
 class Reply(Vertical):
@@ -66,9 +69,9 @@ class Reply(Vertical):
         self.set_reactive(Reply.show_analysis, show_analysis)
 
     def compose(self) -> ComposeResult:
-        yield Static(self.meta.line(), classes="reply-meta")
+        yield Static(self.meta.line(), classes="reply-meta", markup=False)
         with Collapsible(title="reasoning", collapsed=not self.show_analysis, classes="analysis-box"):
-            yield Static("", classes="analysis")
+            yield Static("", classes="analysis", markup=False)
         yield Markdown("", classes="final")
 
     def on_mount(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from rich.markup import escape
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Sparkline, Static
@@ -61,7 +62,7 @@ class GpuCard(Vertical):
         mem_frac = _mem_frac(g)
         power = f"{_v(g.power_w)}/{_v(g.power_limit_w)} W"
         lines = [
-            f"[b]GPU {g.index}[/b] · {g.name} · [b]{role}[/b]",
+            f"[b]GPU {g.index}[/b] · {escape(g.name)} · [b]{role}[/b]",
             f"util {_bar(g.utilization / 100 if g.utilization is not None else None)} {_v(g.utilization, unit='%')}",
             f"mem  {_bar(mem_frac)} {_v(g.memory_used_mb and g.memory_used_mb / 1024, '{:.1f}')}"
             f"/{_v(g.memory_total_mb and g.memory_total_mb / 1024, '{:.1f}')} GB",
@@ -69,7 +70,7 @@ class GpuCard(Vertical):
             f"SM {_v(g.sm_clock_mhz)} MHz · mem {_v(g.mem_clock_mhz)} MHz",
         ]
         for p in g.processes[:4]:
-            lines.append(f"  {p.pid:>7} {_v(p.memory_mb, unit=' MB'):>9}  {p.name[:40]}")
+            lines.append(f"  {p.pid:>7} {_v(p.memory_mb, unit=' MB'):>9}  {escape(p.name[:40])}")
         if not g.processes:
             lines.append("  no processes")
         self.query_one(".gpu-text", Static).update("\n".join(lines))

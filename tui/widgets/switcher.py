@@ -56,7 +56,7 @@ class SpecialistSwitcher(Vertical):
         for label, width in (("#", 1), ("specialist", 16), ("task", 10), ("MB", 6), ("loss", 6), ("where", 5)):
             table.add_column(label, width=width)
         yield table
-        yield Static("", id="switcher-note")
+        yield Static("", id="switcher-note", markup=False)
 
     def show(self, rows: list[AdapterRow], mode: str, broken: list[tuple[str, str]] | None = None,
              note: str = "") -> None:

@@ -56,7 +56,7 @@ class TrainingPanel(Vertical):
         yield ProgressBar(id="run-progress", show_eta=False)
         yield Static("", id="run-stats")
         yield LossChart(id="loss-chart")
-        yield Static("", id="run-warnings")
+        yield Static("", id="run-warnings", markup=False)
 
     @property
     def selected(self) -> RunView | None:
