@@ -67,12 +67,11 @@ class ExpertRecorder:
         self.routers = router_modules(model)
         self.calls: list[list[tuple[Any, Any]]] = [[] for _ in self.routers]
         self.handles = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(self.routers)] if hooks else []
+        self.steps: list[tuple[Any, Any]] = []
 
     def add_step(self, indices: Any, weights: Any) -> None:
         """One forward's routing, [layer, row, k] each (copied: the decoder reuses its buffers)."""
-        indices, weights = indices.clone(), weights.clone()
-        for layer in range(len(self.routers)):
-            self.calls[layer].append((indices[layer], weights[layer]))
+        self.steps.append((indices.clone(), weights.clone()))
 
     def _hook(self, layer: int):
         def hook(_module, _inputs, output):
@@ -84,6 +83,9 @@ class ExpertRecorder:
     def finish(self, prompt_tokens: int, reply_ids: list[int]) -> ExpertTrace | None:
         for h in self.handles:
             h.remove()
+        for indices, weights in self.steps:
+            for layer in range(len(self.routers)):
+                self.calls[layer].append((indices[layer], weights[layer]))
         if not self.routers or not self.calls[0]:
             return None
         cfg = self.model.config

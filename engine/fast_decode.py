@@ -326,6 +326,7 @@ class FastDecoder:
                 self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
                 self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
                 self._graphs.clear()
+                self._pool = None  # a pool outlives its graphs badly: start a fresh one with the new shapes
                 self.batch = b
             for start in range(0, t, self.prefill_chunk):
                 chunk = ids[:, start:start + self.prefill_chunk].to(self.device)
@@ -364,8 +365,6 @@ class FastDecoder:
             self._pool = torch.cuda.graph_pool_handle()
             self._tok = torch.zeros((self.batch, 1), dtype=torch.long, device=self.device)
             self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
-        if self._tok.shape[0] != self.batch:
-            self._tok = torch.zeros((self.batch, 1), dtype=torch.long, device=self.device)
         self._tok.copy_(tokens.view(-1, 1))
         self._pos.fill_(self.length)
         lora = self.active
