@@ -51,7 +51,7 @@ def generate_rate(lm, ids, tokens: int) -> float:
     """model.generate tokens/s per sequence for a batch of prompts (no streaming, no stop tokens)."""
     import torch
 
-    model = lm.model
+    model = lm.reference_model()
     model.generation_config.pad_token_id = lm.tokenizer.pad_token_id
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
@@ -85,7 +85,7 @@ def agreement(lm, ids, steps: int = 16) -> tuple[float, int]:
     with torch.inference_mode():
         logits = lm.fast.prefill(ids)
         for i in range(steps):
-            ref = lm.model(input_ids=ids).logits[:, -1].float()
+            ref = lm.reference_model()(input_ids=ids).logits[:, -1].float()
             worst = max(worst, ((logits.float() - ref).abs().max() / ref.abs().max()).item())
             same += int(logits.argmax(-1).item() == ref.argmax(-1).item())
             nxt = ref.argmax(-1)

@@ -81,21 +81,22 @@ class ExpertRecorder:
         return hook
 
     def finish(self, prompt_tokens: int, reply_ids: list[int]) -> ExpertTrace | None:
+        """The trace of the reply: each step's last row, copied to the CPU in one transfer."""
+        import torch
+
         for h in self.handles:
             h.remove()
-        for indices, weights in self.steps:
-            for layer in range(len(self.routers)):
-                self.calls[layer].append((indices[layer], weights[layer]))
-        if not self.routers or not self.calls[0]:
+        if self.routers and self.calls[0]:  # hooks: [layer][step] -> [step, layer, k]
+            self.steps = [(torch.stack([c[s][0][-1] for c in self.calls]),
+                           torch.stack([c[s][1][-1] for c in self.calls])) for s in range(len(self.calls[0]))]
+        else:  # fed by the decoder: [layer, row, k] per step
+            self.steps = [(i[:, -1], w[:, -1]) for i, w in self.steps]
+        if not self.routers or len(self.steps) < 2:
             return None
         cfg = self.model.config
-        n_layers = len(self.routers)
-        steps = len(self.calls[0])
-        indices: list[list[list[int]]] = []
-        weights: list[list[list[float]]] = []
-        for step in range(1, steps):  # step 0 is the prompt; step s routes reply token s-1
-            indices.append([self.calls[layer][step][0][-1].tolist() for layer in range(n_layers)])
-            weights.append([[round(w, 4) for w in self.calls[layer][step][1][-1].float().tolist()]
-                            for layer in range(n_layers)])
-        return ExpertTrace(n_layers, int(cfg.num_local_experts), int(cfg.num_experts_per_tok),
+        # step 0 is the prompt; step s routes reply token s-1
+        indices = torch.stack([i for i, _ in self.steps[1:]]).tolist()
+        weights = [[[round(x, 4) for x in layer] for layer in step]
+                   for step in torch.stack([w for _, w in self.steps[1:]]).float().tolist()]
+        return ExpertTrace(len(self.routers), int(cfg.num_local_experts), int(cfg.num_experts_per_tok),
                            prompt_tokens, indices, weights)

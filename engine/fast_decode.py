@@ -5,11 +5,11 @@ delta of all 32 experts to the weights on every forward (6.5 tok/s with a specia
 and transformers' forward spends most of a decode step in Python. This decoder reads the weights of a
 loaded GptOssForCausalLM (PEFT-wrapped or not) and runs the same math itself: experts as grouped
 matmuls over the routed (token, expert) pairs, an adapter's expert LoRA the same way over its
-per-expert factors, and on CUDA each one-token step replayed as a CUDA graph, one per cache-length
-bucket. Tests compare its logits with the PEFT model's.
+per-expert factors, and on CUDA each one-token step compiled (torch.compile fuses the element-wise
+kernels) and replayed as a CUDA graph. Tests compare its logits with the PEFT model's.
 
-An adapter is packed once into one flat buffer; switching copies it into the slot the graphs read, a
-single device copy. Adapters that adapt anything else (DoRA, bias, other modules), quantized weights
+An adapter's factors are packed once, when it is loaded; each adapter gets its own CUDA graphs, so a
+switch copies nothing. Adapters that adapt anything else (DoRA, bias, other modules), quantized weights
 and non-GPT-OSS models are refused with a reason, and the engine uses the reference path for them.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
-BUCKET = 256  # attention reads the cache up to the next multiple of this: one graph per bucket
+BUCKET = 256  # eager attention reads the cache up to the next multiple of this
 PREFILL_CHUNK = 512  # prompt tokens per eager forward: bounds the attention scores' memory
 
 
@@ -56,36 +56,20 @@ def unsupported(model: Any) -> str | None:
 
 @dataclass
 class _Pack:
-    """One adapter's LoRA factors in the decoder's layout, all views into one flat buffer."""
+    """One adapter's LoRA factors in the decoder's layout, per layer: "qkv.A"/"qkv.B" (q, k and v fused:
+    A side by side, B block-diagonal), "o_proj.A"/"o_proj.B", and per expert parameter its PEFT
+    factors; the LoRA scaling is folded into each B."""
 
-    layout: tuple[tuple[str, tuple[int, ...]], ...]
-    flat: Any
-    parts: dict[str, Any]
-
-    @classmethod
-    def build(cls, tensors: dict[str, Any], dtype: Any, device: Any) -> _Pack:
-        import torch
-
-        layout = tuple((k, tuple(t.shape)) for k, t in tensors.items())
-        flat = torch.empty(sum(t.numel() for t in tensors.values()), dtype=dtype, device=device)
-        parts, at = {}, 0
-        for k, t in tensors.items():
-            parts[k] = flat[at:at + t.numel()].view(t.shape)
-            parts[k].copy_(t)
-            at += t.numel()
-        return cls(layout, flat, parts)
-
-    def empty_like(self) -> _Pack:
-        import torch
-
-        return _Pack.build({k: torch.zeros_like(v) for k, v in self.parts.items()}, self.flat.dtype, self.flat.device)
+    name: str
+    layers: list[dict[str, Any]]
 
 
 class FastDecoder:
     """Prefill and one-token steps for one GPT-OSS model, batch rows in lockstep. Not thread-safe:
     the engine calls it under the model's lock."""
 
-    def __init__(self, model: Any, max_len: int, graphs: bool | None = None, prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(self, model: Any, max_len: int, graphs: bool | None = None, compile: bool | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK):
         import torch
 
         reason = unsupported(model)
@@ -99,10 +83,14 @@ class FastDecoder:
         self.max_len = max_len
         self.prefill_chunk = prefill_chunk
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
+        self.compiled: Any = None  # the layer compiled for graph steps, built on the first one
+        self.compile = self.graphs if compile is None else compile
+        self.note = ""  # what went wrong with compiling, if anything (the steps then run uncompiled)
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.top_k, self.num_experts = cfg.num_experts_per_tok, cfg.num_local_experts
-        self.layers = [self._layer_weights(i, layer) for i, layer in enumerate(self.hf.model.layers)]
+        self.layers = [self._layer_weights(layer) for layer in self.hf.model.layers]
+        self.dims = (self.heads, self.kv_heads, self.head_dim, self.top_k, self.num_experts)
         with torch.inference_mode():
             pos = torch.arange(max_len, device=self.device)
             cos, sin = self.hf.model.rotary_emb(emb[:1].to(self.dtype), pos[None])
@@ -111,8 +99,6 @@ class FastDecoder:
         self.batch = 0
         self.length = 0  # tokens in the cache
         self.packs: dict[str, _Pack | str] = {}  # adapter name -> pack, or why it cannot be packed
-        self.slots: dict[tuple, _Pack] = {}  # layout -> the buffer the graphs read
-        self.slot_holds: dict[tuple, str] = {}
         self.active: _Pack | None = None
         self.reason: str | None = None  # set while the selected adapter is one the fast path refuses
         self.routes: tuple[Any, Any] | None = None  # last forward's (indices, weights): [layer, row, k]
@@ -120,78 +106,89 @@ class FastDecoder:
         self._pool = None
 
     # ----- weights
-    def _layer_weights(self, i: int, layer: Any) -> dict[str, Any]:
+    def _layer_weights(self, layer: Any) -> dict[str, Any]:
         attn, mlp = layer.self_attn, layer.mlp
-        experts = _unwrap(mlp.experts)
-        w = {p: _unwrap(getattr(attn, p)) for p in ATTENTION}
-        return {
-            "ln1": layer.input_layernorm, "ln2": layer.post_attention_layernorm,
-            **{p: (m.weight, m.bias) for p, m in w.items()},
-            "sinks": attn.sinks, "window": attn.sliding_window, "scaling": attn.scaling,
-            "router": (_unwrap(mlp.router).weight, _unwrap(mlp.router).bias),
-            "gate_up_proj": (experts.gate_up_proj, experts.gate_up_proj_bias),
-            "down_proj": (experts.down_proj, experts.down_proj_bias),
-            "alpha": experts.alpha, "limit": experts.limit,
+        experts, router = _unwrap(mlp.experts), _unwrap(mlp.router)
+        w: dict[str, Any] = {
+            "ln1": layer.input_layernorm.weight, "eps1": layer.input_layernorm.variance_epsilon,
+            "ln2": layer.post_attention_layernorm.weight, "eps2": layer.post_attention_layernorm.variance_epsilon,
+            "sinks": attn.sinks, "window": attn.sliding_window or 0, "scaling": attn.scaling,
+            "router_w": router.weight, "router_b": router.bias, "alpha": experts.alpha, "limit": experts.limit,
         }
+        for p in ATTENTION:
+            m = _unwrap(getattr(attn, p))
+            w[f"{p[0]}_w"], w[f"{p[0]}_b"] = m.weight, m.bias
+        for p in EXPERT_PARAMS:
+            w[p], w[f"{p}_bias"] = getattr(experts, p), getattr(experts, f"{p}_bias")
+        return w
 
     def _pack(self, name: str) -> _Pack | str:
-        """Read adapter `name`'s factors from the PEFT layers: attention as (A^T, scaling*B^T), experts as
-        PEFT's own per-expert (lhs, scaling*rhs). A string says why it cannot be packed."""
-        tensors: dict[str, Any] = {}
+        """Read adapter `name`'s factors from the PEFT layers. A string says why it cannot be packed."""
+        import torch
+
+        layers: list[dict[str, Any]] = []
         seen = 0
-        for i, layer in enumerate(self.hf.model.layers):
+        for layer in self.hf.model.layers:
+            parts: dict[str, Any] = {}
+            qkv: list[tuple[Any, Any] | int] = []  # (A^T, s*B^T) per q/k/v, or its output width when not adapted
             for p in ATTENTION:
                 m = getattr(layer.self_attn, p)
                 if name not in getattr(m, "lora_A", {}):
+                    qkv.append(_unwrap(m).out_features)
                     continue
                 if m.use_dora.get(name) or m.lora_B[name].bias is not None:
                     return f"{name} uses DoRA or a LoRA bias on {p}"
-                s = m.scaling[name]
-                tensors[f"{i}.{p}.A"] = m.lora_A[name].weight.t()
-                tensors[f"{i}.{p}.B"] = m.lora_B[name].weight.t() * s
+                a, b = m.lora_A[name].weight.t(), m.lora_B[name].weight.t() * m.scaling[name]
+                if p == "o_proj":
+                    parts["o_proj.A"], parts["o_proj.B"] = a, b
+                else:
+                    qkv.append((a, b))
                 seen += 1
+            adapted = [f for f in qkv[:3] if isinstance(f, tuple)]
+            if adapted:
+                widths = [f[1].shape[1] if isinstance(f, tuple) else f for f in qkv[:3]]
+                parts["qkv.A"] = torch.cat([a for a, _ in adapted], dim=1)
+                parts["qkv.B"] = torch.zeros(parts["qkv.A"].shape[1], sum(widths), dtype=adapted[0][1].dtype,
+                                             device=adapted[0][1].device)
+                row = col = 0
+                for f, width in zip(qkv[:3], widths, strict=True):
+                    if isinstance(f, tuple):
+                        parts["qkv.B"][row:row + f[1].shape[0], col:col + width] = f[1]
+                        row += f[1].shape[0]
+                    col += width
             wrapper = layer.mlp.experts
             while hasattr(wrapper, "base_layer"):
                 if name in getattr(wrapper, "lora_A", {}):
                     param = getattr(wrapper, "parameter_name", None)
                     if param not in EXPERT_PARAMS or wrapper._did_swap_in_out_features:
                         return f"{name} adapts experts.{param} in a layout the fast path does not know"
-                    lhs, rhs, s = wrapper.get_delta_factors(name)
-                    tensors[f"{i}.{param}.A"] = lhs
-                    tensors[f"{i}.{param}.B"] = rhs * s
+                    lhs, rhs, scale = wrapper.get_delta_factors(name)
+                    # grouped matmuls want 16-byte strides: zero-pad the rank (exact: the padding adds 0)
+                    pad = -lhs.shape[-1] % (16 // self.dtype.itemsize)
+                    parts[f"{param}.A"] = torch.nn.functional.pad(lhs, (0, pad))
+                    parts[f"{param}.B"] = torch.nn.functional.pad(rhs * scale, (0, 0, 0, pad))
                     seen += 1
                 wrapper = wrapper.base_layer
+            layers.append({k: t.to(self.dtype).contiguous() for k, t in parts.items()})
         total = sum(1 for m in self.hf.modules() if name in (getattr(m, "lora_A", None) or {}))
         if total != seen:
             return f"{name} adapts {total - seen} module(s) besides attention and experts"
-        if not tensors:
+        if not seen:
             return f"{name} is not attached to the model"
-        return _Pack.build(tensors, self.dtype, self.device)
+        return _Pack(name, layers)
 
     def select(self, name: str | None) -> None:
-        """Apply adapter `name` (attached to the PEFT model) from the next token on; None for the base."""
-        import torch
-
+        """Apply adapter `name` (attached to the PEFT model) from the next token on; None for the base.
+        Nothing is copied: each adapter has its own CUDA graphs, reading its own tensors."""
         self.reason = None
-        if name is None:
-            self.active = None
-            return
-        pack = self.prepare(name)
+        pack = None if name is None else self.prepare(name)
         if isinstance(pack, str):
             self.active, self.reason = None, pack
             return
-        slot = self.slots.get(pack.layout)
-        if slot is None:
-            with torch.inference_mode():
-                slot = self.slots[pack.layout] = pack.empty_like()
-        if self.slot_holds.get(pack.layout) != name:
-            with torch.inference_mode():
-                slot.flat.copy_(pack.flat)
-            self.slot_holds[pack.layout] = name
-        self.active = slot
+        self.active = pack
 
     def prepare(self, name: str) -> _Pack | str:
-        """Pack adapter `name` now (when it is loaded), so that selecting it later is one copy."""
+        """Pack adapter `name` now (when it is loaded), so that selecting it later costs nothing."""
         import torch
 
         if name not in self.packs:
@@ -200,113 +197,32 @@ class FastDecoder:
         return self.packs[name]
 
     def forget(self, name: str) -> None:
-        """Drop the packed copy of `name` (unloaded or replaced on disk)."""
+        """Drop the packed copy of `name` and its graphs (unloaded or replaced on disk)."""
         self.packs.pop(name, None)
-        for layout, held in list(self.slot_holds.items()):
-            if held == name:
-                del self.slot_holds[layout]
+        for key in [k for k in self._graphs if k[1] == name]:
+            del self._graphs[key]
 
     @property
     def usable(self) -> bool:
         return self.reason is None
 
     # ----- the forward pass
-    @staticmethod
-    def _norm(x: Any, norm: Any) -> Any:
-        import torch
-
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-        return (norm.weight * h).to(x.dtype)
-
-    @staticmethod
-    def _linear(x: Any, wb: tuple[Any, Any], lora: _Pack | None, key: str) -> Any:
-        import torch.nn.functional as F
-
-        y = F.linear(x, *wb)
-        if lora is not None and f"{key}.A" in lora.parts:
-            y = y + (x @ lora.parts[f"{key}.A"]) @ lora.parts[f"{key}.B"]
-        return y
-
-    def _attention(self, i: int, w: dict, x: Any, pos: Any, span: int, lora: _Pack | None) -> Any:
-        import torch
-
-        b, t, _ = x.shape
-        hd, kvh, g = self.head_dim, self.kv_heads, self.heads // self.kv_heads
-        q = self._linear(x, w["q_proj"], lora, f"{i}.q_proj").view(b, t, -1, hd).transpose(1, 2)
-        k = self._linear(x, w["k_proj"], lora, f"{i}.k_proj").view(b, t, -1, hd).transpose(1, 2)
-        v = self._linear(x, w["v_proj"], lora, f"{i}.v_proj").view(b, t, -1, hd).transpose(1, 2)
-        cos, sin = self.cos[pos], self.sin[pos]
-
-        def rope(z: Any) -> Any:
-            z1, z2 = z.chunk(2, dim=-1)
-            return torch.cat((z1 * cos - z2 * sin, z2 * cos + z1 * sin), dim=-1)
-
-        q, k = rope(q), rope(k)
-        self.k_cache[i].index_copy_(2, pos, k)
-        self.v_cache[i].index_copy_(2, pos, v)
-        keys, values = self.k_cache[i][:, :, :span], self.v_cache[i][:, :, :span]
-        kpos = self.arange[:span]
-        allowed = kpos[None, :] <= pos[:, None]
-        if w["window"]:
-            allowed = allowed & (kpos[None, :] > pos[:, None] - w["window"])
-        mask = torch.zeros(allowed.shape, device=x.device).masked_fill_(~allowed, float("-inf"))
-        scores = (q.reshape(b, kvh, g * t, hd) @ keys.transpose(-1, -2)).float() * w["scaling"]
-        scores = scores.view(b, kvh, g, t, span) + mask
-        sink = w["sinks"].float().view(1, kvh, g, 1)
-        top = torch.maximum(scores.amax(-1), sink)
-        p = torch.exp(scores - top[..., None])
-        p = p / (p.sum(-1) + torch.exp(sink - top))[..., None]
-        out = (p.to(values.dtype).view(b, kvh, g * t, span) @ values).view(b, kvh, g, t, hd)
-        out = out.permute(0, 3, 1, 2, 4).reshape(b, t, -1)
-        return self._linear(out, w["o_proj"], lora, f"{i}.o_proj")
-
-    def _experts(self, i: int, w: dict, x: Any, lora: _Pack | None) -> tuple[Any, Any, Any]:
-        """Grouped matmuls over (token, expert) pairs sorted by expert: only routed experts' weights
-        (and LoRA factors) are read."""
-        import torch
-        import torch.nn.functional as F
-
-        logits = F.linear(x, *w["router"])
-        top_v, top_i = torch.topk(logits, self.top_k, dim=-1)
-        weights = torch.softmax(top_v, dim=-1, dtype=top_v.dtype)
-        experts, perm = torch.sort(top_i.reshape(-1))
-        rows = x[perm // self.top_k]
-        counts = torch.histc(experts.float() if x.device.type != "cuda" else experts.int(),
-                             bins=self.num_experts, min=0, max=self.num_experts - 1)
-        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
-
-        def grouped(h: Any, param: str) -> Any:
-            weight, bias = w[param]
-            y = F.grouped_mm(h, weight, offs=offs) + bias[experts]
-            if lora is not None and f"{i}.{param}.A" in lora.parts:
-                mid = F.grouped_mm(h, lora.parts[f"{i}.{param}.A"], offs=offs)
-                y = y + F.grouped_mm(mid, lora.parts[f"{i}.{param}.B"], offs=offs)
-            return y
-
-        gate_up = grouped(rows, "gate_up_proj")
-        gate, up = gate_up[..., ::2].clamp(max=w["limit"]), gate_up[..., 1::2].clamp(-w["limit"], w["limit"])
-        hidden = (up + 1) * (gate * torch.sigmoid(gate * w["alpha"]))
-        down = grouped(hidden, "down_proj") * weights.reshape(-1)[perm, None]
-        out = torch.zeros_like(x).index_add_(0, perm // self.top_k, down)
-        return out, top_i, weights
-
-    def _forward(self, ids: Any, pos: Any, span: int, lora: _Pack | None) -> tuple[Any, Any, Any]:
+    def _forward(self, ids: Any, pos: Any, span: int, lora: _Pack | None, block: Any = None) -> tuple[Any, Any, Any]:
         """Logits of each row's last position for `ids` [batch, t] at positions `pos` [t], attending
         to the first `span` cache slots; also the routing [layer, batch*t, k]."""
         import torch
         import torch.nn.functional as F
 
+        block = block or _block
         h = F.embedding(ids, self.hf.model.embed_tokens.weight).to(self.dtype)
-        b, t, d = h.shape
         routes_i, routes_w = [], []
         for i, w in enumerate(self.layers):
-            h = h + self._attention(i, w, self._norm(h, w["ln1"]), pos, span, lora)
-            moe, top_i, top_w = self._experts(i, w, self._norm(h, w["ln2"]).reshape(-1, d), lora)
-            h = h + moe.view(b, t, d)
+            h, top_i, top_w = block(h, pos, self.arange[:span], self.k_cache[i], self.v_cache[i], self.cos[pos],
+                                    self.sin[pos], w, lora.layers[i] or None if lora is not None else None, self.dims)
             routes_i.append(top_i)
             routes_w.append(top_w)
-        last = self._norm(h[:, -1], self.hf.model.norm)
+        norm = self.hf.model.norm
+        last = _rms(h[:, -1], norm.weight, norm.variance_epsilon)
         return _unwrap(self.hf.lm_head)(last), torch.stack(routes_i), torch.stack(routes_w)
 
     # ----- prefill and steps
@@ -347,18 +263,29 @@ class FastDecoder:
 
         if self.full:
             raise ValueError(f"the {self.max_len}-token cache is full")
-        span = self._span(self.length + 1)
         with torch.inference_mode():
             if not self.graphs:
                 pos = self.arange[self.length:self.length + 1]
-                logits, *routes = self._forward(tokens.view(-1, 1).to(self.device), pos, span, self.active)
-            else:
-                logits, *routes = self._replay(tokens, span)
+                logits, *routes = self._forward(tokens.view(-1, 1).to(self.device), pos,
+                                                self._span(self.length + 1), self.active)
+            else:  # a graph reads the whole cache (masked): ~8 MB a layer, one graph for every position
+                logits, *routes = self._replay(tokens)
         self.length += 1
         self.routes = tuple(routes)
         return logits
 
-    def _replay(self, tokens: Any, span: int) -> tuple[Any, Any, Any]:
+    def _step_block(self) -> Any:
+        """The layer function graph steps run: compiled once (fixed shapes: one token per row, the
+        whole cache as attention span, so one compilation serves every position)."""
+        import torch
+
+        if not self.compile:
+            return _block
+        if self.compiled is None:
+            self.compiled = torch.compile(_block, dynamic=False, fullgraph=True)
+        return self.compiled
+
+    def _replay(self, tokens: Any) -> tuple[Any, Any, Any]:
         import torch
 
         if self._pool is None:
@@ -368,17 +295,109 @@ class FastDecoder:
         self._tok.copy_(tokens.view(-1, 1))
         self._pos.fill_(self.length)
         lora = self.active
-        key = (self.batch, span, lora.layout if lora is not None else None)
+        key = (self.batch, lora.name if lora is not None else None)
         if key not in self._graphs:
+            block = self._step_block()
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside capture (allocator, cuBLAS workspaces)
-                self._forward(self._tok, self._pos, span, lora)
+            with torch.cuda.stream(side):  # warm-up outside capture: compiles, sets up allocator and cuBLAS
+                try:
+                    self._forward(self._tok, self._pos, self.max_len, lora, block)
+                except Exception as e:  # a torch.compile failure must cost speed, not the reply
+                    self.compile, self.compiled, block = False, None, _block
+                    self.note = f"torch.compile failed, steps run uncompiled: {type(e).__name__}: {e}"[:500]
+                    self._forward(self._tok, self._pos, self.max_len, lora, block)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                outputs = self._forward(self._tok, self._pos, span, lora)
+                outputs = self._forward(self._tok, self._pos, self.max_len, lora, block)
             self._graphs[key] = (graph, outputs)
         graph, outputs = self._graphs[key]
         graph.replay()
         return outputs
+
+
+# ----- one decoder layer, as plain functions of tensors: the same code runs eagerly (prefill, CPU) and
+# compiled (CUDA decode steps), where torch.compile fuses the many small element-wise kernels.
+def _rms(x: Any, weight: Any, eps: float) -> Any:
+    import torch
+
+    h = x.float()
+    return (weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
+
+
+def _lin(x: Any, weight: Any, bias: Any, lora: dict | None, key: str) -> Any:
+    import torch.nn.functional as F
+
+    y = F.linear(x, weight, bias)
+    if lora is not None and f"{key}.A" in lora:
+        y = y + (x @ lora[f"{key}.A"]) @ lora[f"{key}.B"]
+    return y
+
+
+def _block(h: Any, pos: Any, kpos: Any, k_cache: Any, v_cache: Any, cos: Any, sin: Any, w: dict,
+           lora: dict | None, dims: tuple[int, int, int, int, int]) -> tuple[Any, Any, Any]:
+    """One GPT-OSS decoder layer for `h` [batch, t, hidden] at positions `pos` [t]: writes this chunk's
+    keys and values into the caches and attends to cache slots `kpos`. Returns (h, top-k experts,
+    their weights)."""
+    import torch
+    import torch.nn.functional as F
+
+    heads, kv_heads, hd, top_k, num_experts = dims
+    b, t, d = h.shape
+    g = heads // kv_heads
+
+    # attention with per-head sinks (an extra logit in each softmax denominator)
+    x = _rms(h, w["ln1"], w["eps1"])
+    q, k, v = F.linear(x, w["q_w"], w["q_b"]), F.linear(x, w["k_w"], w["k_b"]), F.linear(x, w["v_w"], w["v_b"])
+    if lora is not None and "qkv.A" in lora:  # two small matmuls for all three
+        dq, dk, dv = ((x @ lora["qkv.A"]) @ lora["qkv.B"]).split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
+        q, k, v = q + dq, k + dk, v + dv
+    q = q.view(b, t, heads, hd).transpose(1, 2)
+    k = k.view(b, t, kv_heads, hd).transpose(1, 2)
+    v = v.view(b, t, kv_heads, hd).transpose(1, 2)
+
+    def rope(z: Any) -> Any:
+        z1, z2 = z.chunk(2, dim=-1)
+        return torch.cat((z1 * cos - z2 * sin, z2 * cos + z1 * sin), dim=-1)
+
+    q, k = rope(q), rope(k)
+    k_cache.index_copy_(2, pos, k)
+    v_cache.index_copy_(2, pos, v)
+    span = kpos.shape[0]
+    keys, values = k_cache[:, :, :span], v_cache[:, :, :span]
+    allowed = kpos[None, :] <= pos[:, None]
+    if w["window"]:
+        allowed = allowed & (kpos[None, :] > pos[:, None] - w["window"])
+    scores = (q.reshape(b, kv_heads, g * t, hd) @ keys.transpose(-1, -2)).float() * w["scaling"]
+    scores = scores.view(b, kv_heads, g, t, span).masked_fill(~allowed, float("-inf"))
+    sink = w["sinks"].float().view(1, kv_heads, g, 1)
+    top = torch.maximum(scores.amax(-1), sink)
+    p = torch.exp(scores - top[..., None])
+    p = p / (p.sum(-1) + torch.exp(sink - top))[..., None]
+    out = (p.to(values.dtype).view(b, kv_heads, g * t, span) @ values).view(b, kv_heads, g, t, hd)
+    out = out.permute(0, 3, 1, 2, 4).reshape(b, t, heads * hd)
+    h = h + _lin(out, w["o_w"], w["o_b"], lora, "o_proj")
+
+    # experts: grouped matmuls over (token, expert) pairs sorted by expert; only routed experts' weights
+    # (and LoRA factors) are read
+    x = _rms(h, w["ln2"], w["eps2"]).reshape(-1, d)
+    top_v, top_i = torch.topk(F.linear(x, w["router_w"], w["router_b"]), top_k, dim=-1)
+    weights = torch.softmax(top_v, dim=-1, dtype=top_v.dtype)
+    experts, perm = torch.sort(top_i.reshape(-1))
+    rows = x[perm // top_k]
+    counts = (experts[:, None] == torch.arange(num_experts, device=x.device)[None, :]).sum(0)
+    offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+
+    def grouped(z: Any, param: str) -> Any:
+        y = F.grouped_mm(z, w[param], offs=offs) + w[f"{param}_bias"][experts]
+        if lora is not None and f"{param}.A" in lora:
+            y = y + F.grouped_mm(F.grouped_mm(z, lora[f"{param}.A"], offs=offs), lora[f"{param}.B"], offs=offs)
+        return y
+
+    gate_up = grouped(rows, "gate_up_proj")
+    gate = gate_up[..., ::2].clamp(max=w["limit"])
+    up = gate_up[..., 1::2].clamp(-w["limit"], w["limit"])
+    down = grouped((up + 1) * (gate * torch.sigmoid(gate * w["alpha"])), "down_proj")
+    moe = torch.zeros_like(x).index_add_(0, perm // top_k, down * weights.reshape(-1)[perm, None])
+    return h + moe.view(b, t, d), top_i, weights

@@ -122,6 +122,7 @@ def stream(
         ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(lm.device)
         reply.stats.tokens_in = ids.shape[1]
         fast = lm.fast if lm.fast is not None and lm.fast.usable else None
+        model = model if fast is not None else lm.reference_model()
         recorder = ExpertRecorder(model, hooks=fast is None) if record_experts else None
         out_ids: list[int] = []
         detok = Detokenizer(tok)

@@ -176,6 +176,7 @@ class LiveAdapters:
             self.resident.pop(name, None)
             if self.active == name:
                 self.active = None
+                self.lm.pending = None  # a deferred switch to it must not come back
 
     def unload(self, name: str) -> None:
         with self.lm.lock:
@@ -201,21 +202,29 @@ class LiveAdapters:
             self.ensure(name)
         with self.lm.lock:
             started = time.perf_counter()
-            model = self.lm.model
-            if hasattr(model, "base_model") and hasattr(model.base_model, "disable_adapter_layers"):
-                for layer in self._tuner_layers():
-                    layer._disable_adapters = name is None
-                    if name is not None:
-                        layer._active_adapter = [name]
-                if name is not None:
-                    model.base_model.active_adapter = name
-            if self.lm.fast is not None:
-                self.lm.fast.select(name)
+            fast = self.lm.fast
+            if fast is not None:
+                fast.select(name)
+            if fast is not None and fast.usable:  # the PEFT layers wait until a reference forward needs them
+                self.lm.pending = lambda: self._set_peft(name)
+            else:
+                self.lm.pending = None
+                self._set_peft(name)
             self.last_swap_s = time.perf_counter() - started
             with self._state_lock:
                 self.active = name
                 if name:
                     self.resident.move_to_end(name)
+
+    def _set_peft(self, name: str | None) -> None:
+        model = self.lm.model
+        if hasattr(model, "base_model") and hasattr(model.base_model, "disable_adapter_layers"):
+            for layer in self._tuner_layers():
+                layer._disable_adapters = name is None
+                if name is not None:
+                    layer._active_adapter = [name]
+            if name is not None:
+                model.base_model.active_adapter = name
 
     # ----- the watcher
     def watch(self, on_change: Callable[[dict[str, list[str]]], None], interval: float = 1.0) -> threading.Thread:

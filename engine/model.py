@@ -43,8 +43,17 @@ class LoadedModel:
     quantized: bool
     fast: Any = None  # FastDecoder when model.fast_decode is on and the model suits it
     fast_note: str = ""  # why the fast path is off, for the log
+    pending: Callable[[], None] | None = None  # an adapter switch the reference path has yet to apply
     # One generation at a time; adapter swaps take the same lock so they never land mid-reply.
     lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def reference_model(self) -> Any:
+        """The model for a transformers forward, with the selected adapter applied to its PEFT layers
+        (LiveAdapters leaves that to here while the fast decoder serves: it costs about a millisecond)."""
+        if self.pending is not None:
+            self.pending()
+            self.pending = None
+        return self.model
 
     @property
     def num_experts(self) -> int:

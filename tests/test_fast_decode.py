@@ -19,13 +19,13 @@ def base(demo_model_dir):
     return AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32).eval()
 
 
-def _random_lora(model, name, seed, **extra):
+def _random_lora(model, name, seed, modules=ATTENTION, params=FUSED_EXPERTS, rank=4):
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
 
     torch.manual_seed(seed)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=list(ATTENTION), target_parameters=list(FUSED_EXPERTS),
-                     init_lora_weights=False, **extra)
+    cfg = LoraConfig(r=rank, lora_alpha=8, target_modules=list(modules), target_parameters=list(params),
+                     init_lora_weights=False)
     if isinstance(model, PeftModel):
         model.add_adapter(name, cfg)
     else:
@@ -45,16 +45,23 @@ def _reference(model, ids):
 
 
 def _max_error(model, decoder, ids, steps=6):
-    """Greedy-extend `ids` through the decoder; worst logit difference from the full reference forward."""
+    """Greedy-extend `ids` through the decoder; worst logit difference from the full reference forward,
+    relative to the largest reference logit. The deliberately large random adapters make fp32 itself
+    this noisy: against an fp64 reference, transformers+PEFT in fp32 and this decoder are both ~1e-5
+    off; a wrong block or scale is off by 1e-1 and more."""
     import torch
 
+    def error(logits, ids):
+        ref = _reference(model, ids)
+        return ((logits - ref).abs().max() / ref.abs().max()).item()
+
     logits = decoder.prefill(ids)
-    worst = (logits - _reference(model, ids)).abs().max().item()
+    worst = error(logits, ids)
     for _ in range(steps):
         nxt = logits.argmax(-1)
         ids = torch.cat([ids, nxt[:, None]], 1)
         logits = decoder.step(nxt)
-        worst = max(worst, (logits - _reference(model, ids)).abs().max().item())
+        worst = max(worst, error(logits, ids))
     return worst
 
 
@@ -64,7 +71,7 @@ def test_matches_reference_with_and_without_a_specialist(base):
 
     decoder = FastDecoder(base, max_len=512, prefill_chunk=40)
     ids = torch.randint(0, 1000, (2, 100))
-    assert _max_error(base, decoder, ids) < 1e-4
+    assert _max_error(base, decoder, ids) < 5e-4
     model = _random_lora(base, "math", seed=1)
     with model.disable_adapter():
         plain = _reference(model, ids)
@@ -73,14 +80,18 @@ def test_matches_reference_with_and_without_a_specialist(base):
         model.set_adapter("math")
         decoder.select("math")
         assert decoder.usable and shifted > 0.1  # the adapter matters, so matching it means something
-        assert _max_error(model, decoder, ids) < 1e-4
+        assert _max_error(model, decoder, ids) < 5e-4
         model = _random_lora(model, "code", seed=2)
         model.set_adapter("code")
-        decoder.select("code")  # same layout: one copy into the slot the steps read
-        assert _max_error(model, decoder, ids) < 1e-4
+        decoder.select("code")
+        assert _max_error(model, decoder, ids) < 5e-4
+        model = _random_lora(model, "part", seed=4, modules=["q_proj", "v_proj"], rank=2)
+        model.set_adapter("part")  # k not adapted: a zero block in the fused q/k/v factors
+        decoder.select("part")
+        assert _max_error(model, decoder, ids) < 5e-4
         with model.disable_adapter():
             decoder.select(None)
-            assert _max_error(model, decoder, ids) < 1e-4
+            assert _max_error(model, decoder, ids) < 5e-4
     finally:
         model.unload()  # give the module-scoped base model back without LoRA layers
 
@@ -148,3 +159,4 @@ def test_detokenizer_deltas_add_up_to_the_full_decode(tokenizer, text):
     ids = tokenizer(text, add_special_tokens=False).input_ids
     detok = Detokenizer(tokenizer)
     assert "".join(detok.push(i) for i in ids) == tokenizer.decode(ids, skip_special_tokens=False)
+

@@ -120,12 +120,14 @@ def test_trigger_retrain_gate_promote_then_reject(train_settings, make_adapter_f
 def test_killed_mid_reply_keeps_the_turn(settings_path, demo_model_dir):
     script = textwrap.dedent("""
         import sys, time
+        import engine.generate as gen
         from engine.api import Conversation, Delta, Engine
         from engine.generate import Sampling
         from engine.settings import load
         eng = Engine(load())
         eng.load()
-        eng.lm.model.register_forward_pre_hook(lambda *_: time.sleep(0.5))  # a slow GPU: 20 tokens take 10 s
+        sample = gen._sample
+        gen._sample = lambda *a: (time.sleep(0.5), sample(*a))[1]  # a slow GPU: 20 tokens take 10 s
         for ev in eng.ask(Conversation(), "Tell me a joke.", sampling=Sampling(greedy=True, max_new_tokens=500)):
             if isinstance(ev, Delta):
                 print("STREAMING", flush=True)
