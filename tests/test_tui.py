@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+import engine.generate as gen
 import tests.fake_nvml as fake_nvml
 from engine.telemetry import Telemetry
 from tui.app import TandemApp
@@ -84,14 +85,15 @@ async def test_reasoning_toggle_stop_and_new_conversation(settings, demo_model_d
         assert reply.query_one("Collapsible").collapsed
         await pilot.press("ctrl+t")
         assert not reply.query_one("Collapsible").collapsed
-        # a slow "GPU": every forward pass takes 0.2 s, so the reply is still streaming when Esc comes
-        slow = app.engine.lm.model.register_forward_pre_hook(lambda *_: time.sleep(0.2))
+        # a slow "GPU": every token takes 0.2 s, so the reply is still streaming when Esc comes
+        sample = gen._sample
+        gen._sample = lambda *a: (time.sleep(0.2), sample(*a))[1]
         await pilot.click("#prompt")
         await pilot.press(*"Tell me a joke.", "enter")
         await until(pilot, lambda: app.generating and app.query_one(ChatPanel).last_reply.meta.adapter)
         await pilot.press("escape")
         await until(pilot, lambda: not app.generating, timeout=5)
-        slow.remove()
+        gen._sample = sample
         meta = app.query_one(ChatPanel).last_reply.meta
         assert meta.stop == "cancelled" and "stopped" in meta.line() and meta.tokens_out < 10
         await pilot.press("ctrl+n")
