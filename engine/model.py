@@ -105,7 +105,7 @@ def load_model(settings: Settings, progress: Progress | None = None) -> LoadedMo
     from unsloth import FastLanguageModel
 
     on_gpu = torch.cuda.is_available()
-    four_bit = settings.model.load_in_4bit and on_gpu
+    four_bit = settings.model.serve_in_4bit and on_gpu
     say(f"loading {name}{' in 4-bit' if four_bit else ''} on {'GPU' if on_gpu else 'CPU'}", 0.3)
     try:
         with contextlib.redirect_stdout(sys.stderr):

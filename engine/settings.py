@@ -29,7 +29,8 @@ class SettingsError(ValueError):
 class ModelSettings:
     name: str = ""  # hub id or local folder; empty means the embedded demo model
     max_seq_length: int = 4096
-    load_in_4bit: bool = True
+    load_in_4bit: bool = True  # training
+    serve_in_4bit: bool = False  # the chat model; the fast decoder needs unquantized weights
     dtype: str = "auto"
     record_experts: bool = True  # keep each reply's expert routing for the expert view
     fast_decode: bool = True  # static cache, routed-expert LoRA, CUDA graphs; off = transformers+PEFT forward
