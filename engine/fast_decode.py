@@ -194,7 +194,25 @@ class FastDecoder:
         if name not in self.packs:
             with torch.inference_mode():
                 self.packs[name] = self._pack(name)
+            if isinstance(self.packs[name], _Pack):
+                self.warm_up(name)
         return self.packs[name]
+
+    def warm_up(self, name: str | None = None) -> None:
+        """Compile and capture the step graph for adapter `name` (None: the base) now, while the model or
+        adapter loads, so that the first reply does not pay tens of seconds for it. Overwrites the cache:
+        only between replies (the engine holds the model lock)."""
+        import torch
+
+        if not self.graphs:
+            return
+        active, self.active = self.active, self.packs.get(name) if name else None
+        try:
+            token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+            self.prefill(token)
+            self.step(token[:, 0])
+        finally:
+            self.active = active
 
     def forget(self, name: str) -> None:
         """Drop the packed copy of `name` and its graphs (unloaded or replaced on disk)."""

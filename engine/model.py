@@ -42,7 +42,7 @@ class LoadedModel:
     load_seconds: float
     quantized: bool
     fast: Any = None  # FastDecoder when model.fast_decode is on and the model suits it
-    fast_note: str = ""  # why the fast path is off, for the log
+    fast_note: str = ""  # why the fast path is off or degraded, for the log
     pending: Callable[[], None] | None = None  # an adapter switch the reference path has yet to apply
     # One generation at a time; adapter swaps take the same lock so they never land mid-reply.
     lock: threading.RLock = field(default_factory=threading.RLock)
@@ -124,8 +124,10 @@ def load_model(settings: Settings, progress: Progress | None = None) -> LoadedMo
     model.eval()
     device = str(next(model.parameters()).device)
     lm = LoadedModel(model, tokenizer, name, device, is_demo, time.monotonic() - started, four_bit)
+    if on_gpu and settings.model.fast_decode:
+        say("compiling the fast decoder (once per model load)", 0.8)
     attach_fast_decoder(lm, settings)
-    say("model ready" + (f" (reference decoding: {lm.fast_note})" if lm.fast_note else ""), 1.0)
+    say("model ready" + (f" (fast decoder: {lm.fast_note})" if lm.fast_note else ""), 1.0)
     return lm
 
 
@@ -139,3 +141,5 @@ def attach_fast_decoder(lm: LoadedModel, settings: Settings) -> None:
     lm.fast_note = unsupported(lm.model) or ""
     if not lm.fast_note:
         lm.fast = FastDecoder(lm.model, max_len=settings.model.max_seq_length)
+        lm.fast.warm_up()
+        lm.fast_note = lm.fast.note
