@@ -120,6 +120,11 @@ class FastDecoder:
             w[f"{p[0]}_w"], w[f"{p[0]}_b"] = m.weight, m.bias
         for p in EXPERT_PARAMS:
             w[p], w[f"{p}_bias"] = getattr(experts, p), getattr(experts, f"{p}_bias")
+        # loaders keep some small tensors in fp32 (unsloth: the biases); a copy in the compute dtype keeps
+        # every matmul in one dtype
+        for k in ("q_b", "k_b", "v_b", "o_b", "router_b", "gate_up_proj_bias", "down_proj_bias", "router_w"):
+            if w[k] is not None and w[k].dtype != self.dtype:
+                w[k] = w[k].detach().to(self.dtype)
         return w
 
     def _pack(self, name: str) -> _Pack | str:
@@ -318,7 +323,7 @@ class FastDecoder:
             block = self._step_block()
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside capture: compiles, sets up allocator and cuBLAS
+            with torch.cuda.stream(side), _compile_config():  # warm-up outside capture: compiles, sets up cuBLAS
                 try:
                     self._forward(self._tok, self._pos, self.max_len, lora, block)
                 except Exception as e:  # a torch.compile failure must cost speed, not the reply
@@ -333,6 +338,17 @@ class FastDecoder:
         graph, outputs = self._graphs[key]
         graph.replay()
         return outputs
+
+
+def _compile_config() -> Any:
+    """Inductor settings for compiling the decode layer: unsloth sets global ones for training (one
+    compile thread, autotuning) that make this compile take minutes; these take tens of seconds."""
+    import os
+
+    import torch._inductor.config as inductor
+
+    return inductor.patch(compile_threads=max(1, min(16, os.cpu_count() or 1)), max_autotune=False,
+                          max_autotune_gemm=False, coordinate_descent_tuning=False, epilogue_fusion=True)
 
 
 # ----- one decoder layer, as plain functions of tensors: the same code runs eagerly (prefill, CPU) and
