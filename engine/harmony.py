@@ -199,8 +199,9 @@ class HarmonyParser:
         m = re.search(r"to=(\S+)", header.replace(CONSTRAIN, " "))
         recipient = m.group(1) if m else None
         plain = " ".join(header.replace(CHANNEL, " ").replace(CONSTRAIN, " ").split())
-        # A header with more than role and channel (recipient, constraint, junk) is kept as the label.
-        label = None if plain in (name, f"assistant {name}") else plain or None
+        # A header with more than role and a known channel (recipient, constraint, an unknown channel
+        # name, junk) is kept as the label, so no header text is lost.
+        label = None if name in CHANNELS and plain in (name, f"assistant {name}") else plain or None
         seg = Segment(name if name in CHANNELS else "raw", recipient=recipient, label=label)
         self.segments.append(seg)
         self._state, self._header = "body", ""

@@ -53,8 +53,7 @@ def test_truncated_completion_keeps_partial_text():
 def test_unknown_channel_and_stray_text_are_kept_raw():
     p = h.parse("<|channel|>banter<|message|>hello<|end|>oops<|start|>assistant<|channel|>final<|message|>ok<|return|>")
     assert [(s.channel, s.text, s.label) for s in p.segments] == [
-        ("raw", "hello", None), ("raw", "oops", None), ("final", "ok", None)]
-    assert p.segments[0].channel == "raw" and p.segments[0].label is None
+        ("raw", "hello", "banter"), ("raw", "oops", None), ("final", "ok", None)]
 
 
 def test_header_cut_short_is_kept():
@@ -93,3 +92,9 @@ def test_parser_never_loses_text(pieces):
 
     got = iter(chars(kept))
     assert all(any(c == g for g in got) for c in chars(text))
+
+
+def test_unknown_channel_name_is_kept_as_the_label():
+    """Found by the property above: a header naming no known channel lost its name."""
+    [seg] = h.parse("<|channel|>0<|message|>hi").segments
+    assert (seg.channel, seg.label, seg.text) == ("raw", "0", "hi")
