@@ -18,8 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+from engine.lora import ATTENTION, FUSED_EXPERTS
+
+EXPERT_PARAMS = tuple(p.rsplit(".", 1)[1] for p in FUSED_EXPERTS)  # gate_up_proj, down_proj
 BUCKET = 256  # eager attention reads the cache up to the next multiple of this
 PREFILL_CHUNK = 512  # prompt tokens per eager forward: bounds the attention scores' memory
 
@@ -77,7 +78,6 @@ class FastDecoder:
             raise ValueError(f"fast decoding does not apply: {reason}")
         self.hf = _hf_model(model)
         cfg = self.hf.config
-        self.cfg = cfg
         emb = self.hf.model.embed_tokens.weight
         self.device, self.dtype = emb.device, _unwrap(self.hf.model.layers[0].mlp.experts).gate_up_proj.dtype
         self.max_len = max_len

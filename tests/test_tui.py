@@ -73,7 +73,7 @@ async def test_prompt_before_ready_waits_then_streams(settings, demo_model_dir):
         assert reply.analysis  # the analysis channel arrived too, in its own box
 
 
-async def test_reasoning_toggle_stop_and_new_conversation(settings, demo_model_dir):
+async def test_reasoning_toggle_stop_and_new_conversation(settings, demo_model_dir, monkeypatch):
     app = app_for(settings)
     async with app.run_test(size=(160, 48)) as pilot:
         await ready(pilot)
@@ -87,13 +87,13 @@ async def test_reasoning_toggle_stop_and_new_conversation(settings, demo_model_d
         assert not reply.query_one("Collapsible").collapsed
         # a slow "GPU": every token takes 0.2 s, so the reply is still streaming when Esc comes
         sample = gen._sample
-        gen._sample = lambda *a: (time.sleep(0.2), sample(*a))[1]
+        monkeypatch.setattr(gen, "_sample", lambda *a: (time.sleep(0.2), sample(*a))[1])
         await pilot.click("#prompt")
         await pilot.press(*"Tell me a joke.", "enter")
         await until(pilot, lambda: app.generating and app.query_one(ChatPanel).last_reply.meta.adapter)
         await pilot.press("escape")
         await until(pilot, lambda: not app.generating, timeout=5)
-        gen._sample = sample
+        monkeypatch.undo()
         meta = app.query_one(ChatPanel).last_reply.meta
         assert meta.stop == "cancelled" and "stopped" in meta.line() and meta.tokens_out < 10
         await pilot.press("ctrl+n")
