@@ -21,8 +21,8 @@ sys.path[:0] = [str(ROOT)]
 
 
 def main() -> None:
-    from engine.dataset import load_examples
-    from engine.router import Router
+    from engine.serve.router import Router
+    from engine.train.dataset import load_examples
 
     tasks = ("math", "code", "translate")
     examples = {t: [e.user_prompt for e in load_examples(str(ROOT / f"data/samples/{t}.jsonl")).examples]

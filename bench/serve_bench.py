@@ -26,7 +26,7 @@ sys.path[:0] = [str(ROOT)]
 def decode_rate(lm, prompt: str, tokens: int, record: bool = False, repeat: int = 2) -> tuple[float, float]:
     """(tokens/s after the first token, time to first token in s) through the engine's generate loop:
     median of `repeat` runs after one warm-up (the fast path captures its CUDA graphs there)."""
-    from engine.generate import Sampling, complete
+    from engine.serve.generate import Sampling, complete
 
     rates, ttfts = [], []
     for i in range(repeat + 1):
@@ -115,11 +115,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     a = ap.parse_args()
 
-    from engine.adapters import AdapterStore, Manifest
-    from engine.fast_decode import FastDecoder
     from engine.harmony import Turn, render_prompt
-    from engine.lora import LiveAdapters
-    from engine.model import LoadedModel
+    from engine.serve.fast_decode import FastDecoder
+    from engine.serve.model import LoadedModel
+    from engine.serve.residency import LiveAdapters
+    from engine.store.adapters import AdapterStore, Manifest
 
     gpu = torch.cuda.is_available()
     work = Path(tempfile.mkdtemp())
@@ -135,7 +135,7 @@ def main() -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from bench.shapes import random_lora
-        from engine.demo_model import demo_model_path
+        from engine.serve.demo_model import demo_model_path
 
         path = demo_model_path()
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -73,7 +73,7 @@ def random_lora(model, folder: Path, seed: int, rank: int = 16) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from engine.lora import lora_targets
+    from engine.train.targets import lora_targets
 
     modules, params = lora_targets(model)
     torch.manual_seed(seed)

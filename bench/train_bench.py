@@ -47,9 +47,9 @@ def side(kind: str, model_dir: str, seq: int, steps: int) -> dict:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import SFTTrainer
 
-    from engine.lora import lora_targets
     from engine.settings import Profile
-    from engine.trainer import sft_config
+    from engine.train.targets import lora_targets
+    from engine.train.trainer import sft_config
 
     profile = Profile(max_steps=steps, max_samples=steps, rank=16, alpha=16, batch_size=1, grad_accum=1,
                       max_seq_length=seq, save_steps=10_000, warmup_steps=1)
@@ -114,7 +114,7 @@ def main() -> None:
         print("RESULT " + json.dumps(side(a.side, a.model_dir, a.seq, a.steps)), flush=True)
         return
     from bench.shapes import save_slice
-    from engine.demo_model import demo_model_path
+    from engine.serve.demo_model import demo_model_path
 
     folder = Path(tempfile.gettempdir()) / f"gpt-oss-20b-slice-{a.layers}"
     save_slice(folder, a.layers, demo_model_path())

@@ -23,8 +23,8 @@ sys.path[:0] = [str(ROOT)]
 
 
 async def run(seconds: float) -> None:
-    from engine.runs import Request, RunQueue
     from engine.settings import load
+    from engine.train.runs import Request, RunQueue
     from tui.app import TandemApp
 
     work = Path(tempfile.mkdtemp())

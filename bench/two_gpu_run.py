@@ -39,20 +39,20 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=48)
     a = ap.parse_args()
 
-    from engine.model import pin_gpu
+    from engine.serve.model import pin_gpu
 
     pin_gpu(a.inference_gpu)  # before torch: this process sees only the inference GPU
     import torch  # noqa: F401
 
     from bench.shapes import random_lora, save_slice
-    from engine.adapters import AdapterStore, Manifest
-    from engine.api import Conversation, Engine, Finished
-    from engine.dataset import load_examples
-    from engine.demo_model import demo_model_path
-    from engine.generate import Sampling
-    from engine.runs import Request, RunQueue
+    from engine.serve.chat import Conversation, Engine, Finished
+    from engine.serve.demo_model import demo_model_path
+    from engine.serve.generate import Sampling
     from engine.settings import load, save, updated
+    from engine.store.adapters import AdapterStore, Manifest
     from engine.telemetry import Telemetry
+    from engine.train.dataset import load_examples
+    from engine.train.runs import Request, RunQueue
 
     work = Path(tempfile.mkdtemp())
     folder = save_slice(Path(tempfile.gettempdir()) / f"gpt-oss-20b-slice-{a.layers}", a.layers, demo_model_path())

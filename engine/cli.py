@@ -10,9 +10,12 @@ import argparse
 import json
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from engine import settings as settings_mod
+
+Command = Callable[[settings_mod.Settings, argparse.Namespace], int]
 
 
 def _progress(message: str, _fraction: float) -> None:
@@ -20,7 +23,7 @@ def _progress(message: str, _fraction: float) -> None:
 
 
 def _engine(s: settings_mod.Settings, history: bool = True):
-    from engine.api import Engine
+    from engine.serve.chat import Engine
 
     eng = Engine(s, history=history)
     eng.load(_progress)
@@ -30,7 +33,7 @@ def _engine(s: settings_mod.Settings, history: bool = True):
 
 
 def cmd_chat(s: settings_mod.Settings, a: argparse.Namespace) -> int:
-    from engine.api import Conversation, Delta, Finished, Routed
+    from engine.serve.chat import Conversation, Delta, Finished, Routed
 
     eng = _engine(s)
     conv = Conversation()
@@ -79,8 +82,8 @@ def cmd_chat(s: settings_mod.Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_route(s: settings_mod.Settings, a: argparse.Namespace) -> int:
-    from engine.adapters import AdapterStore
-    from engine.router import Router
+    from engine.serve.router import Router
+    from engine.store.adapters import AdapterStore
 
     store = AdapterStore(s.adapters_dir)
     good, _ = store.scan()
@@ -99,7 +102,7 @@ def cmd_route(s: settings_mod.Settings, a: argparse.Namespace) -> int:
 def cmd_adapters(s: settings_mod.Settings, a: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from engine.adapters import AdapterStore
+    from engine.store.adapters import AdapterStore
 
     store = AdapterStore(s.adapters_dir)
     if a.action == "list":
@@ -144,7 +147,7 @@ def cmd_adapters(s: settings_mod.Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_train(s: settings_mod.Settings, a: argparse.Namespace) -> int:
-    from engine.runs import RunQueue
+    from engine.train.runs import RunQueue
 
     queue = RunQueue(s)
     run, report = queue.submit_checked(a.task, a.data, a.profile, a.gpu, a.from_adapter or "", a.name or "")
@@ -159,7 +162,7 @@ def cmd_train(s: settings_mod.Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_runs(s: settings_mod.Settings, a: argparse.Namespace) -> int:
-    from engine.runs import RunQueue
+    from engine.train.runs import RunQueue
 
     queue = RunQueue(s)
     if a.action == "list":
@@ -186,7 +189,7 @@ def cmd_runs(s: settings_mod.Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_experts(s: settings_mod.Settings, a: argparse.Namespace) -> int:
-    from engine.experts import usage_shift
+    from engine.serve.experts import usage_shift
 
     eng = _engine(s, history=False)
     done = eng.trace_experts(a.prompt, a.adapter, a.max_new_tokens)
@@ -229,8 +232,8 @@ def render_heatmap(grid: list[list[float]], title: str, signed: bool = False) ->
 
 
 def cmd_history(s: settings_mod.Settings, a: argparse.Namespace) -> int:
-    from engine.history import History
-    from engine.learning import example_of
+    from engine.store.history import History
+    from engine.train.learning import example_of
 
     h = History(s.history_db)
     if a.action == "list":
@@ -263,8 +266,8 @@ def cmd_history(s: settings_mod.Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_learn(s: settings_mod.Settings, a: argparse.Namespace) -> int:
-    from engine.history import History
-    from engine.learning import Learner
+    from engine.store.history import History
+    from engine.train.learning import Learner
 
     learner = Learner(s, History(s.history_db))
     due = learner.due()
@@ -278,8 +281,8 @@ def cmd_learn(s: settings_mod.Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_report(s: settings_mod.Settings, a: argparse.Namespace) -> int:
-    from engine.history import History
-    from engine.learning import report
+    from engine.store.history import History
+    from engine.train.learning import report
 
     r = report(History(s.history_db))
     if a.json:
@@ -292,13 +295,6 @@ def cmd_report(s: settings_mod.Settings, a: argparse.Namespace) -> int:
     for d in r["days"]:
         print(f"{d['day']:10} {d['turns']:>5} {d['mean_rating'] or '-':>6} {d['correction_rate']:>6} "
               f"{d['tokens_per_s'] or '-':>7} {d['router_confidence'] or '-':>6}")
-    return 0
-
-
-def cmd_ui(s: settings_mod.Settings, _a: argparse.Namespace) -> int:
-    from tui.app import TandemApp
-
-    TandemApp(s).run()
     return 0
 
 
@@ -390,8 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, ui: Command | None = None) -> int:
+    """Run a headless command, or `ui` (the workstation, which tui/ supplies) when none is given."""
     args = build_parser().parse_args(argv)
+    if args.command is None and ui is None:
+        build_parser().print_help()
+        return 2
     warnings.filterwarnings("ignore")
     try:
         s = settings_mod.load(args.settings)
@@ -399,19 +399,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: settings: {e}", file=sys.stderr)
         return 1
     if args.command in (None, "chat", "experts"):
-        from engine.model import pin_gpu
+        from engine.serve.model import pin_gpu
 
         pin_gpu(s.gpus.inference)
-    fn = getattr(args, "fn", cmd_ui)
+    fn = getattr(args, "fn", ui)
     try:
         return fn(s, args)
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # every engine error class carries a message meant for the user
-        from engine.adapters import AdapterError
-        from engine.dataset import DatasetError
-        from engine.model import ModelLoadError
-        from engine.runs import RunError
+        from engine.serve.model import ModelLoadError
+        from engine.store.adapters import AdapterError
+        from engine.train.dataset import DatasetError
+        from engine.train.runs import RunError
 
         known = (AdapterError, DatasetError, ModelLoadError, RunError, settings_mod.SettingsError, KeyError)
         if isinstance(e, known):

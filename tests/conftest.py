@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# Built once per checkout and shared by every test and test worker (engine.demo_model locks the build).
+# Built once per checkout and shared by every test and test worker (engine.serve.demo_model locks the build).
 os.environ.setdefault("TANDEM_CACHE", str(ROOT / ".pytest_cache" / "tandem-cache"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -18,7 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def demo_model_dir() -> Path:
     import unsloth  # noqa: F401  (before transformers, as it asks)
 
-    from engine.demo_model import demo_model_path
+    from engine.serve.demo_model import demo_model_path
 
     return demo_model_path()
 
@@ -41,7 +41,7 @@ def settings(settings_path: Path):
 
 @pytest.fixture
 def engine(settings, demo_model_dir):
-    from engine.api import Engine
+    from engine.serve.chat import Engine
 
     eng = Engine(settings)
     eng.load()
@@ -87,8 +87,8 @@ def _adapter_maker(settings, demo_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from engine.adapters import AdapterStore, Manifest
-    from engine.lora import FUSED_EXPERTS
+    from engine.store.adapters import AdapterStore, Manifest
+    from engine.train.targets import FUSED_EXPERTS
 
     store = AdapterStore(settings.adapters_dir)
 

@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-from engine.adapters import AdapterError, AdapterStore
-from engine.api import Conversation, Finished
-from engine.dataset import load_examples
-from engine.generate import Sampling, complete, stream
 from engine.harmony import Turn, render_prompt
-from engine.router import Router
+from engine.serve.chat import Conversation, Finished
+from engine.serve.generate import Sampling, complete, stream
+from engine.serve.router import Router
+from engine.store.adapters import AdapterError, AdapterStore
+from engine.train.dataset import load_examples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = Sampling(greedy=True, max_new_tokens=24)

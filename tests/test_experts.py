@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from engine.experts import ExpertRecorder, router_modules, usage_shift
+from engine.serve.experts import ExpertRecorder, router_modules, usage_shift
 from tests.test_tui import app_for, ready, send, until
 
 

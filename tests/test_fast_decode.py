@@ -4,10 +4,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.fast_decode import FastDecoder, unsupported
-from engine.generate import Detokenizer, Sampling, complete
 from engine.harmony import Turn, render_prompt
-from engine.lora import ATTENTION, FUSED_EXPERTS
+from engine.serve.fast_decode import FastDecoder, unsupported
+from engine.serve.generate import Detokenizer, Sampling, complete
+from engine.train.targets import ATTENTION, FUSED_EXPERTS
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_refuses_what_it_cannot_run(base):
 
 
 def test_engine_streams_the_same_tokens_either_way(demo_model_dir):
-    from engine.model import load_model
+    from engine.serve.model import load_model
     from engine.settings import Settings
 
     lm = load_model(Settings())
@@ -139,7 +139,7 @@ def test_engine_streams_the_same_tokens_either_way(demo_model_dir):
 
 
 def test_fast_decode_setting_turns_it_off(demo_model_dir):
-    from engine.model import load_model
+    from engine.serve.model import load_model
     from engine.settings import Settings, updated
 
     lm = load_model(updated(Settings(), "model.fast_decode", False))

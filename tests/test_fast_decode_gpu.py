@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from engine.fast_decode import FastDecoder
-from engine.lora import ATTENTION, FUSED_EXPERTS
+from engine.serve.fast_decode import FastDecoder
+from engine.train.targets import ATTENTION, FUSED_EXPERTS
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the device)")

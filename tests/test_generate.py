@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from engine.generate import Sampling, complete, stream
 from engine.harmony import Turn, render_prompt
-from engine.model import ModelLoadError, load_model
+from engine.serve.generate import Sampling, complete, stream
+from engine.serve.model import ModelLoadError, load_model
 from engine.settings import updated
 
 

@@ -9,13 +9,14 @@ import sys
 import textwrap
 import time
 
-from engine.adapters import AdapterStore
-from engine.api import Conversation, Engine, Finished
-from engine.generate import Sampling
 from engine.history import History
-from engine.learning import Learner, build_dataset, report
-from engine.runs import RunQueue
+
+from engine.serve.chat import Conversation, Engine, Finished
+from engine.serve.generate import Sampling
 from engine.settings import load, save, updated
+from engine.store.adapters import AdapterStore
+from engine.train.learning import Learner, build_dataset, report
+from engine.train.runs import RunQueue
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,9 +121,9 @@ def test_trigger_retrain_gate_promote_then_reject(train_settings, make_adapter_f
 def test_killed_mid_reply_keeps_the_turn(settings_path, demo_model_dir):
     script = textwrap.dedent("""
         import sys, time
-        import engine.generate as gen
-        from engine.api import Conversation, Delta, Engine
-        from engine.generate import Sampling
+        import engine.serve.generate as gen
+        from engine.serve.chat import Conversation, Delta, Engine
+        from engine.serve.generate import Sampling
         from engine.settings import load
         eng = Engine(load())
         eng.load()

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from engine.adapters import AdapterStore
-from engine.dataset import DatasetError, load_examples
-from engine.runs import Request, RunError, RunQueue
+from engine.store.adapters import AdapterStore
+from engine.train.dataset import DatasetError, load_examples
+from engine.train.runs import Request, RunError, RunQueue
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MATH = os.path.join(ROOT, "data/samples/math.jsonl")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-import engine.generate as gen
+import engine.serve.generate as gen
 import tests.fake_nvml as fake_nvml
 from engine.telemetry import Telemetry
 from tui.app import TandemApp
@@ -48,7 +48,7 @@ def test_tui_does_not_import_torch():
 
 
 async def test_prompt_before_ready_waits_then_streams(settings, demo_model_dir):
-    from engine.api import Engine
+    from engine.serve.chat import Engine
 
     release = threading.Event()
 
@@ -183,7 +183,7 @@ async def test_no_gpu_panel_says_so(settings, demo_model_dir):
 
 @pytest.mark.slow
 async def test_training_from_the_app_stop_resume_and_goes_live(train_settings, demo_model_dir):
-    from engine.runs import RunQueue
+    from engine.train.runs import RunQueue
 
     app = app_for(train_settings)
     async with app.run_test(size=(160, 48)) as pilot:

@@ -1,6 +1,6 @@
 """Tandem's Textual app: chat, specialist switcher, training and GPU panels over one engine.
 
-The app owns no model state: it calls `engine.api.Engine` from thread workers and shows what comes
+The app owns no model state: it calls `engine.serve.chat.Engine` from thread workers and shows what comes
 back. Slow things never run on the event loop: the model load, every reply, NVML polls and reading
 training runs all happen in workers that hand results back with messages or `call_from_thread`.
 """
@@ -176,7 +176,7 @@ class TandemApp(App):
     # ----- engine lifecycle
     @work(thread=True, exclusive=True, group="engine")
     def load_engine(self) -> None:
-        from engine.api import Conversation, Engine
+        from engine.serve.chat import Conversation, Engine
 
         try:
             engine = (self.engine_factory or Engine)(self.settings)
@@ -253,7 +253,7 @@ class TandemApp(App):
 
     @work(thread=True, group="chat")
     def run_reply(self, prompt: str, reply: Any, cancel: threading.Event) -> None:
-        from engine.api import Delta, Finished, Routed
+        from engine.serve.chat import Delta, Finished, Routed
 
         temperature, top_p = PRESETS[self.preset]
         sampling = self.engine.sampling(temperature=temperature, top_p=top_p)
@@ -303,7 +303,7 @@ class TandemApp(App):
             self.cancel.set()
 
     def action_new_conversation(self) -> None:
-        from engine.api import Conversation
+        from engine.serve.chat import Conversation
 
         self.action_stop_reply()
         self.conversation = Conversation()
@@ -347,7 +347,7 @@ class TandemApp(App):
 
     @on(SpecialistSwitcher.RollbackRequested)
     def _rollback(self, m: SpecialistSwitcher.RollbackRequested) -> None:
-        from engine.adapters import AdapterError, AdapterStore
+        from engine.store.adapters import AdapterError, AdapterStore
 
         try:
             AdapterStore(self.settings.adapters_dir).rollback(m.name)  # the watcher loads it into the model
@@ -359,7 +359,7 @@ class TandemApp(App):
     # ----- training
     @work(thread=True, exclusive=True, group="runs")
     def poll_runs(self) -> None:
-        from engine.runs import RunQueue
+        from engine.train.runs import RunQueue
 
         try:
             runs = RunQueue(self.settings).runs()
@@ -393,7 +393,7 @@ class TandemApp(App):
 
     @work(thread=True, group="runs-actions")
     def submit_run(self, new: NewRun) -> None:
-        from engine.runs import RunQueue
+        from engine.train.runs import RunQueue
 
         try:
             run, report = RunQueue(self.settings).submit_checked(new.task, new.data, new.profile)
@@ -405,7 +405,7 @@ class TandemApp(App):
 
     @work(thread=True, group="runs-actions")
     def change_run(self, action: str, run_id: str) -> None:
-        from engine.runs import RunQueue
+        from engine.train.runs import RunQueue
 
         try:
             queue = RunQueue(self.settings)
@@ -473,7 +473,7 @@ class TandemApp(App):
     @work(thread=True, exclusive=True, group="learning")
     def learn(self) -> None:
         """Feedback may have made a specialist due for retraining: let the learner decide."""
-        from engine.learning import Learner
+        from engine.train.learning import Learner
 
         try:
             started = Learner(self.settings, self.engine.history).check()
@@ -518,7 +518,7 @@ class TandemApp(App):
         if self.engine is None or self.engine.history is None:
             self.notify("the model is still loading", severity="warning")
             return
-        from engine.learning import report
+        from engine.train.learning import report
 
         self.push_screen(ReportScreen(report(self.engine.history)))
 
@@ -541,7 +541,7 @@ class TandemApp(App):
 
     @work(thread=True, exclusive=True, group="experts")
     def compare_experts(self, prompt: str, a: str, b: str) -> None:
-        from engine.experts import usage_shift
+        from engine.serve.experts import usage_shift
 
         if self.generating:
             self._ui(self.notify, "wait for the reply to finish", severity="warning")

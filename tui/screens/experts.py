@@ -16,7 +16,7 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Label, OptionList, Static
 
-from engine.experts import ExpertTrace
+from engine.serve.experts import ExpertTrace
 
 
 def heatmap(grid: list[list[float]], signed: bool = False) -> Text:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from engine.harmony import SPECIAL_TOKENS
 
-DATA = Path(__file__).resolve().parent / "data" / "demo_chat.jsonl"
+DATA = Path(__file__).resolve().parent.parent / "data" / "demo_chat.jsonl"
 FIXED_DATE = date(2026, 1, 1)  # the demo renders a fixed date so a build is reproducible
 PAD = "<|endoftext|>"
 Progress = Callable[[str, float], None]  # (what is happening, fraction done)
@@ -71,8 +71,8 @@ def demo_model_path(progress: Progress | None = None) -> Path:
 
 
 def _texts() -> list[tuple[str, str]]:
-    from engine.dataset import load_examples
     from engine.harmony import render_example
+    from engine.train.dataset import load_examples
 
     report = load_examples(str(DATA))
     return [render_example(ex.turns, ex.reasoning, ex.instructions, today=FIXED_DATE) for ex in report.examples]

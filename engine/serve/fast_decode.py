@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from engine.lora import ATTENTION, FUSED_EXPERTS
+from engine.train.targets import ATTENTION, FUSED_EXPERTS
 
 EXPERT_PARAMS = tuple(p.rsplit(".", 1)[1] for p in FUSED_EXPERTS)  # gate_up_proj, down_proj
 BUCKET = 256  # eager attention reads the cache up to the next multiple of this

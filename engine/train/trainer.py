@@ -1,4 +1,4 @@
-"""The training process: `python -m engine.trainer RUN_DIR` (started by engine.runs, never by hand).
+"""The training process: `python -m engine.train.trainer RUN_DIR` (started by engine.train.runs, never by hand).
 
 Recipe: unsloth `FastLanguageModel` (4-bit QLoRA on a GPU, its CPU fallback otherwise), rsLoRA on
 attention and every MoE expert, unsloth gradient checkpointing, TRL `SFTTrainer` on prompt/completion
@@ -21,11 +21,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from engine.adapters import AdapterStore, Manifest
-from engine.dataset import DatasetError, Example, load_examples
-from engine.loss_monitor import LossMonitor
-from engine.runs import Run, RunQueue
 from engine.settings import Profile, Settings, load
+from engine.store.adapters import AdapterStore, Manifest
+from engine.train.dataset import DatasetError, Example, load_examples
+from engine.train.loss_monitor import LossMonitor
+from engine.train.runs import Run, RunQueue
 
 MAX_ROUTER_PROMPTS = 2000
 MIN_IMPROVEMENT = 1e-3  # held-out loss a retrained specialist must gain to replace the current one
@@ -126,7 +126,7 @@ def _load(settings: Settings, profile: Profile):
     import torch
     from unsloth import FastLanguageModel
 
-    from engine.model import base_identity, resolve_model_name
+    from engine.serve.model import base_identity, resolve_model_name
 
     name, is_demo = resolve_model_name(settings, lambda *_: None)
     on_gpu = torch.cuda.is_available()
@@ -209,7 +209,7 @@ def train(run: Run) -> None:
     model, tokenizer, base_id, on_gpu = _load(settings, profile)
     store = AdapterStore(settings.adapters_dir)
     parent = store.get(req.from_adapter).path if req.from_adapter else None
-    from engine.lora import count_adapted, lora_targets
+    from engine.train.targets import count_adapted, lora_targets
 
     modules, params = lora_targets(model)  # before PEFT wraps (and renames) the expert parameters
     model = _peft(model, profile, parent, settings.training.seed, modules, params)

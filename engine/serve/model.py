@@ -70,7 +70,7 @@ def resolve_model_name(settings: Settings, progress: Progress) -> tuple[str, boo
     """(model id or folder, is_demo). Local paths are resolved against the settings file."""
     name = settings.model.name.strip()
     if not name:
-        from engine.demo_model import demo_model_path
+        from engine.serve.demo_model import demo_model_path
 
         return str(demo_model_path(progress)), True
     local = Path(name).expanduser()
@@ -133,7 +133,7 @@ def load_model(settings: Settings, progress: Progress | None = None) -> LoadedMo
 
 def attach_fast_decoder(lm: LoadedModel, settings: Settings) -> None:
     """Give `lm` the fast decoder when settings want it and the model suits it; otherwise say why."""
-    from engine.fast_decode import FastDecoder, unsupported
+    from engine.serve.fast_decode import FastDecoder, unsupported
 
     if not settings.model.fast_decode:
         lm.fast_note = "model.fast_decode is off"

@@ -3,7 +3,7 @@
 A run is a folder: `request.json` (what to train), `state.json` (queued / running / stopping /
 stopped / finished / failed, pid, error), `metrics.jsonl` (one line per logged step), `output.log`
 (the process's own output) and `checkpoints/`. The trainer is a detached process in its own session
-(`python -m engine.trainer RUN_DIR`), so closing the app or losing SSH does not stop it; anyone can
+(`python -m engine.train.trainer RUN_DIR`), so closing the app or losing SSH does not stop it; anyone can
 re-attach by reading these files. One run per training GPU at a time: the rest wait as `queued` and
 each finishing run starts the next one.
 """
@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.adapters import AdapterStore
-from engine.dataset import LoadReport, load_examples
 from engine.settings import Settings
+from engine.store.adapters import AdapterStore
+from engine.train.dataset import LoadReport, load_examples
 
 ACTIVE = ("running", "stopping")
 DONE = ("finished", "failed", "stopped")
@@ -204,11 +204,11 @@ class RunQueue:
 
     def _spawn(self, run: Run) -> None:
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(run.request.gpu), "PYTHONUNBUFFERED": "1"}
-        root = Path(__file__).resolve().parent.parent
+        root = Path(__file__).resolve().parents[2]  # the checkout: engine/train/runs.py
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH", "")]))
         with open(run.dir / "output.log", "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "engine.trainer", str(run.dir)],
+                [sys.executable, "-m", "engine.train.trainer", str(run.dir)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                 start_new_session=True,  # survives the app and the SSH session
                 cwd=root,

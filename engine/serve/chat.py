@@ -12,14 +12,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from engine.adapters import AdapterError, AdapterStore
-from engine.generate import Reply, Sampling, stream
 from engine.harmony import SKIP_REASONING_PREFILL, Turn, render_prompt
-from engine.history import History
-from engine.lora import LiveAdapters, Residency
-from engine.model import LoadedModel, Progress, base_identity, load_model
-from engine.router import Decision, Router
+from engine.serve.generate import Reply, Sampling, stream
+from engine.serve.model import LoadedModel, Progress, base_identity, load_model
+from engine.serve.residency import LiveAdapters, Residency
+from engine.serve.router import Decision, Router
 from engine.settings import Settings
+from engine.store.adapters import AdapterError, AdapterStore
+from engine.store.history import History
 
 
 @dataclass

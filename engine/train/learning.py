@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from engine.adapters import AdapterStore
-from engine.history import History, TurnRow
-from engine.runs import ACTIVE, Request, RunQueue
 from engine.settings import Settings, nightly_window
+from engine.store.adapters import AdapterStore
+from engine.store.history import History, TurnRow
+from engine.train.runs import ACTIVE, Request, RunQueue
 
 
 @dataclass

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.experts import ExpertRecorder, ExpertTrace
 from engine.harmony import END, STOP_TOKENS, HarmonyParser
-from engine.model import LoadedModel
+from engine.serve.experts import ExpertRecorder, ExpertTrace
+from engine.serve.model import LoadedModel
 
 
 @dataclass
