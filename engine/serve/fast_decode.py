@@ -182,15 +182,23 @@ class FastDecoder:
             return f"{name} is not attached to the model"
         return _Pack(name, layers)
 
-    def select(self, name: str | None) -> None:
+    def select(self, name: str | None) -> bool:
         """Apply adapter `name` (attached to the PEFT model) from the next token on; None for the base.
-        Nothing is copied: each adapter has its own CUDA graphs, reading its own tensors."""
+        Nothing is copied: each adapter has its own CUDA graphs, reading its own tensors. False (with
+        `reason` set) when this decoder cannot run that adapter."""
         self.reason = None
         pack = None if name is None else self.prepare(name)
         if isinstance(pack, str):
             self.active, self.reason = None, pack
-            return
+            return False
         self.active = pack
+        return True
+
+    def record(self, on: bool) -> None:
+        """Routes are kept on every forward anyway (they are outputs of the graphs): nothing to do."""
+
+    def release(self) -> None:
+        """The static cache is reused by the next reply: nothing to free."""
 
     def prepare(self, name: str) -> _Pack | str:
         """Pack adapter `name` now (when it is loaded), so that selecting it later costs nothing."""
