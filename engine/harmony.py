@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import date
+from typing import Any
 
 START, END, MESSAGE, CHANNEL = "<|start|>", "<|end|>", "<|message|>", "<|channel|>"
 RETURN, CALL, CONSTRAIN = "<|return|>", "<|call|>", "<|constrain|>"
@@ -34,7 +35,26 @@ class Turn:
     analysis: str = ""  # assistant reasoning (rendered only for the turn being trained on)
 
 
-def system_message(reasoning: str = "low", today: date | None = None) -> str:
+class Control(str):
+    """A harmony control token the renderer placed. Encoded as its id; text from a user or a dataset never
+    becomes one, however it is spelled."""
+
+
+class PromptTooLong(ValueError):
+    """Even the newest user turn alone does not fit the model's context."""
+
+
+def _controls(text: str) -> list[str]:
+    """Split renderer-made structure (a prefill) into its control tokens and the text between them."""
+    out: list[str] = []
+    pos = 0
+    for m in _MARKER.finditer(text):
+        out += [text[pos : m.start()], Control(m.group())]
+        pos = m.end()
+    return [p for p in [*out, text[pos:]] if p]
+
+
+def _system(reasoning: str, today: date | None) -> list[str]:
     if reasoning not in REASONING:
         raise ValueError(f"reasoning must be one of {REASONING}, got {reasoning!r}")
     today = today or date.today()
@@ -45,19 +65,39 @@ def system_message(reasoning: str = "low", today: date | None = None) -> str:
         f"Reasoning: {reasoning}\n\n"
         "# Valid channels: analysis, commentary, final. Channel must be included for every message."
     )
-    return f"{START}system{MESSAGE}{body}{END}"
+    return [Control(START), "system", Control(MESSAGE), body, Control(END)]
 
 
-def _developer(instructions: str) -> str:
-    return f"{START}developer{MESSAGE}# Instructions\n\n{instructions}{END}" if instructions else ""
+def system_message(reasoning: str = "low", today: date | None = None) -> str:
+    return "".join(_system(reasoning, today))
 
 
-def _turn(t: Turn) -> str:
+def _developer(instructions: str) -> list[str]:
+    if not instructions:
+        return []
+    return [Control(START), "developer", Control(MESSAGE), f"# Instructions\n\n{instructions}", Control(END)]
+
+
+def _turn(t: Turn) -> list[str]:
     if t.role == "user":
-        return f"{START}user{MESSAGE}{t.content}{END}"
+        return [Control(START), "user", Control(MESSAGE), t.content, Control(END)]
     if t.role == "assistant":
-        return f"{START}assistant{CHANNEL}final{MESSAGE}{t.content}{END}"
+        return [Control(START), "assistant", Control(CHANNEL), "final", Control(MESSAGE), t.content, Control(END)]
     raise ValueError(f"turn role must be 'user' or 'assistant', got {t.role!r}")
+
+
+def _head(reasoning: str, instructions: str, today: date | None) -> list[str]:
+    return _system(reasoning, today) + _developer(instructions)
+
+
+def _tail(prefill: str) -> list[str]:
+    return [Control(START), "assistant", *_controls(prefill)]
+
+
+def prompt_pieces(turns: list[Turn], reasoning: str = "low", instructions: str = "", prefill: str = "",
+                  today: date | None = None) -> list[str]:
+    """The prompt as control tokens (`Control`) and plain text, in order."""
+    return _head(reasoning, instructions, today) + [p for t in turns for p in _turn(t)] + _tail(prefill)
 
 
 def render_prompt(
@@ -68,26 +108,87 @@ def render_prompt(
     today: date | None = None,
 ) -> str:
     """The text a model continues to answer the last user turn. `prefill` is appended after
-    `<|start|>assistant`, e.g. SKIP_REASONING_PREFILL to go straight to the final channel."""
-    head = system_message(reasoning, today) + _developer(instructions)
-    return head + "".join(_turn(t) for t in turns) + f"{START}assistant" + prefill
+    `<|start|>assistant`, e.g. SKIP_REASONING_PREFILL to go straight to the final channel.
+    For display and logs: a model gets `encode_prompt`, where typed control tokens stay text."""
+    return "".join(prompt_pieces(turns, reasoning, instructions, prefill, today))
+
+
+def completion_pieces(final: str, analysis: str = "") -> list[str]:
+    out = [Control(CHANNEL), "analysis", Control(MESSAGE), analysis, Control(END), Control(START), "assistant"]
+    return (out if analysis else []) + [Control(CHANNEL), "final", Control(MESSAGE), final, Control(RETURN)]
 
 
 def render_completion(final: str, analysis: str = "") -> str:
     """What the model should produce after `<|start|>assistant`: analysis (if any), then final."""
-    out = f"{CHANNEL}analysis{MESSAGE}{analysis}{END}{START}assistant" if analysis else ""
-    return out + f"{CHANNEL}final{MESSAGE}{final}{RETURN}"
+    return "".join(completion_pieces(final, analysis))
 
 
 def render_example(
     turns: list[Turn], reasoning: str = "low", instructions: str = "", today: date | None = None
 ) -> tuple[str, str]:
     """A training example as (prompt, completion): loss goes on the completion only."""
+    prompt, completion = _example_pieces(turns, reasoning, instructions, today)
+    return "".join(prompt), "".join(completion)
+
+
+def _example_pieces(turns: list[Turn], reasoning: str, instructions: str,
+                    today: date | None) -> tuple[list[str], list[str]]:
     if not turns or turns[-1].role != "assistant":
         raise ValueError("a training example must end with an assistant turn")
-    last = turns[-1]
-    prompt = render_prompt(turns[:-1], reasoning, instructions, today=today)
-    return prompt, render_completion(last.content, last.analysis)
+    prompt = prompt_pieces(turns[:-1], reasoning, instructions, today=today)
+    return prompt, completion_pieces(turns[-1].content, turns[-1].analysis)
+
+
+def encode(tokenizer: Any, pieces: list[str]) -> list[int]:
+    """Token ids of rendered pieces: each control token as its id, the text between them with the
+    tokenizer's special-token parsing off, so a typed `<|end|>` is the characters, not the token."""
+    ids: list[int] = []
+    text = ""
+    for piece in [*pieces, Control("")]:
+        if not isinstance(piece, Control):
+            text += piece
+            continue
+        if text:
+            ids += tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+            text = ""
+        if piece:
+            ids.append(_control_id(tokenizer, piece))
+    return ids
+
+
+def _control_id(tokenizer: Any, token: str) -> int:
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is None or tid == tokenizer.unk_token_id:
+        raise ValueError(f"the tokenizer has no {token} token: it is not a harmony (GPT-OSS) tokenizer")
+    return tid
+
+
+def encode_prompt(tokenizer: Any, turns: list[Turn], reasoning: str = "low", instructions: str = "",
+                  prefill: str = "", today: date | None = None) -> list[int]:
+    """`render_prompt` as token ids, structure-safe (see `encode`)."""
+    return encode(tokenizer, prompt_pieces(turns, reasoning, instructions, prefill, today))
+
+
+def encode_example(tokenizer: Any, turns: list[Turn], reasoning: str = "low", instructions: str = "",
+                   today: date | None = None) -> tuple[list[int], list[int]]:
+    """`render_example` as (prompt ids, completion ids), structure-safe: dataset text stays text."""
+    prompt, completion = _example_pieces(turns, reasoning, instructions, today)
+    return encode(tokenizer, prompt), encode(tokenizer, completion)
+
+
+def fit_turns(tokenizer: Any, turns: list[Turn], reasoning: str, instructions: str, budget: int,
+              prefill: str = "", today: date | None = None) -> tuple[list[int], int]:
+    """The prompt's ids with the oldest whole exchanges (a user turn and the replies after it) dropped
+    until they fit `budget` tokens. Returns (ids, number of turns dropped). Raises PromptTooLong when
+    even the newest user turn alone does not fit."""
+    fixed = len(encode(tokenizer, _head(reasoning, instructions, today) + _tail(prefill)))
+    sizes = [len(encode(tokenizer, _turn(t))) for t in turns]
+    start = 0
+    while (need := fixed + sum(sizes[start:])) > budget:
+        start = next((i for i in range(start + 1, len(turns)) if turns[i].role == "user"), -1)
+        if start == -1:
+            raise PromptTooLong(f"the prompt needs {need} tokens but the context holds {budget}: shorten it")
+    return encode_prompt(tokenizer, turns[start:], reasoning, instructions, prefill, today), start
 
 
 @dataclass
@@ -195,7 +296,8 @@ class HarmonyParser:
 
     def _open(self, header: str, events: list) -> None:
         rest = header.partition(CHANNEL)[2]
-        name = rest.split(CONSTRAIN)[0].split()[0] if rest.split() else ""
+        words = rest.split(CONSTRAIN)[0].split()
+        name = words[0] if words else ""
         m = re.search(r"to=(\S+)", header.replace(CONSTRAIN, " "))
         recipient = m.group(1) if m else None
         plain = " ".join(header.replace(CHANNEL, " ").replace(CONSTRAIN, " ").split())
