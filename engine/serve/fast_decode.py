@@ -227,6 +227,13 @@ class FastDecoder:
         finally:
             self.active = active
 
+    def pack_bytes(self, name: str) -> int:
+        """Device memory held by adapter `name`'s packed copy (it counts in the residency budget)."""
+        pack = self.packs.get(name)
+        if not isinstance(pack, _Pack):
+            return 0
+        return sum(t.numel() * t.element_size() for layer in pack.layers for t in layer.values())
+
     def forget(self, name: str) -> None:
         """Drop the packed copy of `name` and its graphs (unloaded or replaced on disk)."""
         self.packs.pop(name, None)
