@@ -65,7 +65,7 @@ def test_publish_rename_remove_import_and_rollback(settings, make_adapter, tmp_p
     assert store.get("code").manifest.created == first.manifest.created
     store.rename("code", "coder")
     assert [a.name for a in store.scan()[0]] == ["coder"]
-    with pytest.raises(AdapterError, match="use letters"):
+    with pytest.raises(AdapterError, match="letters, digits"):
         store.rename("coder", "auto")
     plain = tmp_path / "plain"
     shutil.copytree(store.get("coder").path, plain)

@@ -3,14 +3,14 @@
 Publishing is atomic: the folder is written under `adapters/.staging/`, fsynced, then renamed into
 place, so the live engine's watcher (or any reader) never sees half an adapter. A replaced version
 moves to `adapters/.versions/<name>/<created>` and can be rolled back. Reading never raises for a
-broken folder: it is reported with its reason and skipped.
+broken folder: it is reported with its reason and skipped. Every name is checked by `engine.names` and
+every path resolved inside the store's root, so no name reaches a folder outside it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 import uuid
@@ -18,13 +18,47 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine import names
+
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-RESERVED = {"auto", "base"}
 
 
 class AdapterError(ValueError):
     """A bad adapter name or folder, with the reason."""
+
+
+class BadAdapterName(AdapterError, names.InvalidName):
+    """Caught as either: the store's callers catch AdapterError, the name checks InvalidName."""
+
+
+def _str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+# manifest.json's shape: field -> (check, what it must be). Written by hand: it is the file format.
+SCHEMA: dict[str, tuple[Any, str]] = {
+    "name": (names.is_valid, f"a name ({names.RULE})"),
+    "task": (names.is_valid, f"a name ({names.RULE})"),
+    "base_model": (lambda v: isinstance(v, str), "a string"),
+    "description": (lambda v: isinstance(v, str), "a string"),
+    "lora": (lambda v: isinstance(v, dict), "an object"),
+    "adapted": (lambda v: isinstance(v, dict) and all(isinstance(x, int) for x in v.values()),
+                "an object of integers"),
+    "profile": (lambda v: isinstance(v, str), "a string"),
+    "dataset_fingerprint": (lambda v: isinstance(v, str), "a string"),
+    "final_loss": (lambda v: v is None or _number(v), "a number or null"),
+    "best_loss": (lambda v: v is None or _number(v), "a number or null"),
+    "eval_loss": (lambda v: v is None or _number(v), "a number or null"),
+    "created": (_number, "a number"),
+    "prompts": (_str_list, "a list of strings"),
+    "exemplars": (_str_list, "a list of strings"),
+    "run_id": (lambda v: isinstance(v, str), "a string"),
+    "parent": (lambda v: isinstance(v, str), "a string"),
+}
 
 
 @dataclass
@@ -51,11 +85,18 @@ class Manifest:
         return self.prompts + self.exemplars
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+    def from_dict(cls, d: Any) -> Manifest:
+        """Validated against SCHEMA: a wrong shape or type is an AdapterError naming the field."""
+        if not isinstance(d, dict):
+            raise AdapterError(f"manifest.json must be a JSON object, got {type(d).__name__}")
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         missing = {"name", "task", "base_model"} - known.keys()
         if missing:
             raise AdapterError(f"manifest.json lacks {', '.join(sorted(missing))}")
+        for key, value in known.items():
+            ok, expected = SCHEMA[key]
+            if not ok(value):
+                raise AdapterError(f"manifest.json: {key} = {names.shown(repr(value))} must be {expected}")
         return cls(**known)
 
 
@@ -77,12 +118,22 @@ class StoredAdapter:
         return next(self.path / f for f in WEIGHT_FILES if (self.path / f).exists())
 
 
-def check_name(name: str) -> str:
-    if not NAME_RE.match(name) or name.lower() in RESERVED:
-        raise AdapterError(
-            f"adapter name {name!r}: use letters, digits, '_', '-' or '.', at most 64, not 'auto' or 'base'"
-        )
-    return name
+def check_name(name: Any, what: str = "adapter name") -> str:
+    try:
+        return names.check(name, what)
+    except names.InvalidName as e:
+        raise BadAdapterName(str(e)) from None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AdapterError(f"missing {path.name}") from None
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{path.name}: bad JSON at line {e.lineno}: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path.name}: unreadable ({type(e).__name__}: {e})") from None
 
 
 def read_adapter(folder: Path, base_model: str | None = None) -> StoredAdapter:
@@ -92,15 +143,12 @@ def read_adapter(folder: Path, base_model: str | None = None) -> StoredAdapter:
     cfg_path = folder / "adapter_config.json"
     if not cfg_path.exists():
         raise AdapterError("missing adapter_config.json (not a PEFT adapter folder)")
-    if not any((folder / f).exists() for f in WEIGHT_FILES):
+    if not any((folder / f).is_file() for f in WEIGHT_FILES):
         raise AdapterError("missing adapter_model.safetensors (weights)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-        manifest = Manifest.from_dict(json.loads((folder / "manifest.json").read_text()))
-    except FileNotFoundError:
-        raise AdapterError("missing manifest.json") from None
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"bad JSON: {e}") from None
+    cfg = _read_json(cfg_path)
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"adapter_config.json must be a JSON object, got {type(cfg).__name__}")
+    manifest = Manifest.from_dict(_read_json(folder / "manifest.json"))
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"peft_type {cfg.get('peft_type')!r} is not LORA")
     if base_model is not None and manifest.base_model != base_model:
@@ -133,25 +181,35 @@ class AdapterStore:
             if folder.name.startswith(".") or not folder.is_dir():
                 continue
             try:
-                a = read_adapter(folder, self.base_model)
+                check_name(folder.name, "folder name")
+                a = read_adapter(self._path(folder.name), self.base_model)
                 if a.manifest.name != folder.name:
                     raise AdapterError(f"manifest names it {a.manifest.name!r}, folder is {folder.name!r}")
                 good.append(a)
-            except AdapterError as e:
+            except (AdapterError, names.InvalidName, OSError) as e:  # a folder can vanish mid-scan
                 bad.append((folder.name, str(e)))
         return good, bad
+
+    def _path(self, *parts: str) -> Path:
+        """A path in the store; refused when it (or a symlink on the way) leads outside the root."""
+        try:
+            return names.inside(self.root, *parts)
+        except names.InvalidName as e:
+            raise BadAdapterName(str(e)) from None
 
     def signature(self) -> tuple:
         """Cheap change detector for the watcher: folder names and manifest mtimes."""
         sig = []
         for folder in self.root.iterdir():
-            m = folder / "manifest.json"
-            if not folder.name.startswith(".") and m.exists():
-                sig.append((folder.name, m.stat().st_mtime_ns))
+            try:
+                if not folder.name.startswith("."):
+                    sig.append((folder.name, (folder / "manifest.json").stat().st_mtime_ns))
+            except OSError:  # no manifest, or removed between listing and reading: the next scan says
+                sig.append((folder.name, 0))
         return tuple(sorted(sig))
 
     def get(self, name: str) -> StoredAdapter:
-        folder = self.root / name
+        folder = self._path(check_name(name))
         if not folder.exists():
             raise AdapterError(f"no adapter named {name!r} in {self.root}")
         return read_adapter(folder, self.base_model)
@@ -159,6 +217,7 @@ class AdapterStore:
     def publish(self, source: Path, manifest: Manifest) -> StoredAdapter:
         """Copy a PEFT folder in with its manifest, atomically. An existing version is kept aside."""
         check_name(manifest.name)
+        check_name(manifest.task, "task name")
         staging = self.root / ".staging" / f"{manifest.name}-{uuid.uuid4().hex[:8]}"
         staging.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(source, staging)
@@ -169,12 +228,12 @@ class AdapterStore:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         _fsync_tree(staging)
-        target = self.root / manifest.name
+        target = self._path(manifest.name)
         if target.exists():
             old = read_adapter(target)
             manifest.parent = str(old.manifest.created)
             (staging / "manifest.json").write_text(json.dumps(asdict(manifest), indent=1, ensure_ascii=False))
-            keep = self.root / ".versions" / manifest.name / f"{old.manifest.created:.3f}"
+            keep = self._path(".versions", manifest.name, f"{old.manifest.created:.3f}")
             keep.parent.mkdir(parents=True, exist_ok=True)
             os.replace(target, keep)
         os.replace(staging, target)
@@ -182,14 +241,14 @@ class AdapterStore:
 
     def versions(self, name: str) -> list[StoredAdapter]:
         """Older versions of `name`, newest first."""
-        folder = self.root / ".versions" / name
+        folder = self._path(".versions", check_name(name))
         if not folder.exists():
             return []
         out = []
         for v in sorted(folder.iterdir(), reverse=True):
             try:
                 out.append(read_adapter(v))
-            except AdapterError:
+            except (AdapterError, OSError):
                 continue
         return out
 
@@ -202,13 +261,13 @@ class AdapterStore:
         return self.publish(previous.path, previous.manifest)
 
     def rename(self, old: str, new: str) -> StoredAdapter:
-        check_name(new)
+        target = self._path(check_name(new))
         a = self.get(old)
-        if (self.root / new).exists():
+        if target.exists():
             raise AdapterError(f"an adapter named {new!r} already exists")
         a.manifest.name = new
         (a.path / "manifest.json").write_text(json.dumps(asdict(a.manifest), indent=1, ensure_ascii=False))
-        os.replace(a.path, self.root / new)
+        os.replace(a.path, target)
         return self.get(new)
 
     def remove(self, name: str) -> None:
@@ -221,21 +280,32 @@ class AdapterStore:
     def import_folder(self, path: Path, name: str | None = None, task: str | None = None) -> StoredAdapter:
         """Bring in a PEFT folder from elsewhere. A manifest is made if it has none."""
         path = Path(path).expanduser()
+        if name is not None:
+            check_name(name)
+        if task is not None:
+            check_name(task, "task name")
+        if not path.is_dir():
+            raise AdapterError(f"{path}: no such folder")
         if (path / "manifest.json").exists():
-            manifest = read_adapter(path).manifest
-            if name:
-                manifest.name = name
+            try:
+                manifest = read_adapter(path).manifest
+            except AdapterError as e:
+                raise AdapterError(f"{path}: {e}") from None
+            manifest.name, manifest.task = name or manifest.name, task or manifest.task
         else:
             if not (path / "adapter_config.json").exists():
                 raise AdapterError(f"{path}: missing adapter_config.json (not a PEFT adapter folder)")
-            cfg = json.loads((path / "adapter_config.json").read_text())
-            manifest = Manifest(name=name or path.name, task=task or name or path.name,
+            cfg = _read_json(path / "adapter_config.json")
+            if not isinstance(cfg, dict):
+                raise AdapterError(f"{path}: adapter_config.json must be a JSON object")
+            folder_name = name or check_name(path.name, "folder name (pass --name)")
+            manifest = Manifest(name=folder_name, task=task or folder_name,
                                 base_model=self.base_model or cfg.get("base_model_name_or_path", ""),
                                 lora={"rank": cfg.get("r"), "alpha": cfg.get("lora_alpha"),
                                       "rslora": cfg.get("use_rslora", False),
                                       "target_modules": sorted(cfg.get("target_modules") or []),
                                       "target_parameters": cfg.get("target_parameters") or []},
                                 description=f"imported from {path}")
-        if (self.root / manifest.name).exists():
+        if self._path(check_name(manifest.name)).exists():
             raise AdapterError(f"an adapter named {manifest.name!r} already exists; pass another name")
         return self.publish(path, manifest)

@@ -1,0 +1,40 @@
+"""Text that is safe to print on a terminal.
+
+Stored text (prompts, replies, task names, errors from runs) came from people and models. Printed raw,
+an escape sequence in it can recolour, move the cursor, retitle the window or hide what follows, and a
+carriage return or a bidi override can make a line read differently from what it holds. `plain`
+removes escape sequences and shows every other control character as a visible `\\xNN` escape.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+# ESC-led sequences (CSI, OSC, DCS/SOS/PM/APC strings, two-byte escapes) and the 8-bit CSI/OSC forms.
+_SEQUENCE = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]?"  # CSI: colours, cursor moves, erase
+    r"|(?:\x1b[\]PX^_]|[\x9d\x90\x98\x9e\x9f])[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"  # OSC/DCS/...: titles, links
+    r"|\x1b[ -/]*[0-~]?"  # any other escape
+)
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _visible(c: str, newlines: bool) -> str:
+    if (c == "\n" and newlines) or c == "\t":
+        return c
+    if unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in _BIDI:
+        return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+    return c
+
+
+def plain(text: object, newlines: bool = True) -> str:
+    """`text` as printable characters only. With newlines=False a line break shows as `\\x0a`, so one
+    stored value stays on one output line."""
+    s = _SEQUENCE.sub("", str(text))
+    return "".join(_visible(c, newlines) for c in s)
+
+
+def line(text: object) -> str:
+    """`plain` on one line: for tables and lists."""
+    return plain(text, newlines=False)
