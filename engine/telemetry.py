@@ -134,3 +134,8 @@ def host() -> HostSnapshot:
 
     vm = psutil.virtual_memory()
     return HostSnapshot(psutil.cpu_percent(interval=None), vm.used / 2**30, vm.total / 2**30)
+
+
+def gpu_count(nvml: Any = None) -> int:
+    """How many NVIDIA GPUs this machine has; 0 when there are none or NVML cannot tell."""
+    return Telemetry(nvml).count

@@ -2,18 +2,24 @@
 
 A turn is written *before* generation starts (status 'pending') and completed after, with its partial
 text saved as it streams; a turn left 'pending' by a crash is marked 'interrupted' at the next start.
-So nothing typed is ever lost. The schema is versioned with `PRAGMA user_version` and migrations.
+So nothing typed is ever lost. The schema is versioned with `PRAGMA user_version` and migrations,
+applied in one write transaction that re-reads the version inside it, so several processes opening a
+new database at once set it up exactly once. The file is created readable by its owner only: it holds
+everything the person typed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from engine import names
 
 MIGRATIONS = [
     """
@@ -67,25 +73,65 @@ class TurnRow:
         return dict(self.__dict__)
 
 
+class HistoryError(RuntimeError):
+    """The history file cannot be used (not a database, from a newer Tandem); names the file."""
+
+
+def _statements(script: str) -> list[str]:
+    out, buf = [], ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    return out
+
+
+def _object(text: Any) -> dict[str, Any]:
+    """A stored JSON column; damaged or foreign values read as empty rather than failing the whole list."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 class History:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))  # SQLite gives -wal/-shm the same mode
         # One connection shared by the app's workers; sqlite3 objects need a lock across threads.
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._migrate()
-            self._db.execute("UPDATE turns SET status='interrupted' WHERE status='pending'")
+        try:
+            with self._lock:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._migrate()
+                self._db.execute("UPDATE turns SET status='interrupted' WHERE status='pending'")
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            raise HistoryError(f"{self.path}: not a usable history database ({e})") from None
+        except HistoryError:
+            self._db.close()
+            raise
 
     def _migrate(self) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(MIGRATIONS):
-            raise RuntimeError(f"{self.path} was written by a newer Tandem (schema {version})")
-        for i, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            self._db.executescript(f"BEGIN; {script}; PRAGMA user_version={i}; COMMIT;")
+        """Every pending migration in one write transaction, the version read inside it."""
+        self._db.execute("BEGIN IMMEDIATE")  # waits for another process doing the same
+        try:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise HistoryError(f"{self.path} was written by a newer Tandem (schema {version})")
+            for i, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in _statements(script):
+                    self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version={i}")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def _exec(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
         with self._lock:
@@ -126,6 +172,7 @@ class History:
         self._exec("UPDATE turns SET good_example=? WHERE id=?", (int(good), turn_id))
 
     def set_task(self, turn_id: int, task: str) -> None:
+        names.check(task, "task name")
         self._exec("UPDATE turns SET task=? WHERE id=?", (task, turn_id))
 
     def prefer(self, prompt: str, a: str, b: str, reply_a: str, reply_b: str, choice: str) -> int:
@@ -139,7 +186,7 @@ class History:
 
     def _rows(self, where: str = "1", args: tuple = (), limit: int = 1000) -> list[TurnRow]:
         cur = self._exec(f"SELECT {self._COLS} FROM turns WHERE {where} ORDER BY id LIMIT ?", (*args, limit))
-        return [TurnRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]), json.loads(r[8]), r[9],
+        return [TurnRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], _object(r[7]), _object(r[8]), r[9],
                         r[10], r[11], bool(r[12]), r[13]) for r in cur.fetchall()]
 
     def turn(self, turn_id: int) -> TurnRow:

@@ -1,19 +1,22 @@
 """Training data: local files or hub datasets, in chat (`messages`) or prompt/response form.
 
-Every row is turned into harmony turns or counted as skipped with its reason: a person training a
-specialist must know that 40 of their 1000 rows were thrown away, and why.
+Every row is turned into harmony turns or counted as skipped with its reason (and the first line it
+happened on): a person training a specialist must know that 40 of their 1000 rows were thrown away, and
+why. One undecodable or malformed row never costs the rest of the file. Rows are tokenized with
+`engine.harmony.encode_example`, so text in a dataset never becomes a harmony control token.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.harmony import REASONING, Turn, render_example
+from engine.harmony import REASONING, Turn, encode_example, render_example
 
 RESPONSE_KEYS = ("response", "completion", "answer", "output")
 ANALYSIS_KEYS = ("thinking", "analysis", "reasoning_content")
@@ -32,6 +35,20 @@ class Example:
     def render(self) -> tuple[str, str]:
         return render_example(self.turns, self.reasoning, self.instructions)
 
+    def encode(self, tokenizer: Any) -> dict[str, list[int]]:
+        """Token ids for TRL, pre-tokenized so dataset text stays text: input_ids and a completion_mask
+        (loss on the assistant's reply only)."""
+        prompt, completion = encode_example(tokenizer, self.turns, self.reasoning, self.instructions)
+        return {"input_ids": prompt + completion, "completion_mask": [0] * len(prompt) + [1] * len(completion)}
+
+    def as_row(self) -> dict[str, Any]:
+        """A row a `datasets.Dataset` can hold; `from_row` reads it back."""
+        return asdict(self)
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Example:
+        return cls([Turn(**t) for t in row["turns"]], row["reasoning"], row["instructions"])
+
     @property
     def user_prompt(self) -> str:
         """The last user message: what the router learns from."""
@@ -42,6 +59,7 @@ class Example:
 class LoadReport:
     examples: list[Example] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)  # reason -> count
+    first_line: dict[str, int] = field(default_factory=dict)  # reason -> first line (JSONL) or row it hit
     total_rows: int = 0
     usable: int = 0  # before any limit
 
@@ -54,7 +72,8 @@ class LoadReport:
         if len(self.examples) < self.usable:
             text += f", using the first {len(self.examples)}"
         if self.skipped:
-            text += "; skipped: " + ", ".join(f"{n} {why}" for why, n in self.skipped.most_common())
+            text += "; skipped: " + ", ".join(f"{n} {why} (first at line {self.first_line[why]})"
+                                              for why, n in self.skipped.most_common())
         return text
 
     def fingerprint(self) -> str:
@@ -110,32 +129,66 @@ def _from_messages(messages: Any, level: str) -> Example:
     return Example(turns, level, instructions)
 
 
+SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _looks_local(source: str) -> bool:
+    """A path someone mistyped, not a hub id: anything but `owner/name`, a data file suffix, or an
+    owner part that is a folder here."""
+    owner = source.split("/", 1)[0]
+    return not _HUB_ID.fullmatch(source) or source.lower().endswith(SUFFIXES) or Path(owner).is_dir()
+
+
 def _read_rows(source: str) -> list[Any]:
     path = Path(source).expanduser()
+    if path.is_dir():
+        raise DatasetError(f"{path}: is a folder; pass a .jsonl, .json, .parquet or .csv file")
     if path.exists():
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            rows = []
-            for line in path.read_text(encoding="utf-8").splitlines():
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    rows.append(_Unparsable())
-            return rows
-        if suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            return data if isinstance(data, list) else data.get("data", [data])
-        if suffix in (".parquet", ".csv"):
-            from datasets import load_dataset  # heavy: only for these formats
+        try:
+            return _file_rows(path)
+        except OSError as e:
+            raise DatasetError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if _looks_local(source):
+        raise DatasetError(f"{path}: no such file")
+    return _hub_rows(source)
 
-            kind = "parquet" if suffix == ".parquet" else "csv"
-            return list(load_dataset(kind, data_files=str(path), split="train"))
-        raise DatasetError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .parquet or .csv)")
-    if "/" in source and not source.startswith((".", "/", "~")):
-        return _hub_rows(source)
-    raise DatasetError(f"{source}: no such file, and not a Hugging Face dataset name (owner/name)")
+
+def _file_rows(path: Path) -> list[Any]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return [_jsonl_row(line) for line in path.read_bytes().splitlines()]
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DatasetError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}: not valid JSON at line {e.lineno}: {e.msg}") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            return data["data"]
+        return data if isinstance(data, list) else [data]
+    if suffix in (".parquet", ".csv"):
+        from datasets import load_dataset  # heavy: only for these formats
+
+        try:
+            return list(load_dataset(suffix[1:], data_files=str(path), split="train"))
+        except Exception as e:  # pyarrow/pandas raise many types for a malformed file; one message for all
+            raise DatasetError(f"{path}: cannot be read as {suffix[1:]} ({type(e).__name__}: {e})") from None
+    raise DatasetError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .parquet or .csv)")
+
+
+def _jsonl_row(line: bytes) -> Any:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return _Unparsable("not UTF-8")
+    if not text.strip():
+        return _Blank()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return _Unparsable("invalid JSON")
 
 
 def _hub_rows(name: str) -> list[Any]:
@@ -150,22 +203,31 @@ def _hub_rows(name: str) -> list[Any]:
         ) from e
 
 
+@dataclass
 class _Unparsable:
-    """Stands in for a JSONL line that is not JSON, so it is counted as skipped."""
+    """Stands in for a JSONL line that is not JSON (or not text), so it is counted as skipped."""
+
+    reason: str
+
+
+class _Blank:
+    """An empty JSONL line: not a row, but it keeps the line numbers right."""
 
 
 def load_examples(source: str, limit: int | None = None) -> LoadReport:
     """Read and validate a dataset. Never raises for bad rows; raises DatasetError when nothing is usable."""
     rows = _read_rows(source)
-    report = LoadReport(total_rows=len(rows))
-    for row in rows:
-        if isinstance(row, _Unparsable):
-            report.skipped["invalid JSON"] += 1
+    report = LoadReport(total_rows=sum(not isinstance(r, _Blank) for r in rows))
+    for line, row in enumerate(rows, start=1):
+        if isinstance(row, _Blank):
             continue
         try:
+            if isinstance(row, _Unparsable):
+                raise ValueError(row.reason)
             report.examples.append(row_to_example(row))
         except ValueError as e:
             report.skipped[str(e)] += 1
+            report.first_line.setdefault(str(e), line)
     report.usable = len(report.examples)
     if limit is not None:
         report.examples = report.examples[:limit]

@@ -8,7 +8,8 @@ an example never moves between the two as the set grows; the held-out part feeds
 Triggers (settings [learning]): a task retrains once it has `retrain_every` usable examples more than
 at its last retrain, or in the nightly window when anything new arrived; a task with no specialist yet
 gets one at `min_examples_new_task`. Jobs go through the training queue and only when the training GPU
-has nothing running or queued.
+has nothing running or queued. A task label that is not a valid name (`engine.names`; written by an older
+Tandem) is skipped with its reason, never used as a folder or run name.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from engine import names
 from engine.settings import Settings, nightly_window
 from engine.store.adapters import AdapterStore
 from engine.store.history import History, TurnRow
@@ -76,12 +78,15 @@ class Learner:
         self.dir = settings.logs_dir / "learning"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.state_path = self.dir / "state.json"
+        self.skipped: list[tuple[str, str]] = []  # (task label, why) left out by the last `due`
 
     def _state(self) -> dict:
+        """The last retrain per task; an unreadable file counts as none (it is rewritten on the next one)."""
         try:
-            return json.loads(self.state_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            state = json.loads(self.state_path.read_bytes())
+        except (OSError, ValueError):
             return {}
+        return {k: v for k, v in state.items() if isinstance(v, dict)} if isinstance(state, dict) else {}
 
     def _save(self, state: dict) -> None:
         tmp = self.state_path.with_suffix(".tmp")
@@ -101,10 +106,14 @@ class Learner:
         """[(task, why)] for every task that should retrain now."""
         state = self._state()
         known = {a.manifest.task for a in AdapterStore(self.settings.adapters_dir).scan()[0]}
-        out = []
+        out, self.skipped = [], []
         for task in self.history.tasks():
+            if not names.is_valid(task):
+                self.skipped.append((task, f"task label {names.shown(task)} is not a valid name ({names.RULE})"))
+                continue
             usable = len({t.prompt.strip().lower() for t in self.history.usable_for(task)})
             last = state.get(task, {}).get("examples", 0)
+            last = last if isinstance(last, int) else 0
             new = usable - last
             if task not in known:
                 if usable >= self.settings.learning.min_examples_new_task:

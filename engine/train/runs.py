@@ -4,8 +4,10 @@ A run is a folder: `request.json` (what to train), `state.json` (queued / runnin
 stopped / finished / failed, pid, error), `metrics.jsonl` (one line per logged step), `output.log`
 (the process's own output) and `checkpoints/`. The trainer is a detached process in its own session
 (`python -m engine.train.trainer RUN_DIR`), so closing the app or losing SSH does not stop it; anyone can
-re-attach by reading these files. One run per training GPU at a time: the rest wait as `queued` and
-each finishing run starts the next one.
+re-attach by reading these files. One run per training GPU at a time: the rest wait as `queued`.
+Whenever a GPU has queued runs and nothing active, the queue starts the next one: a finishing trainer
+does it, and so does any read of the runs, so a trainer that was SIGKILLed or OOM-killed (and could
+not hand over) is found dead and replaced on the next `runs()`, `get()` or `wait()`.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine import names
 from engine.settings import Settings
 from engine.store.adapters import AdapterStore
+from engine.telemetry import gpu_count
 from engine.train.dataset import LoadReport, load_examples
 
 ACTIVE = ("running", "stopping")
@@ -70,6 +74,30 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def _read_record(path: Path, cls: type) -> Any:
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise RunError(f"{path}: missing") from None
+    except json.JSONDecodeError as e:
+        raise RunError(f"{path}: bad JSON at line {e.lineno}: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunError(f"{path}: unreadable ({type(e).__name__})") from None
+    fields_ = cls.__dataclass_fields__
+    if not isinstance(data, dict) or not set(data) <= set(fields_):
+        raise RunError(f"{path}: not a {cls.__name__} record")
+    for key, value in data.items():
+        expected = {"str": str, "int": int, "float": (int, float), "int | None": (int, type(None)),
+                    "float | None": (int, float, type(None)), "bool": bool,
+                    "dict[str, Any]": dict}[fields_[key].type]
+        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
+            raise RunError(f"{path}: {key} = {names.shown(repr(value))} has the wrong type")
+    try:
+        return cls(**data)
+    except TypeError as e:  # a required field missing
+        raise RunError(f"{path}: {e}") from None
+
+
 def pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -94,14 +122,15 @@ class Run:
 
     @property
     def request(self) -> Request:
-        return Request(**json.loads((self.dir / "request.json").read_text()))
+        """The request; RunError naming the file (and line) when it is unreadable or the wrong shape."""
+        return _read_record(self.dir / "request.json", Request)
 
     @property
     def state(self) -> RunState:
         try:
-            return RunState(**json.loads((self.dir / "state.json").read_text()))
-        except (FileNotFoundError, json.JSONDecodeError):
-            return RunState(status="failed", error="state.json missing or unreadable")
+            return _read_record(self.dir / "state.json", RunState)
+        except RunError as e:
+            return RunState(status="failed", error=str(e))
 
     def set_state(self, **changes: Any) -> RunState:
         s = self.state
@@ -116,12 +145,17 @@ class Run:
         path = self.dir / "metrics.jsonl"
         if not path.exists():
             return []
+        lines = path.read_bytes().splitlines()
         out = []
-        for line in path.read_text().splitlines()[since:]:
+        for i, line in enumerate(lines[since:], start=since):
             try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                if i == len(lines) - 1:
+                    break  # still being written
+                record = None
+            # a damaged line in the middle keeps its place (line numbers are what `since` counts)
+            out.append(record if isinstance(record, dict) else {"warning": f"metrics.jsonl line {i + 1} is damaged"})
         return out
 
     @property
@@ -143,10 +177,13 @@ class Run:
 
 
 class RunQueue:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, gpus: Any = gpu_count):
+        """`gpus()` says how many GPUs this machine has (0: none, training falls back to the CPU)."""
         self.settings = settings
+        self.gpus = gpus
         self.root = settings.logs_dir / "runs"
         self.root.mkdir(parents=True, exist_ok=True)
+        self.broken: list[tuple[str, str]] = []  # (run folder, why) for runs that cannot be read
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -155,17 +192,34 @@ class RunQueue:
             yield
 
     def runs(self) -> list[Run]:
-        """All runs, oldest first, with dead 'running' ones marked failed."""
-        out = []
+        """All runs, oldest first, with dead 'running' ones marked failed and idle GPUs handed to their
+        next queued run. Unreadable runs are left out and listed in `broken`."""
+        out = self._scan()
+        idle = {r.request.gpu for r in out if r.state.status == "queued"} - {
+            r.request.gpu for r in out if r.state.status in ACTIVE}
+        for gpu in sorted(idle):
+            self.start_next(gpu)
+        return out
+
+    def _scan(self) -> list[Run]:
+        out, broken, created = [], [], {}
         for d in self.root.iterdir():
-            if d.is_dir() and (d / "request.json").exists():
-                out.append(Run(d))
-        out.sort(key=lambda r: (r.request.created, r.id))
+            if d.is_dir() and not d.name.startswith("."):
+                run = Run(d)
+                try:
+                    created[run.id] = run.request.created
+                except RunError as e:
+                    broken.append((d.name, str(e)))
+                    continue
+                out.append(run)
+        out.sort(key=lambda r: (created[r.id], r.id))
         for r in out:
             self._reconcile(r)
+        self.broken = sorted(broken)
         return out
 
     def get(self, run_id: str) -> Run:
+        names.check(run_id, "run id")
         matches = [r for r in self.runs() if r.id == run_id or r.id.startswith(run_id)]
         if len(matches) != 1:
             raise RunError(f"no run {run_id!r}" if not matches else f"run id {run_id!r} is ambiguous")
@@ -178,7 +232,9 @@ class RunQueue:
                           error=s.error or "the training process died (killed, crashed or the machine restarted)")
 
     def submit(self, req: Request) -> Run:
-        """Create a run; start it now if its GPU is free, else leave it queued."""
+        """Create a run; start it now if its GPU is free, else leave it queued. Everything a person
+        typed is checked first: a bad name or GPU leaves no run folder behind."""
+        self._check(req.task, req.name, req.from_adapter, req.gpu)
         self.settings.profile(req.profile)  # unknown profile: fail now, not in the child
         run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
         folder = self.root / run_id
@@ -192,7 +248,7 @@ class RunQueue:
     def start_next(self, gpu: int) -> Run | None:
         """Start the oldest queued run on `gpu` if nothing runs there."""
         with self._locked():
-            runs = [r for r in self.runs() if r.request.gpu == gpu]
+            runs = [r for r in self._scan() if r.request.gpu == gpu]
             if any(r.state.status in ACTIVE for r in runs):
                 return None
             queued = [r for r in runs if r.state.status == "queued"]
@@ -202,17 +258,39 @@ class RunQueue:
             self._spawn(run)
             return run
 
+    def _check(self, task: str, name: str, from_adapter: str, gpu: int) -> None:
+        names.check(task, "task name")
+        for value in (name, from_adapter):
+            if value:
+                names.check(value, "adapter name")
+        self.check_gpu(gpu)
+
+    def check_gpu(self, gpu: int) -> None:
+        """RunError unless `gpu` exists here. With no GPU at all any index trains on the CPU."""
+        count = self.gpus()
+        if gpu < 0 or (count and gpu >= count):
+            have = f"GPUs 0-{count - 1}" if count > 1 else "GPU 0" if count else "no GPU"
+            raise RunError(f"GPU {gpu} does not exist: this machine has {have} (see --gpu or gpus.training)")
+
+    def device(self, gpu: int) -> str:
+        """Where a run on `gpu` actually trains, in words."""
+        return f"GPU {gpu}" if self.gpus() else "the CPU (no NVIDIA GPU found; slow)"
+
     def _spawn(self, run: Run) -> None:
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(run.request.gpu), "PYTHONUNBUFFERED": "1"}
         root = Path(__file__).resolve().parents[2]  # the checkout: engine/train/runs.py
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH", "")]))
-        with open(run.dir / "output.log", "ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "engine.train.trainer", str(run.dir)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True,  # survives the app and the SSH session
-                cwd=root,
-            )
+        try:
+            with open(run.dir / "output.log", "ab") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "engine.train.trainer", str(run.dir)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                    start_new_session=True,  # survives the app and the SSH session
+                    cwd=root,
+                )
+        except OSError as e:
+            run.set_state(status="failed", ended=time.time(), error=f"could not start the trainer: {e}")
+            return
         run.set_state(status="running", pid=proc.pid, started=time.time(), error="")
 
     def stop(self, run_id: str) -> Run:
@@ -241,6 +319,7 @@ class RunQueue:
         """Validate what a person asked for (profile, data rows, starting adapter) before anything is
         queued, then submit. Returns the run and the data report. The CLI and the app both start here."""
         profile = profile or self.settings.training.default_profile
+        self._check(task, name, from_adapter, self.settings.gpus.training if gpu is None else gpu)
         report = load_examples(data, limit=self.settings.profile(profile).max_samples)
         if from_adapter:
             AdapterStore(self.settings.adapters_dir).get(from_adapter)
@@ -254,7 +333,7 @@ class RunQueue:
         """Block until `run` is done (for the CLI's --wait and for tests)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self._reconcile(run)
+            self.runs()  # finds a dead trainer and starts what waited behind it
             s = run.state
             if s.status in DONE:
                 return s

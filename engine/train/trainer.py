@@ -2,7 +2,8 @@
 
 Recipe: unsloth `FastLanguageModel` (4-bit QLoRA on a GPU, its CPU fallback otherwise), rsLoRA on
 attention and every MoE expert, unsloth gradient checkpointing, TRL `SFTTrainer` on prompt/completion
-pairs rendered in harmony so only the assistant's reply is trained on (prompts carry no loss), cosine
+pairs in harmony, pre-tokenized by `Example.encode` so dataset text can never become a control token,
+and only the assistant's reply is trained on (prompts carry no loss), cosine
 schedule with warmup, `adamw_8bit` on GPU. The data is validated before the model is loaded, so a bad
 dataset never touches the GPU. Metrics go to metrics.jsonl through a TrainerCallback; a stop request
 finishes the step, saves a checkpoint and exits 0.
@@ -42,8 +43,16 @@ def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Exa
     return [e for i, e in enumerate(examples) if i not in ev], [examples[i] for i in sorted(ev)]
 
 
-def to_rows(examples: list[Example]) -> list[dict[str, str]]:
-    return [dict(zip(("prompt", "completion"), ex.render(), strict=True)) for ex in examples]
+def to_rows(examples: list[Example]) -> list[dict[str, Any]]:
+    """Examples as rows to keep around; `tokenized` makes the ids TRL trains and evaluates on."""
+    return [ex.as_row() for ex in examples]
+
+
+def tokenized(rows: list[dict[str, Any]], tokenizer: Any) -> Any:
+    """A `datasets.Dataset` of input_ids + completion_mask (TRL skips its own tokenization for it)."""
+    from datasets import Dataset
+
+    return Dataset.from_list([Example.from_row(r).encode(tokenizer) for r in rows])
 
 
 def oom_hint(profile_name: str, p: Profile) -> str:
@@ -188,9 +197,7 @@ def sft_config(profile: Profile, output_dir: Path, on_gpu: bool, seed: int, keep
 
 def evaluate_loss(trainer: Any, rows: list[dict[str, str]]) -> float:
     """Mean completion-token loss of the current model on `rows` (for the promotion gate)."""
-    from datasets import Dataset
-
-    ds = trainer._prepare_dataset(Dataset.from_list(rows), trainer.processing_class, trainer.args,
+    ds = trainer._prepare_dataset(tokenized(rows, trainer.processing_class), trainer.processing_class, trainer.args,
                                   packing=False, formatting_func=None, dataset_name="gate")
     return float(trainer.evaluate(eval_dataset=ds, metric_key_prefix="gate")["gate_loss"])
 
@@ -216,18 +223,16 @@ def train(run: Run) -> None:
     adapted = count_adapted(model)
     print(f"trainable LoRA parameters: {adapted}", flush=True)
 
-    from datasets import Dataset
     from trl import SFTTrainer
 
     train_rows, eval_rows = to_rows(train_ex), to_rows(eval_ex)
-    tokens_per_sample = sum(len(tokenizer(r["prompt"] + r["completion"])["input_ids"]) for r in train_rows[:200])
-    tokens_per_sample /= max(1, min(200, len(train_rows)))
+    train_ds = tokenized(train_rows, tokenizer)
+    tokens_per_sample = sum(len(ids) for ids in train_ds["input_ids"]) / max(1, len(train_ds))
     metrics = _Metrics(run, settings, profile, tokens_per_sample)
     config = sft_config(profile, run.dir / "checkpoints", on_gpu, settings.training.seed,
                         keep=settings.training.keep_checkpoints, with_eval=bool(eval_rows))
     trainer = SFTTrainer(model=model, args=config, processing_class=tokenizer,
-                         train_dataset=Dataset.from_list(train_rows),
-                         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+                         train_dataset=train_ds, eval_dataset=tokenized(eval_rows, tokenizer) if eval_rows else None,
                          callbacks=[metrics.callback()])
     resume = str(run.checkpoints[-1]) if run.state.resume and run.checkpoints else None
     if resume:
