@@ -1,7 +1,8 @@
 """`tandem`: the workstation (no arguments) and headless commands for scripts and plain terminals.
 
-Errors go to stderr with exit status 1 (2 for bad usage); results go to stdout, as JSON with --json.
-The inference GPU is pinned before anything imports torch.
+Errors go to stderr as one line with exit status 1 (2 for bad usage); results go to stdout, as JSON with
+--json. Stored text (prompts, replies, names, run errors) is printed through `engine.text`, so escape
+sequences in it never reach the terminal. The inference GPU is pinned before anything imports torch.
 """
 
 from __future__ import annotations
@@ -9,11 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 from engine import settings as settings_mod
+from engine.text import json_text, line, plain
 
 Command = Callable[[settings_mod.Settings, argparse.Namespace], int]
 
@@ -28,7 +32,7 @@ def _engine(s: settings_mod.Settings, history: bool = True):
     eng = Engine(s, history=history)
     eng.load(_progress)
     for name, why in eng.broken_adapters():
-        print(f"warning: adapter folder {name!r} skipped: {why}", file=sys.stderr)
+        print(f"warning: adapter folder {line(name)!r} skipped: {line(why)}", file=sys.stderr)
     return eng
 
 
@@ -45,7 +49,8 @@ def cmd_chat(s: settings_mod.Settings, a: argparse.Namespace) -> int:
                 d = ev.decision
                 print(f"[{ev.adapter} · {d.reason} · {d.confidence:.2f}]", file=sys.stderr)
             elif isinstance(ev, Delta) and live and (ev.channel == "final" or not a.final_only):
-                print(ev.text if ev.channel == "final" else f"\x1b[2m{ev.text}\x1b[0m", end="", flush=True)
+                text = plain(ev.text)  # a model's text is text: no escape sequence of its own reaches the terminal
+                print(text if ev.channel == "final" else f"\x1b[2m{text}\x1b[0m", end="", flush=True)
             elif isinstance(ev, Finished):
                 r = ev.reply
                 result = {"final": r.parser.final, "analysis": r.parser.analysis,
@@ -55,9 +60,9 @@ def cmd_chat(s: settings_mod.Settings, a: argparse.Namespace) -> int:
 
     if a.once is not None:
         if a.json:
-            print(json.dumps(one(a.once, live=False), ensure_ascii=False))
+            print(json_text(one(a.once, live=False)))
         elif a.final_only:
-            print(one(a.once, live=False)["final"])
+            print(plain(one(a.once, live=False)["final"]))
         else:
             res = one(a.once, live=True)
             print(f"\n[{res['stats']['tokens_out']} tokens, {res['stats']['tokens_per_s']} tok/s]", file=sys.stderr)
@@ -75,7 +80,7 @@ def cmd_chat(s: settings_mod.Settings, a: argparse.Namespace) -> int:
             try:
                 eng.set_mode({"base": "base", "auto": "auto"}.get(cmd, arg.strip()))
             except Exception as e:
-                print(f"error: {e}", file=sys.stderr)
+                print(f"error: {line(e)}", file=sys.stderr)
             continue
         one(prompt, live=True)
         print()
@@ -108,21 +113,20 @@ def cmd_adapters(s: settings_mod.Settings, a: argparse.Namespace) -> int:
     if a.action == "list":
         good, bad = store.scan()
         if a.json:
-            print(json.dumps({"adapters": [{**asdict(x.manifest), "size_bytes": x.size_bytes} for x in good],
-                              "broken": [{"folder": f, "reason": r} for f, r in bad]}, ensure_ascii=False))
+            print(json_text({"adapters": [{**asdict(x.manifest), "size_bytes": x.size_bytes} for x in good],
+                             "broken": [{"folder": f, "reason": r} for f, r in bad]}))
             return 0
         if not good:
-            print(f"no adapters in {store.root}")
+            print(f"no adapters in {line(store.root)}")
         for x in good:
             loss = f"{x.manifest.final_loss:.3f}" if x.manifest.final_loss is not None else "-"
-            print(f"{x.name:24} {x.manifest.task:12} {x.size_bytes / 2**20:8.1f} MB  loss {loss}")
+            print(f"{line(x.name):24} {line(x.manifest.task):12} {x.size_bytes / 2**20:8.1f} MB  loss {loss}")
         for f, r in bad:
-            print(f"broken: {f}: {r}", file=sys.stderr)
+            print(f"broken: {line(f)}: {line(r)}", file=sys.stderr)
         return 0
     if a.action == "show":
         x = store.get(a.name)
-        print(json.dumps({**asdict(x.manifest), "path": str(x.path), "size_bytes": x.size_bytes},
-                         indent=1, ensure_ascii=False))
+        print(json_text({**asdict(x.manifest), "path": str(x.path), "size_bytes": x.size_bytes}, indent=1))
     elif a.action == "rename":
         store.rename(a.name, a.new_name)
         print(f"renamed {a.name} -> {a.new_name}")
@@ -151,12 +155,13 @@ def cmd_train(s: settings_mod.Settings, a: argparse.Namespace) -> int:
 
     queue = RunQueue(s)
     run, report = queue.submit_checked(a.task, a.data, a.profile, a.gpu, a.from_adapter or "", a.name or "")
-    print(f"data: {report.summary()}", file=sys.stderr)
+    print(f"data: {line(report.summary())}", file=sys.stderr)
     print(run.id)
-    print(f"{run.state.status} on GPU {run.request.gpu}; follow it with: tandem runs show {run.id}", file=sys.stderr)
+    where = queue.device(run.request.gpu)
+    print(f"{run.state.status} on {where}; follow it with: tandem runs show {run.id}", file=sys.stderr)
     if a.wait:
         state = queue.wait(run, timeout=a.wait)
-        print(f"{state.status}: {state.outcome or state.error}", file=sys.stderr)
+        print(f"{state.status}: {line(state.outcome or state.error)}", file=sys.stderr)
         return 0 if state.status == "finished" else 1
     return 0
 
@@ -168,17 +173,19 @@ def cmd_runs(s: settings_mod.Settings, a: argparse.Namespace) -> int:
     if a.action == "list":
         rows = [r.summary() for r in queue.runs()]
         if a.json:
-            print(json.dumps(rows))
+            print(json_text(rows))
         for r in [] if a.json else rows:
-            print(f"{r['id']:24} {r['task']:12} {r['profile']:12} GPU {r['gpu']}  {r['status']:9} "
-                  f"{r['step']}/{r['total']}  {r['outcome'] or r['error']}")
+            print(line(f"{r['id']:24} {r['task']:12} {r['profile']:12} GPU {r['gpu']}  {r['status']:9} "
+                       f"{r['step']}/{r['total']}  {r['outcome'] or r['error']}"))
+        for folder, why in queue.broken:
+            print(f"broken: {line(folder)}: {line(why)}", file=sys.stderr)
         return 0
     if a.action == "show":
         run = queue.get(a.id)
         metrics = run.metrics()
         out = {**run.summary(), "metrics": metrics[-1] if metrics else None,
                "warnings": [m["warning"] for m in metrics if m.get("warning")]}
-        print(json.dumps(out, indent=1))
+        print(json_text(out, indent=1))
     elif a.action == "stop":
         run = queue.stop(a.id)
         print(f"{run.id}: {run.state.status}")
@@ -206,7 +213,7 @@ def cmd_experts(s: settings_mod.Settings, a: argparse.Namespace) -> int:
         out["compare"] = {"adapter": other.adapter, "usage": other.reply.experts.usage(),
                           "shift": usage_shift(other.reply.experts, trace)}
     if a.json:
-        print(json.dumps(out, ensure_ascii=False))
+        print(json_text(out))
         return 0
     print(f"{done.adapter}: {out['final']!r}  ({len(trace.indices)} reply tokens, top-{trace.top_k} of "
           f"{trace.num_experts} experts, {trace.num_layers} layers)")
@@ -239,27 +246,29 @@ def cmd_history(s: settings_mod.Settings, a: argparse.Namespace) -> int:
     if a.action == "list":
         rows = h.conversations(a.limit)
         if a.json:
-            print(json.dumps(rows))
+            print(json_text(rows))
         for c in [] if a.json else rows:
-            print(f"{c['id']:>5}  {c['turns']:>3} turns  {c['title']}")
+            print(f"{c['id']:>5}  {c['turns']:>3} turns  {line(c['title'])}")
     elif a.action == "show":
         turns = h.turns(a.id)
         if not turns:
             print(f"error: no conversation {a.id}", file=sys.stderr)
             return 1
         if a.json:
-            print(json.dumps([t.as_dict() for t in turns], ensure_ascii=False))
+            print(json_text([t.as_dict() for t in turns]))
         for t in [] if a.json else turns:
             extra = "".join([f" · rated {t.rating}" if t.rating else "", " · corrected" if t.correction else "",
-                             f" · {t.status}" if t.status != "complete" else ""])
-            print(f"[{t.id}] you: {t.prompt}\n      {t.adapter}{extra}: {t.final}")
+                             f" · {line(t.status)}" if t.status != "complete" else ""])
+            print(f"[{t.id}] you: {plain(t.prompt)}\n      {line(t.adapter)}{extra}: {plain(t.final)}")
     elif a.action == "search":
         for t in h.search(a.text):
-            print(f"[{t.id}] conv {t.conversation_id} · {t.adapter}: {t.prompt[:60]!r} -> {t.final[:60]!r}")
+            print(f"[{t.id}] conv {t.conversation_id} · {line(t.adapter)}: {line(repr(t.prompt[:60]))} -> "
+                  f"{line(repr(t.final[:60]))}")
     elif a.action == "export":
         rows = [example_of(t) for t in h.usable_for(a.task)] if a.task else [t.as_dict() for t in h.turns()]
-        sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        sys.stdout.write("".join(json_text(r) + "\n" for r in rows))
     elif a.action == "label":
+        h.turn(a.turn)  # KeyError (one line) when there is no such turn
         h.set_task(a.turn, a.task)
         print(f"turn {a.turn} now teaches {a.task!r}")
     return 0
@@ -271,6 +280,8 @@ def cmd_learn(s: settings_mod.Settings, a: argparse.Namespace) -> int:
 
     learner = Learner(s, History(s.history_db))
     due = learner.due()
+    for _task, why in learner.skipped:
+        print(f"skipped: {line(why)}", file=sys.stderr)
     for task, why in due:
         print(f"{task}: due ({why})", file=sys.stderr)
     if not due:
@@ -286,11 +297,11 @@ def cmd_report(s: settings_mod.Settings, a: argparse.Namespace) -> int:
 
     r = report(History(s.history_db))
     if a.json:
-        print(json.dumps(r))
+        print(json_text(r))
         return 0
     print(f"{r['turns']} turns · mean rating {r['mean_rating']} ({r['rated']} rated) · "
           f"corrections {r['correction_rate']} · {r['preferences']} A/B picks")
-    print("usage: " + ", ".join(f"{k} {v}" for k, v in r["usage"].items()))
+    print("usage: " + line(", ".join(f"{k} {v}" for k, v in r["usage"].items())))
     print(f"{'day':10} {'turns':>5} {'rating':>6} {'corr.':>6} {'tok/s':>7} {'router':>6}")
     for d in r["days"]:
         print(f"{d['day']:10} {d['turns']:>5} {d['mean_rating'] or '-':>6} {d['correction_rate']:>6} "
@@ -386,6 +397,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message is meant for the user: printed as one line, no traceback."""
+    from engine.harmony import PromptTooLong
+    from engine.names import InvalidName
+    from engine.serve.model import ModelLoadError
+    from engine.store.adapters import AdapterError
+    from engine.store.history import HistoryError
+    from engine.train.dataset import DatasetError
+    from engine.train.runs import RunError
+
+    return (AdapterError, DatasetError, HistoryError, InvalidName, ModelLoadError, PromptTooLong, RunError,
+            settings_mod.SettingsError, KeyError, OSError, TimeoutError)
+
+
+def _message(e: BaseException) -> str:
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # str(KeyError) adds quotes
+    return line(text) or type(e).__name__
+
+
+def _crash_report(s: settings_mod.Settings | None, e: BaseException) -> str:
+    """An unexpected error: the traceback goes to a log file, the user gets one line saying where."""
+    logs = s.logs_dir if s is not None else Path.cwd()
+    path = logs / "cli-errors.log"
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} tandem {' '.join(sys.argv[1:])}\n")
+            fh.write(traceback.format_exc())
+    except OSError:
+        return f"error: {type(e).__name__}: {_message(e)} (a bug; the traceback could not be written to {path})"
+    return f"error: {type(e).__name__}: {_message(e)} (a bug; traceback in {path})"
+
+
 def main(argv: list[str] | None = None, ui: Command | None = None) -> int:
     """Run a headless command, or `ui` (the workstation, which tui/ supplies) when none is given."""
     args = build_parser().parse_args(argv)
@@ -393,31 +437,32 @@ def main(argv: list[str] | None = None, ui: Command | None = None) -> int:
         build_parser().print_help()
         return 2
     warnings.filterwarnings("ignore")
+    s = None
     try:
-        s = settings_mod.load(args.settings)
-    except settings_mod.SettingsError as e:
-        print(f"error: settings: {e}", file=sys.stderr)
-        return 1
-    if args.command in (None, "chat", "experts"):
-        from engine.serve.model import pin_gpu
+        s = settings_mod.load(args.settings, must_exist=bool(args.settings))
+        for warning in s.warnings:
+            print(f"warning: {line(warning)}", file=sys.stderr)
+        if args.command in (None, "chat", "experts"):
+            from engine.serve.model import pin_gpu
+            from engine.telemetry import gpu_count
 
-        pin_gpu(s.gpus.inference)
-    fn = getattr(args, "fn", ui)
-    try:
-        return fn(s, args)
+            count = gpu_count()
+            if count and s.gpus.inference >= count:
+                raise settings_mod.SettingsError(
+                    f"gpus.inference = {s.gpus.inference}: this machine has GPUs 0-{count - 1}")
+            pin_gpu(s.gpus.inference)
+        return getattr(args, "fn", ui)(s, args)
     except KeyboardInterrupt:
         return 130
-    except Exception as e:  # every engine error class carries a message meant for the user
-        from engine.serve.model import ModelLoadError
-        from engine.store.adapters import AdapterError
-        from engine.train.dataset import DatasetError
-        from engine.train.runs import RunError
-
-        known = (AdapterError, DatasetError, ModelLoadError, RunError, settings_mod.SettingsError, KeyError)
-        if isinstance(e, known):
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        raise
+    except settings_mod.SettingsError as e:
+        print(f"error: settings: {_message(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if isinstance(e, _user_errors()):
+            print(f"error: {_message(e)}", file=sys.stderr)
+        else:
+            print(_crash_report(s, e), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

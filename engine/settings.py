@@ -7,6 +7,7 @@ the file is written back. Paths are relative to the settings file so a checkout 
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 import warnings
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+
+from engine import names
 
 ENV_VAR = "TANDEM_SETTINGS"
 REASONING_LEVELS = ("low", "medium", "high")
@@ -135,6 +138,7 @@ class Settings:
     learning: LearningSettings = field(default_factory=LearningSettings)
     source: Path | None = None  # the file these came from; paths resolve against its folder
     raw: dict[str, Any] = field(default_factory=dict)  # the file as read, unknown keys included
+    warnings: list[str] = field(default_factory=list)  # one line per unknown key, naming it and the file
 
     @property
     def root(self) -> Path:
@@ -183,7 +187,7 @@ def _coerce(key: str, value: Any, expected: type) -> Any:
     return value
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def _build(cls: type, data: Any, prefix: str, unknown: list[str]) -> Any:
     if not isinstance(data, dict):
         raise SettingsError(f"[{prefix}] must be a table, got {data!r}")
     known = {f.name: f for f in fields(cls)}
@@ -191,18 +195,18 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for key, value in data.items():
         full = f"{prefix}.{key}"
         if key not in known:
-            warnings.warn(f"settings: unknown key {full} (kept, ignored)", stacklevel=4)
+            unknown.append(full)
             continue
         f = known[key]
         if key == "profiles":
-            kwargs[key] = _profiles(value, full)
+            kwargs[key] = _profiles(value, full, unknown)
             continue
         expected = {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]
         kwargs[key] = _coerce(full, value, expected)
     return cls(**kwargs)
 
 
-def _profiles(data: Any, prefix: str) -> dict[str, Profile]:
+def _profiles(data: Any, prefix: str, unknown: list[str]) -> dict[str, Profile]:
     if not isinstance(data, dict):
         raise SettingsError(f"[{prefix}] must be a table of profiles")
     merged = default_profiles()
@@ -212,49 +216,81 @@ def _profiles(data: Any, prefix: str) -> dict[str, Profile]:
             raise SettingsError(f"[{prefix}.{name}] must be a table")
         if name not in merged and not {"max_steps", "max_samples"} <= table.keys():
             raise SettingsError(f"[{prefix}.{name}] needs max_steps and max_samples")
-        merged[name] = _build(Profile, {**base, **table}, f"{prefix}.{name}")
+        merged[name] = _build(Profile, {**base, **table}, f"{prefix}.{name}", unknown)
     return merged
 
 
-def _check(s: Settings) -> None:
-    def need(ok: bool, key: str, value: Any, expected: str) -> None:
-        if not ok:
-            raise SettingsError(f"{key} = {value!r}: expected {expected}")
+Range = tuple[float, float, str]  # low, high (inclusive), what to say
+_INT = 2**31 - 1
 
-    need(s.model.max_seq_length >= 64, "model.max_seq_length", s.model.max_seq_length, "at least 64")
-    need(s.model.dtype in DTYPES, "model.dtype", s.model.dtype, "one of " + ", ".join(DTYPES))
-    for role in ("inference", "training"):
-        v = getattr(s.gpus, role)
-        need(v >= 0, f"gpus.{role}", v, "a GPU index (0, 1, ...)")
-    need(s.chat.reasoning in REASONING_LEVELS, "chat.reasoning", s.chat.reasoning, "low, medium or high")
-    need(0 <= s.chat.temperature <= 5, "chat.temperature", s.chat.temperature, "a number from 0 to 5")
-    need(0 < s.chat.top_p <= 1, "chat.top_p", s.chat.top_p, "a number in (0, 1]")
-    need(s.chat.top_k >= 0, "chat.top_k", s.chat.top_k, "0 (off) or a positive integer")
-    need(s.chat.max_new_tokens > 0, "chat.max_new_tokens", s.chat.max_new_tokens, "a positive integer")
-    need(s.adapters.mode != "", "adapters.mode", s.adapters.mode, "auto, base or an adapter name")
-    thr = s.adapters.router_threshold
-    need(0 <= thr <= 1, "adapters.router_threshold", thr, "a number from 0 to 1")
-    need(s.adapters.vram_budget_mb > 0, "adapters.vram_budget_mb", s.adapters.vram_budget_mb, "a positive integer")
+# Every numeric setting and its allowed range; the error names key, value and range.
+RANGES: dict[str, Range] = {
+    "model.max_seq_length": (64, 1 << 20, "an integer from 64 to 1048576"),
+    "gpus.inference": (0, 63, "a GPU index (0, 1, ...)"),
+    "gpus.training": (0, 63, "a GPU index (0, 1, ...)"),
+    "chat.temperature": (0, 5, "a number from 0 to 5"),
+    "chat.top_p": (1e-9, 1, "a number in (0, 1]"),
+    "chat.top_k": (0, 1 << 20, "0 (off) or a positive integer"),
+    "chat.max_new_tokens": (1, 1 << 20, "an integer from 1 to 1048576"),
+    "adapters.router_threshold": (0, 1, "a number from 0 to 1"),
+    "adapters.vram_budget_mb": (1, 1 << 24, "an integer from 1 to 16777216 (MB)"),
+    "training.target_loss": (0, 100, "a number from 0 to 100"),
+    "training.overfit_below": (0, 100, "a number from 0 to 100"),
+    "training.underfit_above": (0, 100, "a number from 0 to 100"),
+    "training.keep_checkpoints": (1, 1000, "an integer from 1 to 1000"),
+    "training.eval_fraction": (0, 0.4999, "a number in [0, 0.5)"),
+    "training.seed": (0, _INT, f"an integer from 0 to {_INT}"),
+    "learning.retrain_every": (1, _INT, "a positive integer"),
+    "learning.min_examples_new_task": (1, _INT, "a positive integer"),
+    "learning.holdout_fraction": (1e-9, 1 - 1e-9, "a number in (0, 1)"),
+}
+PROFILE_RANGES: dict[str, Range] = {
+    "max_steps": (1, 10_000_000, "an integer from 1 to 10000000"),
+    "max_samples": (1, 1_000_000_000, "a positive integer"),
+    "rank": (1, 1024, "an integer from 1 to 1024"),
+    "alpha": (1, 4096, "an integer from 1 to 4096"),
+    "batch_size": (1, 4096, "an integer from 1 to 4096"),
+    "grad_accum": (1, 4096, "an integer from 1 to 4096"),
+    "learning_rate": (1e-12, 1 - 1e-12, "a number in (0, 1)"),
+    "warmup_steps": (0, 10_000_000, "an integer from 0 to 10000000"),
+    "max_seq_length": (16, 1 << 20, "an integer from 16 to 1048576"),
+    "save_steps": (1, 10_000_000, "a positive integer"),
+    "logging_steps": (1, 10_000_000, "a positive integer"),
+}
+
+
+def _need(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise SettingsError(f"{key} = {value!r}: expected {expected}")
+
+
+def _in_range(key: str, value: float, rng: Range) -> None:
+    low, high, what = rng
+    _need(math.isfinite(value) and low <= value <= high, key, value, what)
+
+
+def _check(s: Settings) -> None:
+    for key, rng in RANGES.items():
+        section, name = key.split(".")
+        _in_range(key, getattr(getattr(s, section), name), rng)
+    _need(s.model.dtype in DTYPES, "model.dtype", s.model.dtype, "one of " + ", ".join(DTYPES))
+    _need(s.chat.reasoning in REASONING_LEVELS, "chat.reasoning", s.chat.reasoning, "low, medium or high")
+    mode = s.adapters.mode
+    _need(mode in ("auto", "base") or names.is_valid(mode), "adapters.mode", mode, "auto, base or an adapter name")
     t = s.training
-    need(t.default_profile in t.profiles, "training.default_profile", t.default_profile,
-         "one of " + ", ".join(sorted(t.profiles)))
-    need(0 <= t.eval_fraction < 0.5, "training.eval_fraction", t.eval_fraction, "a number in [0, 0.5)")
-    need(t.keep_checkpoints >= 1, "training.keep_checkpoints", t.keep_checkpoints, "at least 1")
+    _need(t.overfit_below <= t.target_loss <= t.underfit_above, "training.target_loss", t.target_loss,
+          f"a value between overfit_below ({t.overfit_below}) and underfit_above ({t.underfit_above})")
+    _need(t.default_profile in t.profiles, "training.default_profile", t.default_profile,
+          "one of " + ", ".join(sorted(t.profiles)))
     for name, p in t.profiles.items():
         key = f"training.profiles.{name}"
-        need(p.max_steps > 0, f"{key}.max_steps", p.max_steps, "a positive integer")
-        need(p.max_samples > 0, f"{key}.max_samples", p.max_samples, "a positive integer")
-        need(p.rank > 0, f"{key}.rank", p.rank, "a positive integer")
-        need(p.batch_size > 0, f"{key}.batch_size", p.batch_size, "a positive integer")
-        need(p.grad_accum > 0, f"{key}.grad_accum", p.grad_accum, "a positive integer")
-        need(0 < p.learning_rate < 1, f"{key}.learning_rate", p.learning_rate, "a number in (0, 1)")
-        need(p.scheduler in ("cosine", "linear", "constant"), f"{key}.scheduler", p.scheduler,
-             "cosine, linear or constant")
+        _need(names.is_valid(name), key, name, f"a profile name of {names.RULE}")
+        for field_name, rng in PROFILE_RANGES.items():
+            _in_range(f"{key}.{field_name}", getattr(p, field_name), rng)
+        _need(p.scheduler in ("cosine", "linear", "constant"), f"{key}.scheduler", p.scheduler,
+              "cosine, linear or constant")
     w = s.learning.nightly_window
-    need(w == "" or _parse_window(w) is not None, "learning.nightly_window", w, '"HH:MM-HH:MM" or ""')
-    need(s.learning.retrain_every > 0, "learning.retrain_every", s.learning.retrain_every, "a positive integer")
-    need(0 < s.learning.holdout_fraction < 1, "learning.holdout_fraction", s.learning.holdout_fraction,
-         "a number in (0, 1)")
+    _need(w == "" or _parse_window(w) is not None, "learning.nightly_window", w, '"HH:MM-HH:MM" or ""')
 
 
 def _parse_window(text: str) -> tuple[int, int] | None:
@@ -277,13 +313,17 @@ def nightly_window(s: Settings) -> tuple[int, int] | None:
 
 
 def from_dict(data: dict[str, Any], source: Path | None = None) -> Settings:
-    sections = {}
+    sections, unknown = {}, []
     for key, value in data.items():
         if key in SECTIONS:
-            sections[key] = _build(SECTIONS[key], value, key)
+            sections[key] = _build(SECTIONS[key], value, key, unknown)
         else:
-            warnings.warn(f"settings: unknown section or key {key!r} (kept, ignored)", stacklevel=2)
+            unknown.append(key)
     s = Settings(**sections, source=source, raw=data)
+    where = source.name if source else "settings"
+    s.warnings = [f"{where}: unknown key {k} (kept, ignored; a typo?)" for k in unknown]
+    for w in s.warnings:
+        warnings.warn(w, stacklevel=2)
     _check(s)
     return s
 
@@ -296,14 +336,24 @@ def default_path() -> Path:
     return Path(__file__).resolve().parent.parent / "settings.toml"
 
 
-def load(path: Path | str | None = None) -> Settings:
-    path = Path(path) if path else default_path()
+def load(path: Path | str | None = None, must_exist: bool = False) -> Settings:
+    """Settings from `path` (default: `default_path()`). A missing file gives the defaults, unless the
+    person named it (`must_exist`, or TANDEM_SETTINGS): then a typo must not silently mean defaults."""
+    named_by_env = not path and bool(os.environ.get(ENV_VAR))
+    path = Path(path).expanduser() if path else default_path()
     if not path.exists():
+        if must_exist or named_by_env:
+            how = f" (named by {ENV_VAR})" if named_by_env else ""
+            raise SettingsError(f"{path}: no such settings file{how}")
         return Settings(source=path.resolve())
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise SettingsError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise SettingsError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise SettingsError(f"{path}: cannot be read ({e.strerror or e})") from None
     return from_dict(data, source=path.resolve())
 
 

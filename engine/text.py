@@ -8,6 +8,7 @@ removes escape sequences and shows every other control character as a visible `\
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 
@@ -38,3 +39,13 @@ def plain(text: object, newlines: bool = True) -> str:
 def line(text: object) -> str:
     """`plain` on one line: for tables and lists."""
     return plain(text, newlines=False)
+
+
+_JSON_UNSAFE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
+
+
+def json_text(obj: object, **kw: object) -> str:
+    """`json.dumps` that keeps non-ASCII text readable but escapes what a terminal would act on (JSON
+    already escapes C0 controls; C1 controls and bidi marks become `\\uXXXX`, still valid JSON)."""
+    dumped = json.dumps(obj, ensure_ascii=False, **kw)
+    return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", dumped)

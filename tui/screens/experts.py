@@ -53,7 +53,7 @@ class ExpertsScreen(ModalScreen):
         t = self.trace
         with VerticalScroll(classes="dialog"):
             yield Label(f"Experts · {self.adapter} · top-{t.top_k} of {t.num_experts} · {t.num_layers} layers · "
-                        f"{len(t.indices)} tokens")
+                        f"{len(t.indices)} tokens", markup=False)
             yield Static(heatmap(t.usage()), id="heatmap")
             yield Label("Tokens (Up/Down): experts per layer for the selected token")
             yield OptionList(*[Text(repr(x)[1:-1] or "·") for x in self.tokens[: len(t.indices)]], id="tokens")

@@ -16,6 +16,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Markdown, RichLog, Select, Static, TextArea
 
+from engine import names
 from engine import settings as st
 
 HELP = """\
@@ -157,7 +158,7 @@ class NewRunScreen(Dismissable):
             yield Input(placeholder="task name, e.g. math", id="task")
             yield Input(self.default_data, placeholder="data: a .jsonl/.json/.parquet/.csv path or owner/dataset",
                         id="data")
-            yield Select([(p, p) for p in self.profiles], value=self.default_profile, allow_blank=False,
+            yield Select([(Text(p), p) for p in self.profiles], value=self.default_profile, allow_blank=False,
                          id="profile")
             yield Static("", id="run-error")
             with Horizontal(classes="buttons"):
@@ -170,7 +171,12 @@ class NewRunScreen(Dismissable):
         task = self.query_one("#task", Input).value.strip()
         data = self.query_one("#data", Input).value.strip()
         if not task or not data:
-            self.query_one("#run-error", Static).update(Text("task and data are both needed", style="red"))
+            self.show_error("task and data are both needed")
+            return
+        try:
+            names.check(task, "task name")  # the run queue's rule, checked here so the form stays open
+        except names.InvalidName as e:
+            self.show_error(str(e))
             return
         self.dismiss(NewRun(task, data, str(self.query_one("#profile", Select).value)))
 

@@ -34,7 +34,7 @@ class CompareScreen(Dismissable):
             with Horizontal(id="ab"):
                 for side, name in (("a", self.a), ("b", self.b)):
                     with VerticalScroll(classes="ab-side"):
-                        yield Label(f"{'1' if side == 'a' else '2'} · {name}")
+                        yield Label(f"{'1' if side == 'a' else '2'} · {name}", markup=False)
                         yield Markdown("answering…", id=f"ab-{side}")
             yield Static("1 left better · 2 right better · = tie · Esc close", classes="hint", id="ab-hint")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -142,7 +143,7 @@ class ChatPanel(Vertical):
 
     def compose(self) -> ComposeResult:
         yield VerticalScroll(id="conversation")
-        yield Static("", id="chat-status")
+        yield Static("", id="chat-status", markup=False)
         yield PromptInput(placeholder="Ask anything · Enter sends · Esc stops · F1 help", id="prompt")
 
     @property
@@ -176,8 +177,13 @@ class ChatPanel(Vertical):
         if view.scroll_y >= view.max_scroll_y - 3:
             view.scroll_end(animate=False)
 
-    def set_status(self, text: str) -> None:
+    def set_status(self, text: str | Text) -> None:
+        """A status line. A str is shown as typed: errors quote names and paths, never markup."""
         self.query_one("#chat-status", Static).update(text)
+
+    def show_error(self, headline: str, detail: str) -> None:
+        """A red headline and a plain detail (an error message, which may hold any characters)."""
+        self.set_status(Text.assemble((headline, "red"), " ", detail))
 
     def watch_show_analysis(self, show: bool) -> None:
         for reply in self.query(Reply):

@@ -85,7 +85,7 @@ class GpuPanel(VerticalScroll):
         self.cards: dict[int, GpuCard] = {}
 
     def compose(self) -> ComposeResult:
-        yield Static("reading GPUs…", id="gpu-note")
+        yield Static("reading GPUs…", id="gpu-note", markup=False)
 
     def role(self, index: int) -> str:
         roles = [r for r, i in (("inference", self.inference_gpu), ("training", self.training_gpu)) if i == index]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
@@ -50,7 +51,7 @@ class SpecialistSwitcher(Vertical):
         self.broken: list[tuple[str, str]] = []
 
     def compose(self) -> ComposeResult:
-        yield Static("", id="switcher-mode")
+        yield Static("", id="switcher-mode", markup=False)
         table = DataTable(id="adapters", cursor_type="row", zebra_stripes=True)
         # fixed widths: auto-sized columns re-flow a frame after each refresh, so the table would jump
         for label, width in (("#", 1), ("specialist", 16), ("task", 10), ("MB", 6), ("loss", 6), ("where", 5)):
@@ -68,7 +69,9 @@ class SpecialistSwitcher(Vertical):
             loss = f"{r.final_loss:.3f}" if r.final_loss is not None else "-"
             where = "GPU*" if r.active else "GPU" if r.resident else "disk"
             mark = "▶ " if r.name == mode else ""
-            table.add_row(str(i) if i < 10 else "", mark + r.name, r.task, f"{r.size_mb:.1f}", loss, where, key=r.name)
+            # Text cells: a DataTable reads str cells as markup, and names on disk may predate the name rule
+            cells = (str(i) if i < 10 else "", mark + r.name, r.task, f"{r.size_mb:.1f}", loss, where)
+            table.add_row(*(Text(c) for c in cells), key=r.name)
         if rows:
             # no scroll: a refresh must not slide a too-wide table sideways under the user
             table.move_cursor(row=min(cursor, len(rows) - 1), scroll=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
@@ -54,7 +55,7 @@ class TrainingPanel(Vertical):
         table.add_columns("run", "task", "profile", "status", "step")
         yield table
         yield ProgressBar(id="run-progress", show_eta=False)
-        yield Static("", id="run-stats")
+        yield Static("", id="run-stats", markup=False)
         yield LossChart(id="loss-chart")
         yield Static("", id="run-warnings", markup=False)
 
@@ -73,8 +74,9 @@ class TrainingPanel(Vertical):
         table.clear()
         for rv in runs:
             s = rv.summary
-            table.add_row(s["id"], s["task"], s["profile"], s["status"], f"{s['step']}/{s['total'] or '?'}",
-                          key=s["id"])
+            # Text cells: a DataTable reads str cells as markup, and a run's task is whatever its file says
+            cells = (s["id"], s["task"], s["profile"], s["status"], f"{s['step']}/{s['total'] or '?'}")
+            table.add_row(*(Text(str(c)) for c in cells), key=s["id"])
         ids = [rv.summary["id"] for rv in runs]
         if keep in ids:
             table.move_cursor(row=ids.index(keep))
