@@ -203,7 +203,7 @@ class TandemApp(App):
         self.load_error = m.error
         self.sub_title = "model failed to load"
         self._remember_log(f"model failed to load: {m.error}")
-        self.query_one(ChatPanel).set_status(f"[red]Model failed to load:[/red] {m.error}\nFix settings (Ctrl+O).")
+        self.query_one(ChatPanel).show_error("Model failed to load:", f"{m.error}\nFix settings (Ctrl+O).")
         self.notify(m.error, title="model failed to load", severity="error", timeout=15)
 
     @on(EngineReady)
