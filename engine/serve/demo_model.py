@@ -36,6 +36,7 @@ TINY = dict(
 )
 VOCAB = 1024
 STEPS, BATCH, LR = 240, 16, 4e-3
+BUILD_SHARE = 0.25  # of a first load's progress (the model load and compile come after)
 
 
 def cache_root() -> Path:
@@ -48,12 +49,19 @@ def cache_root() -> Path:
 
 
 def _build_key() -> str:
-    h = hashlib.sha256(Path(__file__).read_bytes() + DATA.read_bytes())
-    return h.hexdigest()[:12]
+    """What the build depends on: the training texts as rendered (so a harmony change rebuilds), the
+    recipe's code and constants, and the library versions; not this file's docs or unrelated code."""
+    import inspect
+    from importlib.metadata import version
+
+    recipe = [inspect.getsource(f) for f in (_tokenizer, build)] + [repr((TINY, VOCAB, STEPS, BATCH, LR))]
+    parts = recipe + [p + c for p, c in _texts()] + [version("tokenizers"), version("transformers")]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
 
 
 def demo_model_path(progress: Progress | None = None) -> Path:
-    """The cached demo model folder, built first if needed (under a lock)."""
+    """The cached demo model folder, built first if needed (under a lock). A build reports its progress
+    as the first BUILD_SHARE of a model load's."""
     target = cache_root() / f"demo-gpt-oss-{_build_key()}"
     if (target / "config.json").exists():
         return target
@@ -63,7 +71,7 @@ def demo_model_path(progress: Progress | None = None) -> Path:
         if not (target / "config.json").exists():
             tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
             try:
-                build(tmp, progress)
+                build(tmp, progress and (lambda text, done: progress(text, BUILD_SHARE * done)))
                 os.replace(tmp, target)  # readers never see a half-built model
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -135,8 +143,10 @@ def build(out: Path, progress: Progress | None = None) -> None:
         opt.step()
         sched.step()
         opt.zero_grad()
-        if step % 10 == 0:
-            say(f"training the demo model: step {step}/{STEPS}, loss {loss.item():.2f}", 0.05 + 0.9 * step / STEPS)
+        if step % 10 == 0 and step:
+            left = (time.monotonic() - started) / step * (STEPS - step)
+            say(f"building the demo model (first start only): step {step}/{STEPS}, ~{left:.0f} s left",
+                0.05 + 0.9 * step / STEPS)
     model.eval()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

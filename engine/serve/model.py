@@ -26,10 +26,13 @@ class ModelLoadError(RuntimeError):
 
 
 def pin_gpu(index: int) -> None:
-    """Expose only GPU `index` to this process. A no-op once torch is imported (too late) or when the
-    user has already chosen with CUDA_VISIBLE_DEVICES."""
-    if "torch" not in sys.modules and "CUDA_VISIBLE_DEVICES" not in os.environ:
+    """Expose only GPU `index` (numbered as NVML and the GPU panels number them) to this process: with
+    two visible, a library's device scan puts a ~500 MB CUDA context on the training GPU. A no-op once
+    torch is imported (too late), or when CUDA_VISIBLE_DEVICES already leaves `index` out (the user's choice)."""
+    chosen = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if "torch" not in sys.modules and (chosen is None or str(index) in chosen.split(",")):
         os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
+        os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's own order may differ from NVML's
 
 
 @dataclass
@@ -97,6 +100,10 @@ def load_model(settings: Settings, progress: Progress | None = None) -> LoadedMo
     """Load the configured base model (or the demo model) ready for generation."""
     say = progress or (lambda _m, _f: None)
     started = time.monotonic()
+    pin_gpu(settings.gpus.inference)  # whoever loads the model (the app's worker too) sees one GPU
+    from engine.startup import use_compile_caches
+
+    use_compile_caches()
     say("importing unsloth and torch", 0.05)
     with contextlib.redirect_stdout(sys.stderr):  # unsloth prints banners; stdout belongs to --json
         import unsloth  # noqa: F401  (first, so it can patch transformers before the demo build imports it)
