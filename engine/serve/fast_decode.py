@@ -9,8 +9,10 @@ per-expert factors, and on CUDA each one-token step compiled (torch.compile fuse
 kernels) and replayed as a CUDA graph. Tests compare its logits with the PEFT model's.
 
 An adapter's factors are packed once, when it is loaded; each adapter gets its own CUDA graphs, so a
-switch copies nothing. Adapters that adapt anything else (DoRA, bias, other modules), quantized weights
-and non-GPT-OSS models are refused with a reason, and the engine uses the reference path for them.
+switch copies nothing. Experts in MXFP4 (engine/serve/mxfp4.py) stay 4-bit: their routed pairs run
+through mxfp4_kernels.py, with the adapter's expert LoRA folded into the kernels. Adapters that adapt
+anything else (DoRA, bias, other modules), other quantized weights (bitsandbytes) and non-GPT-OSS models
+are refused with a reason, and the engine uses the reference path for them.
 """
 
 from __future__ import annotations
@@ -45,14 +47,26 @@ def unsupported(model: Any) -> str | None:
     layer = hf.model.layers[0]
     experts = _unwrap(layer.mlp.experts)
     w = getattr(experts, "gate_up_proj", None)
+    if _is_mxfp4(experts):
+        return _attention_unsupported(layer)
     if not isinstance(w, torch.Tensor) or w.dim() != 3:
         return "experts are not fused 3-D tensors (a quantized or per-expert checkpoint)"
+    if w.device.type == "cuda" and w.dtype != torch.bfloat16:
+        return f"grouped matmuls on CUDA need bf16 weights, these are {w.dtype}"
+    return _attention_unsupported(layer)
+
+
+def _attention_unsupported(layer: Any) -> str | None:
+    import torch
+
     q = _unwrap(layer.self_attn.q_proj)
     if type(q) is not torch.nn.Linear or q.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"attention weights are {type(q).__name__}/{q.weight.dtype}, not plain floating point"
-    if w.device.type == "cuda" and w.dtype != torch.bfloat16:
-        return f"grouped matmuls on CUDA need bf16 weights, these are {w.dtype}"
     return None
+
+
+def _is_mxfp4(experts: Any) -> bool:
+    return hasattr(experts, "gate_up_proj_blocks")
 
 
 @dataclass
@@ -119,7 +133,14 @@ class FastDecoder:
             m = _unwrap(getattr(attn, p))
             w[f"{p[0]}_w"], w[f"{p[0]}_b"] = m.weight, m.bias
         for p in EXPERT_PARAMS:
-            w[p], w[f"{p}_bias"] = getattr(experts, p), getattr(experts, f"{p}_bias")
+            w[f"{p}_bias"] = getattr(experts, f"{p}_bias")
+            if _is_mxfp4(experts):  # stays 4-bit: the kernels read blocks and scales as the checkpoint has them
+                from engine.serve.mxfp4_kernels import routed_experts
+
+                w[f"{p}_blocks"], w[f"{p}_scales"] = getattr(experts, f"{p}_blocks"), getattr(experts, f"{p}_scales")
+                w["routed"] = routed_experts
+            else:
+                w[p] = getattr(experts, p)
         # loaders keep some small tensors in fp32 (unsloth: the biases); a copy in the compute dtype keeps
         # every matmul in one dtype
         for k in ("q_b", "k_b", "v_b", "o_b", "router_b", "gate_up_proj_bias", "down_proj_bias", "router_w"):
@@ -168,8 +189,9 @@ class FastDecoder:
                     if param not in EXPERT_PARAMS or wrapper._did_swap_in_out_features:
                         return f"{name} adapts experts.{param} in a layout the fast path does not know"
                     lhs, rhs, scale = wrapper.get_delta_factors(name)
-                    # grouped matmuls want 16-byte strides: zero-pad the rank (exact: the padding adds 0)
-                    pad = -lhs.shape[-1] % (16 // self.dtype.itemsize)
+                    # grouped matmuls want 16-byte strides, the MXFP4 kernels a power of two: zero-pad the
+                    # rank (exact: the padding adds 0)
+                    pad = max(16, 1 << (lhs.shape[-1] - 1).bit_length()) - lhs.shape[-1]
                     parts[f"{param}.A"] = torch.nn.functional.pad(lhs, (0, pad))
                     parts[f"{param}.B"] = torch.nn.functional.pad(rhs * scale, (0, 0, 0, pad))
                     seen += 1
@@ -428,11 +450,13 @@ def _block(h: Any, pos: Any, kpos: Any, k_cache: Any, v_cache: Any, cos: Any, si
     out = out.permute(0, 3, 1, 2, 4).reshape(b, t, heads * hd)
     h = h + _lin(out, w["o_w"], w["o_b"], lora, "o_proj")
 
-    # experts: grouped matmuls over (token, expert) pairs sorted by expert; only routed experts' weights
-    # (and LoRA factors) are read
+    # experts: only routed experts' weights (and LoRA factors) are read
     x = _rms(h, w["ln2"], w["eps2"]).reshape(-1, d)
     top_v, top_i = torch.topk(F.linear(x, w["router_w"], w["router_b"]), top_k, dim=-1)
     weights = torch.softmax(top_v, dim=-1, dtype=top_v.dtype)
+    if "routed" in w:  # MXFP4: mxfp4_kernels.routed_experts
+        return h + w["routed"](x, top_i, weights, w, lora).view(b, t, d), top_i, weights
+    # bf16: grouped matmuls over (token, expert) pairs sorted by expert
     experts, perm = torch.sort(top_i.reshape(-1))
     rows = x[perm // top_k]
     counts = (experts[:, None] == torch.arange(num_experts, device=x.device)[None, :]).sum(0)

@@ -1,0 +1,277 @@
+"""Routed experts over MXFP4 weights for decoding: Triton kernels on the GPU, the exact fp32 path elsewhere.
+
+Why our own kernels: torchao's MX formats run MXFP4 matmuls only on sm_100 (elsewhere they dequantize the
+whole weight first), gemlite and bitsandbytes quantize dense linears in their own layouts (no routing over
+experts, no MXFP4 e8m0 scales), liger-kernel is for training, and OpenAI's triton_kernels (transformers'
+MXFP4 path) comes from the kernel hub, which an offline box cannot reach, and has no LoRA.
+
+Work is a list of routed (token, expert) pairs sorted by expert, so pairs that share an expert read its
+weights back to back (from L2). Each kernel program takes one pair and a tile of output rows, reads that
+expert's 4-bit rows once, dequantizes in registers (e2m1 bits placed into fp16 ones, scale applied per
+32-value block) and accumulates in fp32; no bf16 copy of a weight is ever written. The adapter's expert
+LoRA rides along: `lora_a` makes each pair's x·A (rank-wide), and the two expert kernels add (x·A)·B in
+their epilogue. gate_up fuses GPT-OSS's clamped SwiGLU; down multiplies by the routing weight. Nothing
+here needs FP8, TMA or wgmma, so it runs on Ampere (sm_80/86) as on Hopper.
+
+Each is a torch custom op (opaque to torch.compile, capturable in CUDA graphs) whose CPU version is the
+exact dequantizing path, the one the tests check (the kernels are tested against it on a GPU, and in
+Triton's interpreter on the CPU).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.serve.mxfp4 import dequantize, swiglu
+
+BJ, BN, BKB, BK_LORA = 16, 32, 8, 128  # gate/up units and down rows per program, scale blocks per step
+WARPS = 4
+
+
+# ----- Triton
+@triton.jit
+def _e2m1(code):
+    """4-bit codes (int32) -> e2m1 value * 2^-14: sign and the 3 magnitude bits placed into an fp16's
+    sign, exponent and mantissa, which also makes the subnormal 0.5 come out right."""
+    bits = ((code & 7) << 9) | ((code & 8) << 12)
+    return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _scale(s):
+    """e8m0 codes -> 2^(s-127) * 2^14 (undoing _e2m1's 2^-14), built as fp32 bits: exact for s <= 240."""
+    return ((s.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _rows_dot(w_ptr, s_ptr, rows, kbs, mask, xe, xo, KB):
+    """Σ over scale blocks `kbs` of weight rows `rows` (absolute, [R]) times x (even/odd halves, [BKB, 16])."""
+    c = tl.arange(0, 16)
+    off = rows[:, None] * KB + kbs[None, :]
+    codes = tl.load(w_ptr + off[:, :, None] * 16 + c[None, None, :], mask=mask[:, :, None], other=0).to(tl.int32)
+    s = tl.load(s_ptr + off, mask=mask, other=0)
+    part = tl.sum(_e2m1(codes & 15) * xe[None, :, :] + _e2m1(codes >> 4) * xo[None, :, :], axis=2)
+    return tl.sum(part * _scale(s), axis=1)
+
+
+@triton.jit
+def _x_halves(x_ptr, base, kbs, mk):
+    c = tl.arange(0, 16)
+    off = base + kbs[:, None] * 32 + 2 * c[None, :]
+    xe = tl.load(x_ptr + off, mask=mk[:, None], other=0.0).to(tl.float32)
+    xo = tl.load(x_ptr + off + 1, mask=mk[:, None], other=0.0).to(tl.float32)
+    return xe, xo
+
+
+@triton.jit
+def _lora_b(xa_ptr, b_ptr, p, e, cols, mask, width, R: tl.constexpr):
+    """(x·A)[p] · B[e][:, cols] for one pair: B is [experts, R, width]."""
+    r = tl.arange(0, R)
+    xa = tl.load(xa_ptr + p * R + r).to(tl.float32)
+    b = tl.load(b_ptr + (e * R + r[:, None]) * width + cols[None, :], mask=mask[None, :], other=0.0)
+    return tl.sum(xa[:, None] * b.to(tl.float32), axis=0)
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, rows_ptr, experts_ptr, w_ptr, s_ptr, bias_ptr, xa_ptr, b_ptr, out_ptr,
+                    INTER, KB, alpha, limit, HAS_LORA: tl.constexpr, R: tl.constexpr, BJ: tl.constexpr,
+                    BKB: tl.constexpr):
+    p = tl.program_id(1)
+    row = tl.load(rows_ptr + p).to(tl.int64)
+    e = tl.load(experts_ptr + p).to(tl.int64)
+    j = tl.program_id(0) * BJ + tl.arange(0, BJ)
+    mj = j < INTER
+    gate_rows = e * 2 * INTER + 2 * j  # gate and up rows interleave
+    acc_g = tl.zeros([BJ], dtype=tl.float32)
+    acc_u = tl.zeros([BJ], dtype=tl.float32)
+    for kb0 in range(0, KB, BKB):
+        kbs = kb0 + tl.arange(0, BKB)
+        mk = kbs < KB
+        xe, xo = _x_halves(x_ptr, row * KB * 32, kbs, mk)
+        m2 = mj[:, None] & mk[None, :]
+        acc_g += _rows_dot(w_ptr, s_ptr, gate_rows, kbs, m2, xe, xo, KB)
+        acc_u += _rows_dot(w_ptr, s_ptr, gate_rows + 1, kbs, m2, xe, xo, KB)
+    acc_g += tl.load(bias_ptr + gate_rows, mask=mj, other=0.0).to(tl.float32)
+    acc_u += tl.load(bias_ptr + gate_rows + 1, mask=mj, other=0.0).to(tl.float32)
+    if HAS_LORA:
+        acc_g += _lora_b(xa_ptr, b_ptr, p, e, 2 * j, mj, 2 * INTER, R)
+        acc_u += _lora_b(xa_ptr, b_ptr, p, e, 2 * j + 1, mj, 2 * INTER, R)
+    gate = tl.minimum(acc_g, limit)
+    up = tl.minimum(tl.maximum(acc_u, -limit), limit)
+    act = (up + 1) * (gate * tl.sigmoid(gate * alpha))
+    tl.store(out_ptr + p * INTER + j, act.to(out_ptr.dtype.element_ty), mask=mj)
+
+
+@triton.jit
+def _down_kernel(x_ptr, experts_ptr, gate_ptr, w_ptr, s_ptr, bias_ptr, xa_ptr, b_ptr, out_ptr,
+                 N, KB, HAS_LORA: tl.constexpr, R: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr):
+    p = tl.program_id(1)
+    e = tl.load(experts_ptr + p).to(tl.int64)
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    mn = n < N
+    rows = e * N + n
+    acc = tl.zeros([BN], dtype=tl.float32)
+    for kb0 in range(0, KB, BKB):
+        kbs = kb0 + tl.arange(0, BKB)
+        mk = kbs < KB
+        xe, xo = _x_halves(x_ptr, p.to(tl.int64) * KB * 32, kbs, mk)
+        acc += _rows_dot(w_ptr, s_ptr, rows, kbs, mn[:, None] & mk[None, :], xe, xo, KB)
+    acc += tl.load(bias_ptr + rows, mask=mn, other=0.0).to(tl.float32)
+    if HAS_LORA:
+        acc += _lora_b(xa_ptr, b_ptr, p, e, n, mn, N, R)
+    acc *= tl.load(gate_ptr + p).to(tl.float32)
+    tl.store(out_ptr + p * N + n, acc.to(out_ptr.dtype.element_ty), mask=mn)
+
+
+@triton.jit
+def _lora_a_kernel(x_ptr, rows_ptr, experts_ptr, a_ptr, out_ptr, K, R: tl.constexpr, BK: tl.constexpr):
+    p = tl.program_id(0)
+    row = tl.load(rows_ptr + p).to(tl.int64)
+    e = tl.load(experts_ptr + p).to(tl.int64)
+    r = tl.arange(0, R)
+    acc = tl.zeros([R], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k = k0 + tl.arange(0, BK)
+        mk = k < K
+        x = tl.load(x_ptr + row * K + k, mask=mk, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + (e * K + k[:, None]) * R + r[None, :], mask=mk[:, None], other=0.0).to(tl.float32)
+        acc += tl.sum(x[:, None] * a, axis=0)
+    tl.store(out_ptr + p * R + r, acc.to(out_ptr.dtype.element_ty))
+
+
+def triton_lora_a(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    out = x.new_empty(rows.shape[0], a.shape[-1])
+    _lora_a_kernel[(rows.shape[0],)](x, rows, experts, a, out, x.shape[1], R=a.shape[-1], BK=BK_LORA,
+                                     num_warps=WARPS)
+    return out
+
+
+def triton_gate_up(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, blocks: torch.Tensor,
+                   scales: torch.Tensor, bias: torch.Tensor, xa: torch.Tensor | None, lora_b: torch.Tensor | None,
+                   alpha: float, limit: float) -> torch.Tensor:
+    inter = blocks.shape[1] // 2
+    out = x.new_empty(rows.shape[0], inter)
+    lora = xa is not None
+    _gate_up_kernel[(triton.cdiv(inter, BJ), rows.shape[0])](
+        x, rows, experts, blocks, scales, bias, xa if lora else x, lora_b if lora else x, out, inter,
+        blocks.shape[2], alpha, limit, HAS_LORA=lora, R=lora_b.shape[1] if lora else 1, BJ=BJ, BKB=BKB,
+        num_warps=WARPS)
+    return out
+
+
+def triton_down(act: torch.Tensor, experts: torch.Tensor, gate: torch.Tensor, blocks: torch.Tensor,
+                scales: torch.Tensor, bias: torch.Tensor, xa: torch.Tensor | None,
+                lora_b: torch.Tensor | None) -> torch.Tensor:
+    n = blocks.shape[1]
+    out = act.new_empty(act.shape[0], n)
+    lora = xa is not None
+    _down_kernel[(triton.cdiv(n, BN), act.shape[0])](
+        act, experts, gate, blocks, scales, bias, xa if lora else act, lora_b if lora else act, out, n,
+        blocks.shape[2], HAS_LORA=lora, R=lora_b.shape[1] if lora else 1, BN=BN, BKB=BKB, num_warps=WARPS)
+    return out
+
+
+# ----- the exact path: fp32 arithmetic on exactly dequantized weights, one routed expert at a time
+def _by_expert(experts: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    return [(e, (experts == e).nonzero().squeeze(1)) for e in experts.unique().tolist()]
+
+
+def exact_lora_a(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(rows.shape[0], a.shape[-1], dtype=torch.float32, device=x.device)
+    for e, sel in _by_expert(experts):
+        out[sel] = x[rows[sel]].float() @ a[e].float()
+    return out.to(x.dtype)
+
+
+def _project(x: torch.Tensor, e: int, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor,
+             xa: torch.Tensor | None, lora_b: torch.Tensor | None) -> torch.Tensor:
+    y = x.float() @ dequantize(blocks[e], scales[e]).T + bias[e].float()
+    if xa is not None and lora_b is not None:
+        y = y + xa.float() @ lora_b[e].float()
+    return y
+
+
+def exact_gate_up(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, blocks: torch.Tensor,
+                  scales: torch.Tensor, bias: torch.Tensor, xa: torch.Tensor | None, lora_b: torch.Tensor | None,
+                  alpha: float, limit: float) -> torch.Tensor:
+    out = torch.empty(rows.shape[0], blocks.shape[1] // 2, dtype=torch.float32, device=x.device)
+    for e, sel in _by_expert(experts):
+        y = _project(x[rows[sel]], e, blocks, scales, bias, None if xa is None else xa[sel], lora_b)
+        out[sel] = swiglu(y, alpha, limit)
+    return out.to(x.dtype)
+
+
+def exact_down(act: torch.Tensor, experts: torch.Tensor, gate: torch.Tensor, blocks: torch.Tensor,
+               scales: torch.Tensor, bias: torch.Tensor, xa: torch.Tensor | None,
+               lora_b: torch.Tensor | None) -> torch.Tensor:
+    out = torch.empty(act.shape[0], blocks.shape[1], dtype=torch.float32, device=act.device)
+    for e, sel in _by_expert(experts):
+        y = _project(act[sel], e, blocks, scales, bias, None if xa is None else xa[sel], lora_b)
+        out[sel] = y * gate[sel, None].float()
+    return out.to(act.dtype)
+
+
+# ----- custom ops: the Triton kernels on CUDA, the exact path elsewhere
+@torch.library.custom_op("tandem::mx_lora_a", mutates_args=())
+def lora_a(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Each routed pair's x·A: [pairs, rank]."""
+    return (triton_lora_a if x.is_cuda else exact_lora_a)(x, rows, experts, a)
+
+
+@lora_a.register_fake
+def _(x, rows, experts, a):
+    return x.new_empty(rows.shape[0], a.shape[-1])
+
+
+@torch.library.custom_op("tandem::mx_gate_up", mutates_args=())
+def gate_up(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, blocks: torch.Tensor,
+            scales: torch.Tensor, bias: torch.Tensor, xa: torch.Tensor | None, lora_b: torch.Tensor | None,
+            alpha: float, limit: float) -> torch.Tensor:
+    """SwiGLU(x[rows] · W_gate_up[experts] + bias (+ LoRA)) per routed pair: [pairs, intermediate]."""
+    return (triton_gate_up if x.is_cuda else exact_gate_up)(x, rows, experts, blocks, scales, bias, xa, lora_b,
+                                                            alpha, limit)
+
+
+@gate_up.register_fake
+def _(x, rows, experts, blocks, scales, bias, xa, lora_b, alpha, limit):
+    return x.new_empty(rows.shape[0], blocks.shape[1] // 2)
+
+
+@torch.library.custom_op("tandem::mx_down", mutates_args=())
+def down(act: torch.Tensor, experts: torch.Tensor, gate: torch.Tensor, blocks: torch.Tensor,
+         scales: torch.Tensor, bias: torch.Tensor, xa: torch.Tensor | None,
+         lora_b: torch.Tensor | None) -> torch.Tensor:
+    """gate · (act · W_down[experts] + bias (+ LoRA)) per routed pair: [pairs, hidden]."""
+    return (triton_down if act.is_cuda else exact_down)(act, experts, gate, blocks, scales, bias, xa, lora_b)
+
+
+@down.register_fake
+def _(act, experts, gate, blocks, scales, bias, xa, lora_b):
+    return act.new_empty(act.shape[0], blocks.shape[1])
+
+
+def routed_experts(x: torch.Tensor, top_i: torch.Tensor, weights: torch.Tensor, w: dict[str, Any],
+                   lora: dict[str, Any] | None) -> torch.Tensor:
+    """The MoE output for rows `x` [n, hidden] routed to experts `top_i` [n, k] with `weights` [n, k]:
+    the fast decoder's MXFP4 expert step (`w` holds the layer's blocks/scales/biases, `lora` the packed
+    adapter's expert factors, A as [experts, in, r] and B as [experts, r, out])."""
+    n, k = top_i.shape
+    experts, perm = torch.sort(top_i.reshape(-1))
+    rows = perm // k
+    gate = weights.reshape(-1)[perm]
+
+    def factors(param: str, z: torch.Tensor, z_rows: torch.Tensor) -> tuple[Any, Any]:
+        if lora is None or f"{param}.A" not in lora:
+            return None, None
+        return lora_a(z, z_rows, experts, lora[f"{param}.A"]), lora[f"{param}.B"]
+
+    xa, b = factors("gate_up_proj", x, rows)
+    act = gate_up(x, rows, experts, w["gate_up_proj_blocks"], w["gate_up_proj_scales"], w["gate_up_proj_bias"],
+                  xa, b, w["alpha"], w["limit"])
+    xa, b = factors("down_proj", act, torch.arange(act.shape[0], device=x.device))
+    y = down(act, experts, gate, w["down_proj_blocks"], w["down_proj_scales"], w["down_proj_bias"], xa, b)
+    return y.new_empty(y.shape).index_copy_(0, perm, y).view(n, k, -1).sum(1)

@@ -1,0 +1,179 @@
+"""MXFP4 experts on the CPU: the format, the experts module under PEFT, the fast decoder over it, and its
+kernels in Triton's interpreter, each against the exact fp32 dequantization."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.serve.fast_decode import FastDecoder
+from engine.serve.mxfp4 import FP4_VALUES, Mxfp4Experts, dequantize, install, quantize
+from engine.train.targets import ATTENTION, FUSED_EXPERTS
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, num_local_experts=8, num_experts_per_tok=2, sliding_window=16, vocab_size=256,
+            layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512,
+            tie_word_embeddings=False)
+
+
+def random_mx(shape: tuple[int, ...], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random blocks and scales for [..., out, in] weights, scales near 2^-4 (weights of order 0.1)."""
+    *lead, out, inp = shape
+    blocks = torch.randint(0, 256, (*lead, out, inp // 32, 16), dtype=torch.uint8, generator=gen)
+    scales = torch.randint(120, 126, (*lead, out, inp // 32), dtype=torch.uint8, generator=gen)
+    return blocks, scales
+
+
+def tiny_mxfp4_model(seed: int = 0):
+    """A tiny GPT-OSS in fp32 with random MXFP4 experts."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(seed)
+    model = GptOssForCausalLM(GptOssConfig(**TINY)).eval()
+    gen = torch.Generator().manual_seed(seed)
+    for ex in install(model, torch.float32, "cpu"):
+        for p in ("gate_up_proj", "down_proj"):
+            blocks, scales = random_mx(tuple(getattr(ex, p).shape[:1]) + tuple(getattr(ex, p).shape[:0:-1]), gen)
+            getattr(ex, f"{p}_blocks").copy_(blocks)
+            getattr(ex, f"{p}_scales").copy_(scales)
+            getattr(ex, f"{p}_bias").data.normal_(0, 0.1, generator=gen)
+    return model
+
+
+def test_dequantize_reads_the_e2m1_codes_and_e8m0_scales():
+    codes = torch.arange(16, dtype=torch.uint8)
+    blocks = (codes | (codes.flip(0) << 4)).repeat(2).view(1, 2, 16)  # one row, two blocks
+    scales = torch.tensor([[127, 129]], dtype=torch.uint8)  # 2^0 and 2^2
+    row = dequantize(blocks, scales)[0]
+    values = torch.tensor(FP4_VALUES)
+    expect = torch.stack((values, values.flip(0)), 1).flatten()  # low nibble first
+    assert torch.equal(row[:32], expect) and torch.equal(row[32:], 4 * expect)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), scale=st.floats(1e-3, 1e3))
+def test_quantize_rounds_to_the_nearest_value_and_round_trips(seed, scale):
+    w = torch.randn(3, 2, 96, generator=torch.Generator().manual_seed(seed)) * scale
+    blocks, scales = quantize(w)
+    back = dequantize(blocks, scales)
+    step = torch.exp2(scales.float() - 127).repeat_interleave(32, -1)
+    assert ((back - w).abs() <= step).all()  # within half the widest gap (4 to 6) of the block's grid
+    again = quantize(back)
+    assert torch.equal(dequantize(*again), back)
+
+
+def test_experts_module_applies_peft_lora_to_routed_experts():
+    """Mxfp4Experts equals GptOssExperts holding the dequantized weights, with and without an expert
+    LoRA attached by PEFT to its shape-only stand-ins."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    cfg = GptOssConfig(**TINY)
+    gen = torch.Generator().manual_seed(1)
+    mx, dense = Mxfp4Experts(cfg, torch.float32), GptOssExperts(cfg)
+    for p in ("gate_up_proj", "down_proj"):
+        blocks, scales = random_mx((8, *getattr(mx, p).shape[:0:-1]), gen)
+        getattr(mx, f"{p}_blocks").copy_(blocks)
+        getattr(mx, f"{p}_scales").copy_(scales)
+        getattr(dense, p).data = dequantize(blocks, scales).transpose(1, 2).contiguous()
+        getattr(mx, f"{p}_bias").data.normal_(generator=gen)
+        getattr(dense, f"{p}_bias").data = getattr(mx, f"{p}_bias").data.clone()
+    x = torch.randn(5, 64, generator=gen)
+    idx = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(5)])
+    w = torch.softmax(torch.randn(5, 2, generator=gen), -1)
+    torch.testing.assert_close(mx(x, idx, w), dense(x, idx, w))
+    wrapped = []
+    for module, seed in ((mx, 2), (dense, 2)):
+        torch.manual_seed(seed)
+        holder = torch.nn.ModuleDict({"experts": module})
+        lora = LoraConfig(r=4, target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+                          init_lora_weights=False)
+        wrapped.append(get_peft_model(holder, lora))
+    out_mx, out_dense = (m.base_model.model["experts"](x, idx, w) for m in wrapped)
+    assert (out_mx - mx.forward(x, idx, w)).abs().max() > 1e-2  # the adapter matters
+    torch.testing.assert_close(out_mx, out_dense)
+    assert mx.gate_up_proj.untyped_storage().nbytes() == 4  # the stand-in stays one element
+
+
+def test_fast_decoder_over_mxfp4_experts_matches_the_reference_with_a_specialist():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_mxfp4_model()
+    torch.manual_seed(3)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=list(ATTENTION), target_parameters=list(FUSED_EXPERTS),
+                     init_lora_weights=False)
+    model = get_peft_model(model, cfg, adapter_name="math").eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.mul_(10)
+    decoder = FastDecoder(model, max_len=128, prefill_chunk=24)
+    ids = torch.randint(0, 256, (2, 40))
+    for name in ("math", None):
+        decoder.select(name)
+        logits = decoder.prefill(ids)
+        seq = ids
+        ctx = model.disable_adapter() if name is None else torch.no_grad()
+        with ctx, torch.no_grad():
+            for _ in range(4):
+                ref = model(input_ids=seq).logits[:, -1]
+                assert ((logits - ref).abs().max() / ref.abs().max()).item() < 1e-4
+                nxt = ref.argmax(-1)
+                seq = torch.cat([seq, nxt[:, None]], 1)
+                logits = decoder.step(nxt)
+    assert decoder.pack_bytes("math") > 0
+
+
+KERNEL_CHECK = """
+import torch
+from engine.serve import mxfp4_kernels as K
+from tests.test_mxfp4 import random_mx
+gen = torch.Generator().manual_seed(0)
+E, H, I, R, n, k = 4, 64, 96, 16, 3, 2
+gb, gs = random_mx((E, 2 * I, H), gen); db, ds = random_mx((E, H, I), gen)
+gbias, dbias = torch.randn(E, 2 * I, generator=gen), torch.randn(E, H, generator=gen)
+x = torch.randn(n, H, generator=gen)
+top_i = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(n)])
+experts, perm = torch.sort(top_i.reshape(-1)); rows = perm // k
+gate = torch.rand(n * k, generator=gen)
+A, B = torch.randn(E, H, R, generator=gen), torch.randn(E, R, 2 * I, generator=gen) * 0.1
+A2, B2 = torch.randn(E, I, R, generator=gen), torch.randn(E, R, H, generator=gen) * 0.1
+def close(a, b):
+    assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5, (a, b)
+xa = K.triton_lora_a(x, rows, experts, A); close(xa, K.exact_lora_a(x, rows, experts, A))
+for xa_, b_ in ((None, None), (xa, B)):
+    act = K.triton_gate_up(x, rows, experts, gb, gs, gbias, xa_, b_, 1.702, 7.0)
+    close(act, K.exact_gate_up(x, rows, experts, gb, gs, gbias, xa_, b_, 1.702, 7.0))
+xd = K.triton_lora_a(act, torch.arange(n * k), experts, A2)
+for xd_, b_ in ((None, None), (xd, B2)):
+    close(K.triton_down(act, experts, gate, db, ds, dbias, xd_, b_),
+          K.exact_down(act, experts, gate, db, ds, dbias, xd_, b_))
+print("kernels ok")
+"""
+
+
+def test_triton_kernels_match_the_exact_path_in_the_interpreter():
+    """The GPU kernels' arithmetic, run by Triton's CPU interpreter (which must be on before triton loads)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", KERNEL_CHECK], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "kernels ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_fast_decoder_rejects_nothing_it_can_run():
+    from engine.serve.fast_decode import unsupported
+
+    assert unsupported(tiny_mxfp4_model()) is None
+
+
+@pytest.mark.parametrize("bad", [0])
+def test_quantize_refuses_widths_off_the_block(bad):
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize(torch.zeros(2, 40 + bad))
