@@ -71,8 +71,7 @@ def main() -> None:
     for i, task in enumerate(("translate", "code")):
         lora = random_lora(engine.lm.model, work / f"lora-{task}", seed=i)
         store.publish(lora, Manifest(name=task, task=task, base_model=engine.base_id, prompts=prompts[task]))
-    engine.live.refresh()
-    engine.retrain_router()
+    engine.refresh_adapters()
     changes: list[dict] = []
     engine.watch_adapters(changes.append)
     telemetry = Telemetry()

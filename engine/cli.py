@@ -8,6 +8,7 @@ sequences in it never reach the terminal. The inference GPU is pinned before any
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import sys
 import time
@@ -30,6 +31,7 @@ def _engine(s: settings_mod.Settings, history: bool = True):
     from engine.serve.chat import Engine
 
     eng = Engine(s, history=history)
+    atexit.register(eng.close)  # stops the inference worker before the interpreter tears threads down
     eng.load(_progress)
     for name, why in eng.broken_adapters():
         print(f"warning: adapter folder {line(name)!r} skipped: {line(why)}", file=sys.stderr)

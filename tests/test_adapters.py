@@ -10,9 +10,8 @@ import time
 
 import pytest
 
-from engine.harmony import Turn, render_prompt
 from engine.serve.chat import Conversation, Finished
-from engine.serve.generate import Sampling, complete, stream
+from engine.serve.generate import Sampling
 from engine.serve.router import Router
 from engine.store.adapters import AdapterError, AdapterStore
 from engine.train.dataset import load_examples
@@ -81,8 +80,7 @@ def test_publish_rename_remove_import_and_rollback(settings, make_adapter, tmp_p
 def test_switching_changes_the_output_and_base_restores_it(engine, make_adapter):
     make_adapter("math", prompts("math"), seed=1)
     make_adapter("translate", prompts("translate"), seed=2)
-    engine.live.refresh()
-    engine.retrain_router()
+    engine.refresh_adapters()
     q = "Hello!"
     base = answer(engine, q, "base").reply.raw
     a = answer(engine, q, "math").reply.raw
@@ -98,8 +96,7 @@ def test_switching_changes_the_output_and_base_restores_it(engine, make_adapter)
 def test_auto_routes_to_the_specialist_and_reports_it(engine, make_adapter):
     make_adapter("math", prompts("math"), seed=1)
     make_adapter("translate", prompts("translate"), seed=2)
-    engine.live.refresh()
-    engine.retrain_router()
+    engine.refresh_adapters()
     done = answer(engine, "Wie viel ist 7 mal 8?", "auto")
     assert done.adapter == "math" and done.decision.reason == "routed" and done.decision.confidence >= 0.4
     done = answer(engine, "Tell me about the history of Rome.", "auto")
@@ -112,44 +109,71 @@ def test_lru_budget_keeps_what_fits(engine, make_adapter):
     a = make_adapter("one", ["x"], seed=1)
     make_adapter("two", ["y"], seed=2)
     engine.live.budget_bytes = int(a.size_bytes * 1.5)  # room for one
-    engine.live.refresh()
-    engine.live.activate("one")
-    engine.live.activate("two")
+    engine.refresh_adapters()
+    answer(engine, "x", "one")
+    answer(engine, "x", "two")
     resident = {r.name: r.resident for r in engine.adapters()}
     assert resident == {"one": False, "two": True}
-    engine.live.activate("one")  # reloaded on demand
+    answer(engine, "x", "one")  # reloaded on demand
     assert {r.name: r.resident for r in engine.adapters()} == {"one": True, "two": False}
 
 
 def test_broken_adapter_does_not_break_the_chat(engine, settings, make_adapter):
     make_adapter("math", ["x"], seed=1)
-    engine.live.refresh()
+    engine.refresh_adapters()
     (settings.adapters_dir / "math" / "adapter_model.safetensors").write_bytes(b"garbage")
     done = answer(engine, "Hello!", "math")
     assert done.adapter == "base" and done.reply.parser.segments
 
 
-def test_swap_waits_for_the_streaming_reply(engine, make_adapter):
+def test_worker_runs_a_load_only_between_replies(engine, make_adapter, monkeypatch):
+    """The watcher's loads are worker jobs: one submitted mid-reply waits until the reply is done."""
+    import engine.serve.generate as gen
+
     make_adapter("math", ["x"], seed=1)
-    engine.live.refresh()
-    lm = engine.lm
-    it = stream(lm, render_prompt([Turn("user", "Hello!")]), Sampling(greedy=True, max_new_tokens=20))
-    next(it)  # the reply is mid-stream, holding the model lock
-    swapped = threading.Event()
-    t = threading.Thread(target=lambda: (engine.live.activate("math"), swapped.set()))
-    t.start()
-    time.sleep(0.5)
-    assert not swapped.is_set()
-    for _ in it:
-        pass
-    t.join(10)
-    assert swapped.is_set() and engine.live.active == "math"
+    engine.refresh_adapters()
+    sample = gen._sample
+    monkeypatch.setattr(gen, "_sample", lambda *a: (time.sleep(0.02), sample(*a))[1])
+    slow = Sampling(greedy=True, max_new_tokens=60)
+    it = engine.ask(Conversation(), "Hello!", mode="base", sampling=slow, store=False)
+    next(it)  # the reply is on the worker
+    job = engine.worker.submit(lambda: engine.live.ensure("math"))
+    time.sleep(0.3)
+    assert not job.done()
+    finished = [ev for ev in it if isinstance(ev, Finished)]
+    assert finished[0].reply.stats.tokens_out > 15  # the reply really outlasted the wait above
+    job.result(timeout=10)
+    assert {r.name: r.resident for r in engine.adapters()} == {"math": True}
+
+
+def test_the_reply_comes_from_the_adapter_its_record_names(engine, make_adapter):
+    """Regression: routing and decoding used to take the model lock separately, so a switch in between
+    (an A/B answer, a queued prompt, the watcher) made the reply come from another adapter than the one
+    stored with it. Here another request for "two" is started right between routing and decoding."""
+    make_adapter("one", ["x"], seed=1, scale=20.0)
+    make_adapter("two", ["y"], seed=2, scale=20.0)
+    engine.refresh_adapters()
+    alone = {name: answer(engine, "Hello!", name).reply.raw for name in ("one", "two")}
+    assert alone["one"] != alone["two"]
+    other: list = []
+    rival = threading.Thread(target=lambda: other.append(answer(engine, "Hello!", "two")))
+    done = None
+    for ev in engine.ask(Conversation(), "Hello!", mode="one", sampling=GREEDY):
+        if type(ev).__name__ == "Routed":
+            rival.start()
+            time.sleep(0.2)  # the rival request is queued (or, before the fix, had switched the adapter)
+        if isinstance(ev, Finished):
+            done = ev
+    rival.join(30)
+    assert done.adapter == "one" and engine.history.turn(done.turn_id).adapter == "one"
+    assert done.reply.raw == alone["one"]
+    assert other[0].adapter == "two" and other[0].reply.raw == alone["two"]
 
 
 def test_new_adapter_is_picked_up_live(engine, make_adapter):
     changes = []
     engine.watch_adapters(changes.append)
-    before = complete(engine.lm, render_prompt([Turn("user", "Hello!")]), GREEDY).raw
+    before = answer(engine, "Hello!", "base").reply.raw
     make_adapter("fresh", prompts("code"), seed=5)
     deadline = time.monotonic() + 20
     while not changes and time.monotonic() < deadline:

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from engine.serve.experts import ExpertRecorder, router_modules, usage_shift
+from engine.serve.experts import router_modules, usage_shift
 from tests.test_tui import app_for, ready, send, until
 
 
@@ -63,12 +63,15 @@ def test_adapter_changes_routing_and_shift_sums_to_zero(engine, make_adapter):
         assert abs(sum(row)) < 1e-6  # traffic moves between experts; the total per layer is fixed
 
 
-def test_recorder_removes_its_hooks(engine):
+def test_reference_decoder_removes_its_hooks(engine):
+    from engine.serve.decoder import ReferenceDecoder
+
     model = engine.lm.model
     before = sum(len(r._forward_hooks) for r in router_modules(model))
-    rec = ExpertRecorder(model)
+    decoder = ReferenceDecoder(model, 64)
+    decoder.record(True)
     assert sum(len(r._forward_hooks) for r in router_modules(model)) == before + 2
-    rec.finish(0, [])
+    decoder.release()
     assert sum(len(r._forward_hooks) for r in router_modules(model)) == before
 
 

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.harmony import Turn, render_prompt
+from engine.harmony import Turn
 from engine.serve.fast_decode import FastDecoder, unsupported
 from engine.serve.generate import Detokenizer, Sampling, complete
 from engine.train.targets import ATTENTION, FUSED_EXPERTS
@@ -122,28 +122,32 @@ def test_refuses_what_it_cannot_run(base):
 
 
 def test_engine_streams_the_same_tokens_either_way(demo_model_dir):
-    from engine.serve.model import load_model
+    import torch
+
+    from engine.harmony import encode_prompt
+    from engine.serve.decoder import ReferenceDecoder
+    from engine.serve.model import fast_decoder, load_model
     from engine.settings import Settings
 
     lm = load_model(Settings())
-    assert lm.fast is not None and not lm.fast_note
-    prompt = render_prompt([Turn("user", "What is 2 plus 2?")])
+    fast_dec, note = fast_decoder(lm, Settings())
+    assert fast_dec is not None and not note
+    ids = torch.tensor([encode_prompt(lm.tokenizer, [Turn("user", "What is 2 plus 2?")])])
     sampling = Sampling(greedy=True, max_new_tokens=40)
-    fast = complete(lm, prompt, sampling, record_experts=True)
-    decoder, lm.fast = lm.fast, None
-    reference = complete(lm, prompt, sampling, record_experts=True)
-    lm.fast = decoder
+    fast = complete(fast_dec, lm.tokenizer, ids, sampling, record_experts=True)
+    reference = complete(ReferenceDecoder(lm.model, lm.max_len), lm.tokenizer, ids, sampling, record_experts=True)
     assert fast.stats.tokens_out > 5 and len(fast.experts.indices) == fast.stats.tokens_out - 1
     assert fast.raw == reference.raw and fast.stats.tokens_out == reference.stats.tokens_out
     assert fast.experts.indices == reference.experts.indices
 
 
 def test_fast_decode_setting_turns_it_off(demo_model_dir):
-    from engine.serve.model import load_model
+    from engine.serve.model import fast_decoder, load_model
     from engine.settings import Settings, updated
 
-    lm = load_model(updated(Settings(), "model.fast_decode", False))
-    assert lm.fast is None and "fast_decode is off" in lm.fast_note
+    off = updated(Settings(), "model.fast_decode", False)
+    fast, note = fast_decoder(load_model(off), off)
+    assert fast is None and "fast_decode is off" in note
 
 
 @pytest.fixture(scope="module")

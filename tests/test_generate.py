@@ -1,13 +1,14 @@
 """Streaming generation on the demo model, loaded through unsloth's CPU path."""
 
 import threading
-import time
 
 import pytest
+import torch
 
-from engine.harmony import Turn, render_prompt
+from engine.harmony import Turn, encode_prompt
+from engine.serve.decoder import ReferenceDecoder
 from engine.serve.generate import Sampling, complete, stream
-from engine.serve.model import ModelLoadError, load_model
+from engine.serve.model import ModelLoadError, fast_decoder, load_model
 from engine.settings import updated
 
 
@@ -18,8 +19,20 @@ def lm(demo_model_dir):
     return load_model(Settings())
 
 
-def prompt(text="Hello!"):
-    return render_prompt([Turn("user", text)])
+@pytest.fixture(scope="module", params=["fast", "reference"])
+def decoder(lm, request):
+    """Both decoders run the same generation loop."""
+    from engine.settings import Settings
+
+    if request.param == "reference":
+        return ReferenceDecoder(lm.model, lm.max_len)
+    fast, note = fast_decoder(lm, Settings())
+    assert fast is not None, note
+    return fast
+
+
+def prompt(lm, text="Hello!"):
+    return torch.tensor([encode_prompt(lm.tokenizer, [Turn("user", text)])])
 
 
 def test_loads_through_unsloth_cpu_fallback(lm):
@@ -27,9 +40,9 @@ def test_loads_through_unsloth_cpu_fallback(lm):
     assert type(lm.model).__name__ == "GptOssForCausalLM" and lm.num_experts == 8
 
 
-def test_stream_yields_channels_and_stats(lm):
+def test_stream_yields_channels_and_stats(lm, decoder):
     chunks, reply = [], None
-    for events, reply in stream(lm, prompt(), Sampling(greedy=True, max_new_tokens=60)):
+    for events, reply in stream(decoder, lm.tokenizer, prompt(lm), Sampling(greedy=True, max_new_tokens=60)):
         chunks += [text for _, _, text in events]
     assert reply.stats.stop in ("return", "end") and reply.stats.tokens_out > 2
     assert reply.parser.segments[0].channel == "analysis" and reply.parser.final
@@ -39,46 +52,37 @@ def test_stream_yields_channels_and_stats(lm):
     assert 0 < s.ttft_s <= s.seconds and s.tokens_per_s > 0 and s.tokens_in > 20
 
 
-def test_greedy_is_deterministic_and_seeded_sampling_repeats(lm):
-    a = complete(lm, prompt("Translate to French: water"), Sampling(greedy=True, max_new_tokens=40))
-    b = complete(lm, prompt("Translate to French: water"), Sampling(greedy=True, max_new_tokens=40))
-    assert a.raw == b.raw
-    c = complete(lm, prompt(), Sampling(temperature=1.5, top_k=50, top_p=0.9, max_new_tokens=30, seed=1))
-    d = complete(lm, prompt(), Sampling(temperature=1.5, top_k=50, top_p=0.9, max_new_tokens=30, seed=1))
-    assert c.raw == d.raw
+def test_greedy_is_deterministic_and_seeded_sampling_repeats(lm, decoder):
+    def run(text, sampling):
+        return complete(decoder, lm.tokenizer, prompt(lm, text), sampling).raw
+
+    assert run("Translate to French: water", Sampling(greedy=True, max_new_tokens=40)) == run(
+        "Translate to French: water", Sampling(greedy=True, max_new_tokens=40))
+    seeded = Sampling(temperature=1.5, top_k=50, top_p=0.9, max_new_tokens=30, seed=1)
+    assert run("Hello!", seeded) == run("Hello!", seeded)
 
 
-def test_max_new_tokens_stops_with_length(lm):
-    r = complete(lm, prompt(), Sampling(greedy=True, max_new_tokens=3))
+def test_max_new_tokens_stops_with_length(lm, decoder):
+    r = complete(decoder, lm.tokenizer, prompt(lm), Sampling(greedy=True, max_new_tokens=3))
     assert r.stats.tokens_out == 3 and r.stats.stop == "length"
 
 
-def test_cancel_mid_stream_stops_within_a_token_and_releases_the_lock(lm):
+def test_cancel_mid_stream_stops_within_a_token(lm, decoder):
     cancel = threading.Event()
     n = 0
     reply = None
-    for _, reply in stream(lm, prompt(), Sampling(temperature=1.0, max_new_tokens=500, seed=3), cancel):
+    for _, reply in stream(decoder, lm.tokenizer, prompt(lm), Sampling(temperature=1.0, max_new_tokens=500, seed=3),
+                           cancel):
         n += 1
         if n == 3:
             cancel.set()
     assert reply.stats.stop == "cancelled" and reply.stats.tokens_out == 3
-    assert lm.lock.acquire(timeout=1)
-    lm.lock.release()
 
 
-def test_generation_holds_the_lock(lm):
-    """A swap (which takes the same lock) waits until the reply is done."""
-    it = stream(lm, prompt(), Sampling(greedy=True, max_new_tokens=20))
-    next(it)
-    got = []
-    t = threading.Thread(target=lambda: got.append(lm.lock.acquire(timeout=5)) or lm.lock.release())
-    t.start()
-    time.sleep(0.2)
-    assert not got  # still blocked while the generator is suspended mid-reply
-    for _ in it:
-        pass
-    t.join(5)
-    assert got == [True]
+def test_recorded_routes_have_one_entry_per_fed_back_token(lm, decoder):
+    r = complete(decoder, lm.tokenizer, prompt(lm), Sampling(greedy=True, max_new_tokens=8), record_experts=True)
+    assert r.experts is not None and len(r.experts.indices) == r.stats.tokens_out - 1
+    assert r.experts.num_layers == 2 and r.experts.num_experts == 8 and r.experts.top_k == 2
 
 
 def test_missing_local_model_says_how_to_fix(settings):

@@ -9,12 +9,11 @@ import sys
 import textwrap
 import time
 
-from engine.history import History
-
 from engine.serve.chat import Conversation, Engine, Finished
 from engine.serve.generate import Sampling
 from engine.settings import load, save, updated
 from engine.store.adapters import AdapterStore
+from engine.store.history import History
 from engine.train.learning import Learner, build_dataset, report
 from engine.train.runs import RunQueue
 

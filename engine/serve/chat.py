@@ -1,8 +1,9 @@
-"""The engine's small API: what the CLI and the app call. No Textual here, and no UI state.
+"""The engine's small API for chatting: what the CLI and the workstation service call. No Textual here.
 
-`Engine.ask` routes a prompt, switches adapter, stores the turn, streams the reply as events, and
-completes the stored turn, in that order. Every call that touches the model may block for a long
-time; callers on an event loop run them in a worker thread.
+`Engine.ask` routes a prompt, hands the inference worker a request that carries the chosen adapter,
+stores the turn under the adapter that really answers, streams the reply as events, and completes the
+stored turn. Every call that touches the model is a job on the worker (`engine/serve/worker.py`);
+callers on an event loop still run `ask` in a thread, since it blocks while the reply streams.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from engine.harmony import SKIP_REASONING_PREFILL, Turn, render_prompt
-from engine.serve.generate import Reply, Sampling, stream
-from engine.serve.model import LoadedModel, Progress, base_identity, load_model
+from engine.harmony import SKIP_REASONING_PREFILL, Turn
+from engine.serve.generate import Reply, Sampling
+from engine.serve.model import LoadedModel, Progress, base_identity, fast_decoder, load_model
 from engine.serve.residency import LiveAdapters, Residency
 from engine.serve.router import Decision, Router
+from engine.serve.worker import InferenceWorker, Request, Started, Step
 from engine.settings import Settings
+from engine.startup import Phases
 from engine.store.adapters import AdapterError, AdapterStore
 from engine.store.history import History
 
@@ -25,8 +28,9 @@ from engine.store.history import History
 @dataclass
 class Routed:
     decision: Decision
-    adapter: str  # what will answer: an adapter name or "base"
+    adapter: str  # what answers: an adapter name or "base" (the history records the same)
     turn_id: int | None
+    dropped: int = 0  # oldest turns left out: they no longer fit the context
 
 
 @dataclass
@@ -59,16 +63,33 @@ class Engine:
         self.settings = settings
         self.lm: LoadedModel | None = None
         self.live: LiveAdapters | None = None
+        self.worker = InferenceWorker()
         self.router = Router(threshold=settings.adapters.router_threshold)
         self.history = History(settings.history_db) if history else None
         self.mode = settings.adapters.mode  # auto | base | adapter name
+        self.fast_note = ""  # why the fast decoder is off, if it is
         self._listeners: list[Callable[[str], None]] = []
+        self._watch_stop = threading.Event()
 
     # ----- lifecycle
     def load(self, progress: Progress | None = None) -> None:
-        self.lm = load_model(self.settings, progress)
-        store = AdapterStore(self.settings.adapters_dir, base_model=self.base_id)
-        self.live = LiveAdapters(self.lm, store, self.settings.adapters.vram_budget_mb)
+        """Load the model, compile the fast decoder and read the adapters, all on the worker."""
+        say = Phases(progress or (lambda _m, _f: None))  # a slow step repeats with the time it has left
+
+        def load() -> None:
+            lm = load_model(self.settings, say)
+            if lm.device.startswith("cuda") and self.settings.model.fast_decode:
+                say("compiling the fast decoder (once per model load)", 0.85)
+            fast, self.fast_note = fast_decoder(lm, self.settings)
+            store = AdapterStore(self.settings.adapters_dir, base_model=base_identity(lm.name, lm.is_demo))
+            self.worker.live = self.live = LiveAdapters(lm, store, self.settings.adapters.vram_budget_mb, fast)
+            self.lm = lm
+            say("model ready" + (f" (fast decoder: {self.fast_note})" if self.fast_note else ""), 1.0)
+
+        try:
+            self.worker.call(load)
+        finally:
+            say.close()  # a failed load stops repeating its last step
         self.retrain_router()
         if self.mode not in ("auto", "base") and self.mode not in self.live.known:
             self.log(f"pinned adapter {self.mode!r} is not in the store; using auto")
@@ -91,21 +112,41 @@ class Engine:
         for fn in self._listeners:
             fn(message)
 
-    def watch_adapters(self, on_change: Callable[[dict], None] | None = None) -> None:
-        """Pick up adapters published while running (the trainer's), retrain the router, tell `on_change`."""
+    def refresh_adapters(self) -> dict[str, list[str]]:
+        """Re-read the store now (adapters that vanished or changed are unloaded); retrain the router."""
         assert self.live is not None
+        changes = self.worker.call(self.live.refresh)
+        self.retrain_router()
+        return changes
 
-        def changed(changes: dict) -> None:
-            self.retrain_router()
-            self.log("adapters changed: " + ", ".join(f"{k} {v}" for k, v in changes.items() if v))
-            if on_change:
-                on_change(changes)
+    def watch_adapters(self, on_change: Callable[[dict], None] | None = None, interval: float = 1.0) -> None:
+        """Poll the store; adapters published while running (the trainer's) are read from disk on the
+        watcher's thread and attached by the worker between replies. Tells `on_change` what changed."""
+        assert self.live is not None
+        live = self.live
 
-        self.live.watch(changed)
+        def loop() -> None:
+            sig = live.store.signature()
+            while not self._watch_stop.wait(interval):
+                if (now := live.store.signature()) == sig:
+                    continue
+                sig = now
+                changes = self.refresh_adapters()
+                for name in changes["added"] + changes["changed"]:
+                    try:
+                        read = live.read(name)  # disk I/O here, not on the worker
+                        self.worker.call(lambda read=read: live.attach(*read))
+                    except AdapterError as e:
+                        changes.setdefault("failed", []).append(f"{name}: {e}")
+                self.log("adapters changed: " + ", ".join(f"{k} {v}" for k, v in changes.items() if v))
+                if on_change:
+                    on_change(changes)
+
+        threading.Thread(target=loop, name="adapter-watcher", daemon=True).start()
 
     def close(self) -> None:
-        if self.live:
-            self.live.stop_watching()
+        self._watch_stop.set()
+        self.worker.close()
         if self.history:
             self.history.close()
 
@@ -126,12 +167,16 @@ class Engine:
             raise AdapterError(f"no adapter named {mode!r}")
         self.mode = mode
 
+    def set_budget(self, budget_mb: int) -> None:
+        """A new residency budget, applied between replies."""
+        if self.live is not None:
+            live = self.live
+            self.worker.call(lambda: live.budget(budget_mb))
+
     def decide(self, prompt: str, mode: str | None = None) -> Decision:
         mode = mode or self.mode
         if mode == "auto":
             return self.router.route(prompt)
-        if mode == "base":
-            return Decision("base", 1.0, {}, "pinned")
         return Decision(mode, 1.0, {}, "pinned")
 
     def sampling(self, **overrides) -> Sampling:
@@ -156,32 +201,39 @@ class Engine:
         """Answer `prompt` in `conversation`: yields Routed, then Deltas, then Finished. `store=False`
         keeps the turn out of the history (comparisons, scripts)."""
         assert self.lm is not None and self.live is not None, "call load() first"
-        sampling = sampling or self.sampling()
         decision = self.decide(prompt, mode)
-        adapter = decision.choice
-        try:
-            self.live.activate(None if adapter == "base" else adapter)
-        except AdapterError as e:
-            self.log(f"adapter {adapter} unavailable ({e}); base answers")
-            adapter = "base"
-            self.live.activate(None)
-        turn_id = None
+        request = Request(
+            turns=[*conversation.turns, Turn("user", prompt)],
+            adapter=None if decision.choice == "base" else decision.choice,
+            sampling=sampling or self.sampling(),
+            reasoning=reasoning or self.settings.chat.reasoning,
+            instructions=self.settings.chat.instructions,
+            prefill=SKIP_REASONING_PREFILL if skip_reasoning else "",
+            record_experts=self.settings.model.record_experts if record_experts is None else record_experts,
+            cancel=cancel or threading.Event(),
+        )
+        events = self.worker.stream(request)
+        started = next(events)
+        assert isinstance(started, Started)
+        adapter = started.adapter or "base"
+        if started.note:
+            self.log(started.note)
         history = self.history if store else None
+        turn_id = None
         if history:
             if conversation.id is None:
                 conversation.id = history.new_conversation(prompt[:60])
-            turn_id = history.start_turn(conversation.id, prompt, adapter, decision.as_dict(), asdict(sampling))
-        yield Routed(decision, adapter, turn_id)
-        prefill = SKIP_REASONING_PREFILL if skip_reasoning else ""
-        text = render_prompt([*conversation.turns, Turn("user", prompt)], reasoning or self.settings.chat.reasoning,
-                             self.settings.chat.instructions, prefill=prefill)
+            turn_id = history.start_turn(conversation.id, prompt, adapter, decision.as_dict(),
+                                         asdict(request.sampling))
+        yield Routed(decision, adapter, turn_id, started.dropped)
         reply: Reply | None = None
         last_save = time.monotonic()
         status = "failed"
         try:
-            record = self.settings.model.record_experts if record_experts is None else record_experts
-            for events, reply in stream(self.lm, text, sampling, cancel, record, prefill):
-                for _, channel, delta in events:
+            for step in events:
+                assert isinstance(step, Step)
+                reply = step.reply
+                for _, channel, delta in step.events:
                     if delta:
                         yield Delta(channel, delta)
                 if history and time.monotonic() - last_save > 1.0:
@@ -190,12 +242,13 @@ class Engine:
             assert reply is not None
             status = "cancelled" if reply.stats.stop == "cancelled" else "complete"
         finally:
+            events.close()  # an abandoned reply is cancelled on the worker
             if history and turn_id is not None:
                 if reply is None:
                     history.finish_turn(turn_id, "", "", "", {}, status)
                 else:
                     history.finish_turn(turn_id, reply.parser.final, reply.parser.analysis, reply.raw,
-                                             reply.stats.as_dict(), status)
+                                        reply.stats.as_dict(), status)
         conversation.turns += [Turn("user", prompt), Turn("assistant", reply.parser.final or reply.raw)]
         yield Finished(reply, adapter, decision, turn_id)
 

@@ -1,7 +1,8 @@
 """Which experts each token went to: recorded from GPT-OSS's routers during generation.
 
-A forward hook on every layer's router keeps its top-k indices and weights on the device (no sync per
-token); they are copied to the CPU once, when the reply ends. That keeps recording cheap enough to
+The decoder reports each forward's top-k indices and weights per layer (the fast decoder as outputs of
+its graphs, the reference one from hooks on the routers); they stay on the device (no sync per token)
+and are copied to the CPU once, when the reply ends. That keeps recording cheap enough to
 leave on. Token i of a reply is routed when it is fed back as input, so the last generated token (the
 end-of-turn mark) has no routing.
 """
@@ -59,44 +60,26 @@ def router_modules(model: Any) -> list[Any]:
 
 
 class ExpertRecorder:
-    """Hooks every router of `model` until `finish` is called. With `hooks=False` the caller feeds
-    the routing itself (the fast decoder, whose CUDA graphs run no hooks) through `add_step`."""
+    """Collects each forward's routing, as the decoder reports it ([layer, row, k] indices and
+    weights, kept on the device), until the reply ends."""
 
-    def __init__(self, model: Any, hooks: bool = True):
-        self.model = model
-        self.routers = router_modules(model)
-        self.calls: list[list[tuple[Any, Any]]] = [[] for _ in self.routers]
-        self.handles = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(self.routers)] if hooks else []
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
         self.steps: list[tuple[Any, Any]] = []
 
     def add_step(self, indices: Any, weights: Any) -> None:
-        """One forward's routing, [layer, row, k] each (copied: the decoder reuses its buffers)."""
-        self.steps.append((indices.clone(), weights.clone()))
+        """One forward's routing; only its last row is kept (copied: decoders reuse their buffers)."""
+        self.steps.append((indices[:, -1].clone(), weights[:, -1].clone()))
 
-    def _hook(self, layer: int):
-        def hook(_module, _inputs, output):
-            _logits, scores, indices = output  # GptOssTopKRouter returns (logits, top-k scores, indices)
-            self.calls[layer].append((indices.detach(), scores.detach()))
-
-        return hook
-
-    def finish(self, prompt_tokens: int, reply_ids: list[int]) -> ExpertTrace | None:
-        """The trace of the reply: each step's last row, copied to the CPU in one transfer."""
+    def finish(self, prompt_tokens: int) -> ExpertTrace | None:
+        """The trace of the reply, copied to the CPU in one transfer."""
         import torch
 
-        for h in self.handles:
-            h.remove()
-        if self.routers and self.calls[0]:  # hooks: [layer][step] -> [step, layer, k]
-            self.steps = [(torch.stack([c[s][0][-1] for c in self.calls]),
-                           torch.stack([c[s][1][-1] for c in self.calls])) for s in range(len(self.calls[0]))]
-        else:  # fed by the decoder: [layer, row, k] per step
-            self.steps = [(i[:, -1], w[:, -1]) for i, w in self.steps]
-        if not self.routers or len(self.steps) < 2:
+        if len(self.steps) < 2:
             return None
-        cfg = self.model.config
         # step 0 is the prompt; step s routes reply token s-1
-        indices = torch.stack([i for i, _ in self.steps[1:]]).tolist()
+        indices = torch.stack([i for i, _ in self.steps[1:]])
         weights = [[[round(x, 4) for x in layer] for layer in step]
                    for step in torch.stack([w for _, w in self.steps[1:]]).float().tolist()]
-        return ExpertTrace(len(self.routers), int(cfg.num_local_experts), int(cfg.num_experts_per_tok),
-                           prompt_tokens, indices, weights)
+        return ExpertTrace(indices.shape[1], self.num_experts, indices.shape[2], prompt_tokens, indices.tolist(),
+                           weights)

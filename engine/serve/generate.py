@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.harmony import END, STOP_TOKENS, HarmonyParser
+from engine.serve.decoder import Decoder
 from engine.serve.experts import ExpertRecorder, ExpertTrace
-from engine.serve.model import LoadedModel
 
 
 @dataclass
@@ -97,59 +97,48 @@ def _sample(logits, s: Sampling, gen):
 
 
 def stream(
-    lm: LoadedModel,
-    prompt: str,
+    decoder: Decoder,
+    tokenizer: Any,
+    ids: Any,
     sampling: Sampling,
     cancel: threading.Event | None = None,
     record_experts: bool = False,
     prefill: str = "",
 ) -> Iterator[tuple[list[tuple[int, str, str]], Reply]]:
     """Yield (parser events, reply so far) per token: events are (segment, channel, text) with the
-    harmony markup removed. The reply's parser holds the channels; its stats
-    are final once the iterator ends. Holds the model's lock for the whole reply. `prefill` is the
-    part of the assistant's turn already in `prompt` (e.g. a forced final channel), for the parser."""
+    harmony markup removed. The reply's parser holds the channels; its stats are final once the
+    iterator ends. `ids` is the prompt, [1, t]; `prefill` the part of the assistant's turn already in
+    it (e.g. a forced final channel), for the parser. The caller owns the decoder for the whole reply
+    (the inference worker), with the adapter already selected."""
     import torch
 
     cancel = cancel or threading.Event()
-    tok, model = lm.tokenizer, lm.model
-    stop_ids = {tok.convert_tokens_to_ids(t): t for t in (*STOP_TOKENS, END)}
+    stop_ids = {tokenizer.convert_tokens_to_ids(t): t for t in (*STOP_TOKENS, END)}
     reply = Reply(HarmonyParser(), Stats())
     reply.parser.feed(prefill)
-    gen = torch.Generator(device=lm.device)  # multinomial needs its generator on the logits' device
+    device = ids.device
+    gen = torch.Generator(device=device)  # multinomial needs its generator on the logits' device
     gen.manual_seed(sampling.seed if sampling.seed is not None else int(time.time_ns() % 2**31))
-    with lm.lock, torch.inference_mode():
-        started = time.perf_counter()
-        ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(lm.device)
-        reply.stats.tokens_in = ids.shape[1]
-        fast = lm.fast if lm.fast is not None and lm.fast.usable else None
-        model = model if fast is not None else lm.reference_model()
-        recorder = ExpertRecorder(model, hooks=fast is None) if record_experts else None
-        out_ids: list[int] = []
-        detok = Detokenizer(tok)
-        emitted = ""
-        past = None
-        step_input = ids
-        try:
-            while len(out_ids) < sampling.max_new_tokens:
+    started = time.perf_counter()
+    reply.stats.tokens_in = ids.shape[1]
+    recorder = ExpertRecorder(decoder.num_experts) if record_experts else None
+    decoder.record(record_experts)
+    out_ids: list[int] = []
+    detok = Detokenizer(tokenizer)
+    try:
+        with torch.inference_mode():
+            logits = decoder.prefill(ids)
+            while True:
+                if recorder and decoder.routes is not None:
+                    recorder.add_step(*decoder.routes)
                 if cancel.is_set():
                     reply.stats.stop = "cancelled"
                     break
-                if fast is None:
-                    out = model(input_ids=step_input, past_key_values=past, use_cache=True)
-                    past, logits = out.past_key_values, out.logits[:, -1]
-                elif fast.full:
-                    reply.stats.stop = "length"
-                    break
-                else:
-                    logits = fast.step(step_input[:, -1]) if out_ids else fast.prefill(step_input)
-                    if recorder:
-                        recorder.add_step(*fast.routes)
                 nxt = _sample(logits[0], sampling, gen)
                 if not out_ids:
                     reply.stats.ttft_s = time.perf_counter() - started
                 out_ids.append(nxt)
                 delta = detok.push(nxt)
-                emitted += delta
                 reply.token_texts.append(delta)
                 if delta:
                     yield reply.parser.feed(delta), reply
@@ -159,26 +148,27 @@ def stream(
                     if mark in STOP_TOKENS or ended_final:
                         reply.stats.stop = mark.strip("<|>")
                         break
-                step_input = torch.tensor([[nxt]], device=lm.device)
-            else:
-                reply.stats.stop = "length"
-        finally:
-            del past  # free the KV cache before the lock is released
-            if recorder:
-                reply.experts = recorder.finish(reply.stats.tokens_in, out_ids)
-            reply.parser.finish()
-            reply.raw = emitted
-            reply.stats.tokens_out = len(out_ids)
-            reply.stats.seconds = time.perf_counter() - started
+                if len(out_ids) >= sampling.max_new_tokens or decoder.full:
+                    reply.stats.stop = "length"
+                    break
+                logits = decoder.step(torch.tensor([nxt], device=device))
+    finally:
+        decoder.release()  # free the KV cache before the next request
+        if recorder:
+            reply.experts = recorder.finish(reply.stats.tokens_in)
+        reply.parser.finish()
+        reply.raw = "".join(reply.token_texts)
+        reply.stats.tokens_out = len(out_ids)
+        reply.stats.seconds = time.perf_counter() - started
     if not reply.stats.stop:
         reply.stats.stop = "cancelled"
     yield [], reply
 
 
-def complete(lm: LoadedModel, prompt: str, sampling: Sampling, record_experts: bool = False) -> Reply:
+def complete(decoder: Decoder, tokenizer: Any, ids: Any, sampling: Sampling, record_experts: bool = False) -> Reply:
     """Run a generation to the end and return the reply."""
     reply = None
-    for _, reply in stream(lm, prompt, sampling, record_experts=record_experts):
+    for _, reply in stream(decoder, tokenizer, ids, sampling, record_experts=record_experts):
         pass
     assert reply is not None
     return reply

@@ -9,10 +9,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +34,11 @@ def pin_gpu(index: int) -> None:
         os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's own order may differ from NVML's
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoadedModel:
+    """What was loaded: the base model as loaded (before PEFT wraps it) and how. Only the inference
+    worker uses `model`."""
+
     model: Any
     tokenizer: Any
     name: str
@@ -44,19 +46,7 @@ class LoadedModel:
     is_demo: bool
     load_seconds: float
     quantized: bool
-    fast: Any = None  # FastDecoder when model.fast_decode is on and the model suits it
-    fast_note: str = ""  # why the fast path is off or degraded, for the log
-    pending: Callable[[], None] | None = None  # an adapter switch the reference path has yet to apply
-    # One generation at a time; adapter swaps take the same lock so they never land mid-reply.
-    lock: threading.RLock = field(default_factory=threading.RLock)
-
-    def reference_model(self) -> Any:
-        """The model for a transformers forward, with the selected adapter applied to its PEFT layers
-        (LiveAdapters leaves that to here while the fast decoder serves: it costs about a millisecond)."""
-        if self.pending is not None:
-            self.pending()
-            self.pending = None
-        return self.model
+    max_len: int  # tokens the context holds (model.max_seq_length)
 
     @property
     def num_experts(self) -> int:
@@ -130,23 +120,22 @@ def load_model(settings: Settings, progress: Progress | None = None) -> LoadedMo
         ) from e
     model.eval()
     device = str(next(model.parameters()).device)
-    lm = LoadedModel(model, tokenizer, name, device, is_demo, time.monotonic() - started, four_bit)
-    if on_gpu and settings.model.fast_decode:
-        say("compiling the fast decoder (once per model load)", 0.8)
-    attach_fast_decoder(lm, settings)
-    say("model ready" + (f" (fast decoder: {lm.fast_note})" if lm.fast_note else ""), 1.0)
+    lm = LoadedModel(model, tokenizer, name, device, is_demo, time.monotonic() - started, four_bit,
+                     settings.model.max_seq_length)
+    say("model loaded", 0.8)
     return lm
 
 
-def attach_fast_decoder(lm: LoadedModel, settings: Settings) -> None:
-    """Give `lm` the fast decoder when settings want it and the model suits it; otherwise say why."""
+def fast_decoder(lm: LoadedModel, settings: Settings) -> tuple[Any, str]:
+    """(FastDecoder compiled and captured, "") when settings want it and the model suits it; else
+    (None, why not)."""
     from engine.serve.fast_decode import FastDecoder, unsupported
 
     if not settings.model.fast_decode:
-        lm.fast_note = "model.fast_decode is off"
-        return
-    lm.fast_note = unsupported(lm.model) or ""
-    if not lm.fast_note:
-        lm.fast = FastDecoder(lm.model, max_len=settings.model.max_seq_length)
-        lm.fast.warm_up()
-        lm.fast_note = lm.fast.note
+        return None, "model.fast_decode is off"
+    reason = unsupported(lm.model)
+    if reason:
+        return None, reason
+    fast = FastDecoder(lm.model, max_len=lm.max_len)
+    fast.warm_up()
+    return fast, fast.note

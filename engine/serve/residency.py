@@ -1,8 +1,9 @@
-"""The live set of adapters on the inference model.
+"""The live set of adapters on the inference model, and which decoder serves each.
 
 `LiveAdapters` keeps adapters resident on the model within a memory budget (least recently used ones
-are unloaded and reloaded on demand); switching is PEFT's `set_adapter`. Disk reads happen outside the
-model's lock; only attaching the weights takes it, so a streaming reply is never disturbed.
+are unloaded and reloaded on demand); the budget counts each adapter's weights and the fast
+decoder's packed copy of them. Reading an adapter from disk is safe from any thread; everything that
+touches the model (attach, unload, select) runs on the inference worker, the model's one owner.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from engine.serve.decoder import Decoder, ReferenceDecoder
 from engine.serve.model import LoadedModel
 from engine.store.adapters import AdapterError, AdapterStore, StoredAdapter
 
@@ -28,20 +29,31 @@ class Residency:
     final_loss: float | None
 
 
-class LiveAdapters:
-    """Adapters on the live inference model. Every method is thread-safe."""
+@dataclass
+class Selected:
+    """What a request will decode with: the adapter that answers (None: the base), its decoder, and
+    why it differs from the one asked for (empty when it does not)."""
 
-    def __init__(self, lm: LoadedModel, store: AdapterStore, budget_mb: int):
+    adapter: str | None
+    decoder: Decoder
+    note: str = ""
+
+
+class LiveAdapters:
+    """Adapters on the live inference model. `table`, `names`, `known` and `read` may be used from any
+    thread; the rest only from the inference worker."""
+
+    def __init__(self, lm: LoadedModel, store: AdapterStore, budget_mb: int, fast: Any = None):
         self.lm = lm
         self.store = store
         self.budget_bytes = budget_mb * 2**20
+        self.reference = ReferenceDecoder(lm.model, lm.max_len)
+        self.fast = fast  # FastDecoder, or None when it does not apply
         self.known: dict[str, StoredAdapter] = {}
         self.problems: list[tuple[str, str]] = []
         self.resident: OrderedDict[str, tuple[float, int]] = OrderedDict()  # name -> (created, bytes), LRU order
         self.active: str | None = None
         self._state_lock = threading.Lock()
-        self._watch_stop = threading.Event()
-        self._layers: list[Any] | None = None
         self.last_swap_s = 0.0
         self.refresh()
 
@@ -69,155 +81,123 @@ class LiveAdapters:
             return [Residency(n, n in self.resident, n == self.active, a.size_bytes / 2**20, a.manifest.task,
                               a.manifest.final_loss) for n, a in sorted(self.known.items())]
 
+    def budget(self, budget_mb: int) -> None:
+        """A new budget: evict least recently used adapters until the resident ones fit it."""
+        self.budget_bytes = budget_mb * 2**20
+        self._evict(0)
+
     # ----- loading
-    def _read(self, a: StoredAdapter) -> tuple[Any, dict]:
+    def stored(self, name: str) -> StoredAdapter:
+        with self._state_lock:
+            a = self.known.get(name)
+        if a is None:
+            raise AdapterError(f"no adapter named {name!r}; known: {', '.join(self.names()) or 'none'}")
+        return a
+
+    def read(self, name: str) -> tuple[StoredAdapter, Any, dict]:
+        """Adapter `name`'s config and weights from disk, on the model's device (any thread)."""
         from peft import LoraConfig
         from safetensors.torch import load_file
 
-        config = LoraConfig.from_pretrained(str(a.path))
-        config.inference_mode = True
-        weights = a.weights
-        if weights.suffix == ".safetensors":
-            state = load_file(str(weights), device=self.lm.device)
-        else:
-            import torch
+        a = self.stored(name)
+        try:
+            config = LoraConfig.from_pretrained(str(a.path))
+            config.inference_mode = True
+            if a.weights.suffix == ".safetensors":
+                state = load_file(str(a.weights), device=self.lm.device)
+            else:
+                import torch
 
-            state = torch.load(weights, map_location=self.lm.device, weights_only=True)
-        return config, state
+                state = torch.load(a.weights, map_location=self.lm.device, weights_only=True)
+        except Exception as e:
+            raise AdapterError(f"{name}: could not read its weights: {e}") from e
+        return a, config, state
 
-    def _attach(self, name: str, config: Any, state: dict) -> None:
-        """Under the model lock: add the adapter's layers and weights to the live model."""
+    def attach(self, a: StoredAdapter, config: Any, state: dict) -> None:
+        """Add an adapter read by `read` to the live model, evicting least recently used ones beyond the
+        budget. Worker only."""
         from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 
-        model = self.lm.model
-        if isinstance(model, PeftModel):
-            model.add_adapter(name, config)
-        else:
-            model = get_peft_model(model, config, adapter_name=name)
-            self.lm.model = model
-        self._layers = None
-        if self.lm.fast is not None:
-            self.lm.fast.forget(name)
-        result = set_peft_model_state_dict(model, state, adapter_name=name)
-        missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-        if missing:
-            model.delete_adapter(name)
-            raise AdapterError(f"{name}: weights do not match this model ({len(missing)} unexpected tensors)")
+        if a.name in self.resident:
+            return
+        self._evict(a.size_bytes)
+        model = self.reference.model
+        try:
+            if isinstance(model, PeftModel):
+                model.add_adapter(a.name, config)
+            else:
+                model = get_peft_model(model, config, adapter_name=a.name)
+                self.reference.model = model
+            self.reference.forget_layers()
+            result = set_peft_model_state_dict(model, state, adapter_name=a.name)
+        except Exception as e:  # a shape mismatch surfaces here as a RuntimeError from torch
+            if a.name in getattr(model, "peft_config", {}):
+                model.delete_adapter(a.name)
+            raise AdapterError(f"{a.name}: does not fit this base model: {e}") from e
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        if unexpected:
+            model.delete_adapter(a.name)
+            raise AdapterError(f"{a.name}: weights do not match this model ({len(unexpected)} unexpected tensors)")
         model.eval()
+        size = a.size_bytes
+        if self.fast is not None:
+            self.fast.forget(a.name)
+            self.fast.prepare(a.name)  # pack and capture now, not on the first reply
+            size += self.fast.pack_bytes(a.name)
+        with self._state_lock:
+            self.resident[a.name] = (a.manifest.created, size)
+        self._evict(0)
 
     def ensure(self, name: str) -> None:
-        """Make `name` resident (load from disk if needed), evicting LRU adapters beyond the budget."""
+        """Make `name` resident, reading it from disk if needed. Worker only."""
         with self._state_lock:
             if name in self.resident:
                 self.resident.move_to_end(name)
                 return
-            a = self.known.get(name)
-        if a is None:
-            raise AdapterError(f"no adapter named {name!r}; known: {', '.join(self.names()) or 'none'}")
-        try:
-            config, state = self._read(a)  # disk I/O outside the model lock
-        except Exception as e:
-            raise AdapterError(f"{name}: could not read its weights: {e}") from e
-        size = a.size_bytes
-        with self.lm.lock:
-            if name in self.resident:
-                return
-            while self.resident and sum(b for _, b in self.resident.values()) + size > self.budget_bytes:
-                # Least recently used first, the active one last (every reply re-activates its adapter anyway).
-                order = sorted(self.resident, key=lambda n: n == self.active)
-                self._drop(order[0])
-            try:
-                self._attach(name, config, state)
-            except AdapterError:
-                raise
-            except Exception as e:  # a shape mismatch surfaces here as a RuntimeError from torch
-                raise AdapterError(f"{name}: does not fit this base model: {e}") from e
-            if self.lm.fast is not None:
-                self.lm.fast.prepare(name)
-            with self._state_lock:
-                self.resident[name] = (a.manifest.created, size)
+        self.attach(*self.read(name))
 
-    def _drop(self, name: str) -> None:
-        self.lm.model.delete_adapter(name)
-        self._layers = None
-        if self.lm.fast is not None:
-            self.lm.fast.forget(name)
+    def _evict(self, incoming: int) -> None:
+        """Drop least recently used adapters until `incoming` more bytes fit (the active one last)."""
+        while self.resident and sum(b for _, b in self.resident.values()) + incoming > self.budget_bytes:
+            if incoming == 0 and len(self.resident) == 1:
+                return  # one adapter larger than the budget still serves; the next load evicts it
+            order = sorted(self.resident, key=lambda n: n == self.active)
+            self.unload(order[0])
+
+    def unload(self, name: str) -> None:
+        """Worker only."""
+        if name not in self.resident:
+            return
+        self.reference.model.delete_adapter(name)
+        self.reference.forget_layers()
+        if self.fast is not None:
+            self.fast.forget(name)
         with self._state_lock:
             self.resident.pop(name, None)
             if self.active == name:
                 self.active = None
-                self.lm.pending = None  # a deferred switch to it must not come back
 
-    def unload(self, name: str) -> None:
-        with self.lm.lock:
-            if name in self.resident:
-                self._drop(name)
-
-    def _tuner_layers(self) -> list[Any]:
-        """The model's LoRA layers, found once per change of the adapter set (a walk of every module
-        costs milliseconds on a 24-layer model; the switch itself must not)."""
-        if self._layers is None:
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            self._layers = [m for m in self.lm.model.modules() if isinstance(m, BaseTunerLayer)]
-        return self._layers
-
-    def activate(self, name: str | None) -> None:
-        """Switch the model to adapter `name`, or to the plain base model with None.
-
-        PEFT's `set_adapter` also flips requires_grad on every LoRA tensor, which inference does not
-        need and which costs milliseconds; the switch here sets only what the forward pass reads:
-        each LoRA layer's active adapter and its disabled flag (the same fields set_adapter sets)."""
+    # ----- selecting
+    def select(self, name: str | None) -> Selected:
+        """The decoder for adapter `name` (None: the base), with that adapter applied. An adapter that
+        cannot be loaded gives the base, with the reason in the note. Worker only."""
+        started = time.perf_counter()
+        note = ""
         if name is not None:
-            self.ensure(name)
-        with self.lm.lock:
-            started = time.perf_counter()
-            fast = self.lm.fast
-            if fast is not None:
-                fast.select(name)
-            if fast is not None and fast.usable:  # the PEFT layers wait until a reference forward needs them
-                self.lm.pending = lambda: self._set_peft(name)
-            else:
-                self.lm.pending = None
-                self._set_peft(name)
-            self.last_swap_s = time.perf_counter() - started
-            with self._state_lock:
-                self.active = name
-                if name:
-                    self.resident.move_to_end(name)
-
-    def _set_peft(self, name: str | None) -> None:
-        model = self.lm.model
-        if hasattr(model, "base_model") and hasattr(model.base_model, "disable_adapter_layers"):
-            for layer in self._tuner_layers():
-                layer._disable_adapters = name is None
-                if name is not None:
-                    layer._active_adapter = [name]
-            if name is not None:
-                model.base_model.active_adapter = name
-
-    # ----- the watcher
-    def watch(self, on_change: Callable[[dict[str, list[str]]], None], interval: float = 1.0) -> threading.Thread:
-        """Poll the store; new or replaced adapters are loaded into the live model as they appear."""
-
-        def loop() -> None:
-            sig = self.store.signature()
-            while not self._watch_stop.wait(interval):
-                now = self.store.signature()
-                if now == sig:
-                    continue
-                sig = now
-                changes = self.refresh()
-                for name in changes["added"] + changes["changed"]:
-                    try:
-                        self.ensure(name)
-                    except AdapterError as e:
-                        changes.setdefault("failed", []).append(f"{name}: {e}")
-                on_change(changes)
-
-        t = threading.Thread(target=loop, name="adapter-watcher", daemon=True)
-        t.start()
-        return t
-
-    def stop_watching(self) -> None:
-        self._watch_stop.set()
+            try:
+                self.ensure(name)
+            except AdapterError as e:
+                note, name = f"adapter {name} unavailable ({e}); base answers", None
+        decoder: Decoder = self.reference
+        if self.fast is not None and self.fast.select(name):
+            decoder = self.fast
+        else:
+            if self.fast is not None and self.fast.reason:
+                note = note or f"fast decoder: {self.fast.reason}; transformers + PEFT answers"
+            self.reference.select(name)
+        self.last_swap_s = time.perf_counter() - started
+        with self._state_lock:
+            self.active = name
+            if name:
+                self.resident.move_to_end(name)
+        return Selected(name, decoder, note)

@@ -1,0 +1,138 @@
+"""The inference worker: the one thread that touches the model.
+
+Loading, warm-up, every reply, expert traces, A/B answers and the watcher's loads and evictions are
+jobs on its queue, run one at a time. A reply request carries its adapter: selecting it and decoding
+happen in the same job, so nothing can switch the adapter between the choice and the reply (which is
+what history and A/B preferences record). Callers on other threads get results back through a Future
+(`call`) or an event queue (`stream`).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from engine.harmony import HarmonyParser, Turn, fit_turns
+from engine.serve.generate import Reply, Sampling, Stats, stream
+from engine.serve.residency import LiveAdapters
+
+T = TypeVar("T")
+MIN_REPLY_ROOM = 256  # tokens kept free for the reply when old turns are trimmed to fit the context
+
+
+@dataclass
+class Request:
+    """One reply: the conversation (ending with the new user turn) and how to answer it."""
+
+    turns: list[Turn]
+    adapter: str | None  # None: the base model
+    sampling: Sampling
+    reasoning: str = "low"
+    instructions: str = ""
+    prefill: str = ""  # the start of the assistant's turn, already decided (e.g. skip reasoning)
+    record_experts: bool = False
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Started:
+    """The worker took the request: `adapter` answers (None: the base); `note` says why it is not the
+    one asked for; `dropped` oldest turns did not fit the context."""
+
+    adapter: str | None
+    note: str
+    dropped: int
+
+
+@dataclass
+class Step:
+    """Harmony parser events of one token, (segment, channel, text), and the reply so far."""
+
+    events: list[tuple[int, str, str]]
+    reply: Reply
+
+
+@dataclass
+class Failed:
+    error: Exception
+
+
+class InferenceWorker:
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[tuple[Callable[[], Any], Future] | None] = queue.Queue()
+        self.live: LiveAdapters | None = None
+        self._thread = threading.Thread(target=self._run, name="inference-worker", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, done = job
+            if not done.set_running_or_notify_cancel():
+                continue
+            try:
+                done.set_result(fn())
+            except BaseException as e:  # handed to the caller, who decides
+                done.set_exception(e)
+
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
+        done: Future[T] = Future()
+        self._jobs.put((fn, done))
+        return done
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the worker after the jobs queued before it; its result or exception."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        return self.submit(fn).result()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish the queued jobs and stop. Waits for the thread: torch must not be mid-call in a
+        thread the interpreter tears down at exit (the process aborts)."""
+        self._jobs.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    # ----- replies
+    def stream(self, req: Request) -> Iterator[Started | Step]:
+        """Events of one reply: Started, then a Step per token; the last Step's reply is final.
+        Leaving the iterator early cancels the reply."""
+        out: queue.Queue[Started | Step | Failed | None] = queue.Queue()
+        self.submit(lambda: self._reply(req, out))
+        try:
+            while (ev := out.get()) is not None:
+                if isinstance(ev, Failed):
+                    raise ev.error
+                yield ev
+        finally:
+            req.cancel.set()
+
+    def _reply(self, req: Request, out: queue.Queue) -> None:
+        try:
+            assert self.live is not None, "no model loaded"
+            lm = self.live.lm
+            room = min(req.sampling.max_new_tokens, max(lm.max_len // 2, MIN_REPLY_ROOM))
+            ids, dropped = fit_turns(lm.tokenizer, req.turns, req.reasoning, req.instructions, lm.max_len - room,
+                                     req.prefill)
+            chosen = self.live.select(req.adapter)
+            out.put(Started(chosen.adapter, chosen.note, dropped))
+            if req.cancel.is_set():  # cancelled while it waited in the queue
+                parser = HarmonyParser()
+                parser.feed(req.prefill)
+                parser.finish()
+                out.put(Step([], Reply(parser, Stats(tokens_in=len(ids), stop="cancelled"))))
+                return
+            import torch
+
+            prompt = torch.tensor([ids], device=lm.device)
+            for events, reply in stream(chosen.decoder, lm.tokenizer, prompt, req.sampling, req.cancel,
+                                        req.record_experts, req.prefill):
+                out.put(Step(events, reply))
+        except Exception as e:  # PromptTooLong, a bad adapter, a CUDA error: the caller reports it
+            out.put(Failed(e))
+        finally:
+            out.put(None)
+
