@@ -622,3 +622,28 @@ def test_an_unexpected_error_is_one_line_with_the_log_location(settings, capsys,
     log = settings.logs_dir / "cli-errors.log"
     assert err.count("\n") == 0 and "ZeroDivisionError: a real bug" in err and str(log) in err
     assert "Traceback" in log.read_text() and "broken_ui" in log.read_text()
+
+
+async def test_the_app_starts_with_a_run_and_an_adapter_named_in_markup(settings, demo_model_dir):
+    """Issue 15's worst case: a run whose task is `[/]` crashed the app at every start."""
+    import tests.fake_nvml as fake_nvml
+    from engine.telemetry import Telemetry
+    from tui.app import TandemApp
+    from tui.widgets.training import TrainingPanel
+
+    run = settings.logs_dir / "runs" / "20260101-000000-dead"
+    run.mkdir(parents=True)
+    (run / "request.json").write_text(json.dumps({"task": "[/]", "data": "[b]", "profile": "[/x]", "gpu": 0,
+                                                  "settings": str(settings.source)}))
+    (run / "state.json").write_text(json.dumps({"status": "failed", "error": "[/] [@click=quit]"}))
+    adapter_folder(settings.adapters_dir / "[bold]x[/]", "x")
+    app = TandemApp(settings, telemetry=Telemetry(fake_nvml, fake_nvml.fixed_host), poll_s=0.3)
+    async with app.run_test(size=(160, 48)) as pilot:
+        for _ in range(100):
+            await pilot.pause(0.1)
+            if app.query_one(TrainingPanel).runs:
+                break
+        assert app.query_one(TrainingPanel).runs[0].summary["task"] == "[/]"
+        await pilot.press("f4")
+        await pilot.pause(0.5)
+        assert app.is_running
