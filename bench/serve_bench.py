@@ -1,109 +1,117 @@
-"""Serving on the inference GPU: decode speed, adapter switch and load, expert-recording overhead.
+"""Serving on the inference GPU: the fast decoder over bf16 and over MXFP4 experts, against the memory
+bandwidth bound, with the chat process capped as a 24 GB card would hold it.
 
-    python bench/serve_bench.py [--layers 24] [--tokens 64] [--batch 8]
+    python bench/serve_bench.py [--layers 24] [--tokens 128] [--batch 8] [--cap-gb 24] [--context 8192]
 
-Builds a GPT-OSS-20B-shaped model with random bf16 weights (plain transformers + PEFT, as the engine
-runs it), three random rank-16 adapters on attention + all experts, and drives it through the
-engine's own generate loop and LiveAdapters, once through the fast decoder (the default) and once
-through the reference path (transformers + PEFT, model.fast_decode off). On a machine without a GPU
-it runs the demo model instead. Prints one table; every figure has its baseline from the same run.
+Builds GPT-OSS-20B-shaped models with random weights (bench/shapes.py) and random rank-16 specialists
+on attention + all experts, held by PEFT as the engine holds them, and drives the fast decoder the way
+the engine's loop does (one token at a time, greedy, the token read back to the host each step):
+
+1. bf16 experts (the 80 GB path), context 4096, uncapped: decode tok/s without and with a specialist.
+2. MXFP4 experts, with the process capped at --cap-gb (torch.cuda.set_per_process_memory_fraction) and
+   a --context cache: decode at batch 1 and --batch, switch between resident adapters, time to first
+   token, and the peak memory with three specialists resident and the context filled.
+3. Correctness on a 4-layer slice: the fast decoder's logits (MXFP4, specialist active) against an fp32
+   forward over the same dequantized weights, beside transformers' own bf16 forward as the noise floor.
+
+Each speed is printed beside its bandwidth bound: the bytes a token reads (weights of attention,
+router, lm_head and the routed experts, the LoRA factors, and the KV cache, which a graph step reads
+whole) over the device-to-device copy bandwidth measured in the same run; and projected to a 936 GB/s
+card (RTX 3090): the bytes at 936 GB/s plus the time the H100 spends beyond its own bound.
+Without a GPU it runs a tiny model on the CPU, to check the script itself.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import gc
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
-
-def decode_rate(lm, prompt: str, tokens: int, record: bool = False, repeat: int = 2) -> tuple[float, float]:
-    """(tokens/s after the first token, time to first token in s) through the engine's generate loop:
-    median of `repeat` runs after one warm-up (the fast path captures its CUDA graphs there)."""
-    from engine.serve.generate import Sampling, complete
-
-    rates, ttfts = [], []
-    for i in range(repeat + 1):
-        r = complete(lm, prompt, Sampling(greedy=True, max_new_tokens=tokens), record_experts=record)
-        if i:
-            rates.append(r.stats.tokens_per_s)
-            ttfts.append(r.stats.ttft_s)
-    return statistics.median(rates), statistics.median(ttfts)
+CARD_3090 = 936e9  # bytes/s, datasheet
 
 
-@contextlib.contextmanager
-def reference(lm):
-    """Generate through transformers + PEFT (the engine's path with model.fast_decode off)."""
-    fast, lm.fast = lm.fast, None
-    try:
-        yield
-    finally:
-        lm.fast = fast
-
-
-def generate_rate(lm, ids, tokens: int) -> float:
-    """model.generate tokens/s per sequence for a batch of prompts (no streaming, no stop tokens)."""
-    import torch
-
-    model = lm.reference_model()
-    model.generation_config.pad_token_id = lm.tokenizer.pad_token_id
-    with torch.inference_mode():
-        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-        _sync()
-        t = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-        _sync()
-    return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - t)
-
-
-def fast_batch_rate(lm, ids, tokens: int) -> float:
-    """The fast decoder on a batch of prompts in lockstep, greedy on the device: tokens/s per sequence."""
-    rates = []
-    for _ in range(2):  # the first pass captures the graphs
-        logits = lm.fast.prefill(ids)
-        _sync()
-        t = time.perf_counter()
-        for _ in range(tokens):
-            logits = lm.fast.step(logits.argmax(-1))
-        _sync()
-        rates.append(tokens / (time.perf_counter() - t))
-    return rates[-1]
-
-
-def agreement(lm, ids, steps: int = 16) -> tuple[float, int]:
-    """(worst relative logit error, steps whose top-1 token agrees) of the fast decoder against the
-    reference forward with the same adapter, greedy-extending `ids` along the reference's choice."""
-    import torch
-
-    worst, same = 0.0, 0
-    with torch.inference_mode():
-        logits = lm.fast.prefill(ids)
-        for i in range(steps):
-            ref = lm.reference_model()(input_ids=ids).logits[:, -1].float()
-            worst = max(worst, ((logits.float() - ref).abs().max() / ref.abs().max()).item())
-            same += int(logits.argmax(-1).item() == ref.argmax(-1).item())
-            nxt = ref.argmax(-1)
-            ids = torch.cat([ids, nxt[:, None]], 1)
-            if i < steps - 1:
-                logits = lm.fast.step(nxt)
-    return worst, same
-
-
-def _sync() -> None:
+def sync() -> None:
     import torch
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
-def percentile(xs: list[float], q: float) -> float:
-    return sorted(xs)[max(0, int(len(xs) * q) - 1)]
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (median of 20)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return float("nan")
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(23):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * 2**30 / statistics.median(times[3:])
+
+
+def decode_rate(dec, ids, tokens: int, repeat: int = 2) -> tuple[float, float]:
+    """(tok/s per sequence after the first token, time to first token in s): median of `repeat` runs after
+    a warm-up (which captures the graphs). Greedy, each step's tokens read back to the host first."""
+    import torch
+
+    rates, ttfts = [], []
+    for i in range(repeat + 1):
+        sync()
+        t0 = time.perf_counter()
+        logits = dec.prefill(ids)
+        nxt = logits.argmax(-1).tolist()
+        t1 = time.perf_counter()
+        for _ in range(tokens):
+            logits = dec.step(torch.tensor(nxt, device=ids.device))
+            nxt = logits.argmax(-1).tolist()
+        t2 = time.perf_counter()
+        if i:
+            rates.append(tokens / (t2 - t1))
+            ttfts.append(t1 - t0)
+    return statistics.median(rates), statistics.median(ttfts)
+
+
+def bytes_per_token(dec, lora: bool, batch: int = 1) -> float:
+    """Bytes one decode step must read: every layer's dense weights, the routed experts' share of the
+    expert weights (top-k of them per row, at most all), lm_head, the LoRA factors, the whole KV cache."""
+    routed = min(dec.num_experts, dec.top_k * batch) / dec.num_experts
+    total = 0.0
+    for w in dec.layers:
+        for key, t in w.items():
+            if hasattr(t, "element_size") and not key.startswith(("ln", "sinks")):
+                expert = key.startswith(("gate_up_proj", "down_proj"))
+                total += t.numel() * t.element_size() * (routed if expert else 1)
+    if lora and dec.active is not None:
+        for layer in dec.active.layers:
+            for key, t in layer.items():
+                expert = key.startswith(("gate_up_proj", "down_proj"))
+                total += t.numel() * t.element_size() * (routed if expert else 1)
+    head = dec.hf.lm_head.weight
+    total += head.numel() * head.element_size()
+    total += sum(c.numel() * c.element_size() for c in dec.k_cache + dec.v_cache)
+    return total
+
+
+def free() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -111,120 +119,159 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=24)
-    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--cap-gb", type=float, default=24.0, help="cap the MXFP4 phase's memory (0: no cap)")
+    ap.add_argument("--context", type=int, default=8192, help="KV cache of the MXFP4 phase, filled at the end")
     a = ap.parse_args()
 
-    from engine.harmony import Turn, render_prompt
+    from bench.shapes import gpt_oss_20b_config, random_adapter, random_model, random_mxfp4_model
     from engine.serve.fast_decode import FastDecoder
-    from engine.serve.model import LoadedModel
-    from engine.serve.residency import LiveAdapters
-    from engine.store.adapters import AdapterStore, Manifest
 
     gpu = torch.cuda.is_available()
-    work = Path(tempfile.mkdtemp())
-    started = time.perf_counter()
+    dev = "cuda" if gpu else "cpu"
     if gpu:
-        from bench.shapes import random_lora, random_model, wide_tokenizer
+        cfg = gpt_oss_20b_config(a.layers)
+        what = f"GPT-OSS-20B shape, {a.layers} layers, {torch.cuda.get_device_name()}"
+    else:  # a smoke run of the script
+        from transformers import GptOssConfig
 
-        model, tok = random_model(a.layers), wide_tokenizer()
-        what = f"GPT-OSS-20B shape, {a.layers} layers, random bf16, {torch.cuda.get_device_name()}"
-        words = " ".join(f"w{i}" for i in range(1000, 3000))  # a 2k-token prompt
-        long_prompt = render_prompt([Turn("user", words)])
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from tests.test_mxfp4 import TINY
 
-        from bench.shapes import random_lora
-        from engine.serve.demo_model import demo_model_path
+        cfg, what = GptOssConfig(**{**TINY, "num_hidden_layers": a.layers}), "tiny GPT-OSS on the CPU"
+        a.context, a.tokens = min(a.context, 512), min(a.tokens, 8)
+    dtype = torch.bfloat16 if gpu else torch.float32
+    bw = copy_bandwidth()
+    rows: list[tuple[str, ...]] = []
 
-        path = demo_model_path()
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        tok = AutoTokenizer.from_pretrained(path)
-        what = "demo model (CPU)"
-        long_prompt = render_prompt([Turn("user", "What is 2 plus 2? " * 150)])
-    build_s = time.perf_counter() - started
-    base_id = "bench"
-    store = AdapterStore(work / "adapters", base_model=base_id)
-    for i, name in enumerate(("math", "code", "late")):
-        folder = random_lora(model, work / f"lora-{name}", seed=i)
-        if name != "late":
-            store.publish(folder, Manifest(name=name, task=name, base_model=base_id))
-    lm = LoadedModel(model, tok, what, str(next(model.parameters()).device), False, build_s, False)
-    lm.fast = FastDecoder(model, max_len=4096)
-    live = LiveAdapters(lm, store, budget_mb=64_000)
-    prompt = render_prompt([Turn("user", "w5 w6 w7 w8" if gpu else "Hello!")])
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(lm.device)
-    batch_ids = ids.repeat(a.batch, 1)
+    def row(name: str, value: str, bound: str = "", note: str = "") -> None:
+        rows.append((name, value, bound, note))
+        print(f"  {name}: {value} | {bound} | {note}", flush=True)
 
-    rows: list[tuple[str, str, str, str]] = []  # what, fast engine, reference, note
+    def speed(name: str, dec, ids, lora: bool, note: str = "") -> float:
+        rate, _ = decode_rate(dec, ids, a.tokens)
+        step_bytes = bytes_per_token(dec, lora, ids.shape[0])
+        t, bound_t = 1 / (rate * ids.shape[0]), step_bytes / bw  # seconds per step
+        projected = 1 / (step_bytes / CARD_3090 + max(0.0, t - bound_t)) / ids.shape[0]
+        row(name, f"{rate:.1f} tok/s", f"{1 / bound_t / ids.shape[0]:.0f} tok/s ({step_bytes / 1e9:.2f} GB/step)",
+            f"{rate * ids.shape[0] * step_bytes / bw * 100:.0f}% of bound; 936 GB/s card: ~{projected:.0f} tok/s"
+            + (f"; {note}" if note else ""))
+        return rate
 
-    def row(name: str, fast: str, ref: str = "", note: str = "") -> None:
-        rows.append((name, fast, ref, note))
-        print(f"  {name}: {fast} | {ref} | {note}", flush=True)
+    prompt = torch.randint(0, cfg.vocab_size // 2, (1, 32), device=dev)
 
-    base_rate, base_ttft = decode_rate(lm, prompt, a.tokens)
-    with reference(lm):
-        ref_base, _ = decode_rate(lm, prompt, a.tokens, repeat=1)
-    hf_rate = generate_rate(lm, ids, a.tokens)
-    row("decode b1, no adapter", f"{base_rate:.1f} tok/s", f"{ref_base:.1f} tok/s",
-        f"model.generate {hf_rate:.1f} tok/s: engine {base_rate / hf_rate:.2f}x of it")
-    rec_rate, _ = decode_rate(lm, prompt, a.tokens, record=True)
-    row("decode b1, expert routing recorded", f"{rec_rate:.1f} tok/s", "",
-        f"overhead {(1 - rec_rate / base_rate) * 100:.1f}% vs not recorded")
-    row(f"decode b{a.batch}, no adapter (per sequence)", f"{fast_batch_rate(lm, batch_ids, a.tokens):.1f} tok/s",
-        f"{generate_rate(lm, batch_ids, a.tokens):.1f} tok/s", "reference = model.generate")
+    # 1. bf16 experts, as on an 80 GB card
+    if gpu:
+        model = random_adapter(random_model(a.layers), "math", seed=1)
+        dec = FastDecoder(model, max_len=4096)
+        dec.select(None)
+        base16 = speed("bf16: decode b1, no adapter", dec, prompt, False, "baseline 168.7 (2026-11-25)")
+        dec.select("math")
+        spec16 = speed("bf16: decode b1, specialist", dec, prompt, True, "baseline 130.9")
+        row("bf16: specialist / no adapter", f"{spec16 / base16 * 100:.0f}%")
+        model = dec = None
+        free()
 
+    # 2. MXFP4 experts, capped like a 24 GB card
+    if gpu and a.cap_gb:
+        torch.cuda.set_per_process_memory_fraction(a.cap_gb * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    live.ensure("math")
-    first_load = time.perf_counter() - t
-    live.ensure("code")
-    live.activate("math")
-    err, same = agreement(lm, ids)
-    row("logits vs PEFT, specialist active", f"rel err {err:.1e}", "", f"top-1 agrees on {same}/16 steps")
-    rate, _ = decode_rate(lm, prompt, a.tokens)
-    with reference(lm):
-        ref_rate, _ = decode_rate(lm, prompt, min(a.tokens, 32), repeat=1)
-    row("decode b1, specialist active", f"{rate:.1f} tok/s", f"{ref_rate:.1f} tok/s",
-        f"fast: {rate / base_rate * 100:.0f}% of its no-adapter speed")
-    row(f"decode b{a.batch}, specialist active (per sequence)",
-        f"{fast_batch_rate(lm, batch_ids, a.tokens):.1f} tok/s",
-        f"{generate_rate(lm, batch_ids, min(a.tokens, 16)):.1f} tok/s", "reference = model.generate with PEFT")
+    model = random_mxfp4_model(a.layers, dev, dtype, config=cfg)
+    build_s = time.perf_counter() - t
+    for i, name in enumerate(("math", "code", "law")):
+        model = random_adapter(model, name, seed=i + 1)
+    t = time.perf_counter()
+    dec = FastDecoder(model, max_len=a.context)
+    dec.warm_up()
+    for name in ("math", "code", "law"):
+        dec.prepare(name)
+    ready_s = time.perf_counter() - t
+    dec.select(None)
+    base4 = speed("mxfp4: decode b1, no adapter", dec, prompt, False, f"context {a.context}")
+    dec.select("math")
+    spec4 = speed("mxfp4: decode b1, specialist", dec, prompt, True)
+    row("mxfp4: specialist / no adapter", f"{spec4 / base4 * 100:.0f}%", "", "target >= 90%")
     swaps = []
     for i in range(50):
-        _sync()
+        sync()
         t = time.perf_counter()
-        live.activate("code" if i % 2 else "math")
-        _sync()
+        dec.select("code" if i % 2 else "math")
+        sync()
         swaps.append(time.perf_counter() - t)
-    row("switch between resident adapters", f"{statistics.median(swaps) * 1e3:.3f} ms p50",
-        "", f"p99 {percentile(swaps, 0.99) * 1e3:.3f} ms; the fast path picks that adapter's graphs")
-    live.activate("math")
-    live.activate("code")
-    rate_after, _ = decode_rate(lm, prompt, a.tokens, repeat=1)
-    row("decode b1, right after a switch", f"{rate_after:.1f} tok/s")
-    size_mb = store.get("math").size_bytes / 2**20
-    store.publish(work / "lora-late", Manifest(name="late", task="late", base_model=base_id))
-    live.refresh()
-    t = time.perf_counter()
-    live.ensure("late")
-    late_s = time.perf_counter() - t
-    row("load a newly published adapter", f"{late_s:.2f} s", "", f"{size_mb:.0f} MB; first load {first_load:.2f} s")
-    row("build/load base model", f"{build_s:.1f} s", "", "what a restart would add to the load above")
-    live.activate(None)
-    _, long_ttft = decode_rate(lm, long_prompt, 8, repeat=2)
-    with reference(lm):
-        _, ref_long_ttft = decode_rate(lm, long_prompt, 8, repeat=1)
-    n_long = len(tok(long_prompt, add_special_tokens=False)["input_ids"])
-    row(f"time to first token, {n_long}-token prompt", f"{long_ttft * 1e3:.0f} ms", f"{ref_long_ttft * 1e3:.0f} ms",
-        f"short prompt: {base_ttft * 1e3:.0f} ms")
+    dec.select("code")
+    after, _ = decode_rate(dec, prompt, a.tokens, repeat=1)
+    row("mxfp4: switch between resident adapters", f"{statistics.median(swaps) * 1e3:.3f} ms p50", "",
+        f"decode right after: {after:.1f} tok/s")
+    long = torch.randint(0, cfg.vocab_size // 2, (1, a.context - a.tokens - 8), device=dev)
+    _, long_ttft = decode_rate(dec, long, 4, repeat=1)
+    row(f"mxfp4: first token after a {long.shape[1]}-token prompt", f"{long_ttft * 1e3:.0f} ms", "",
+        "specialist active; the context is now full")
+    packs = sum(dec.pack_bytes(n) for n in ("math", "code", "law")) / 2**20
     if gpu:
-        row("peak GPU memory", f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GB", "", "whole run")
+        peak, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+        free_b, total_b = torch.cuda.mem_get_info()
+        row("mxfp4: peak GPU memory, 3 specialists + full context", f"{peak / 2**30:.1f} GiB allocated",
+            f"{reserved / 2**30:.1f} GiB reserved", f"device in use {(total_b - free_b) / 2**30:.1f} GiB (with the "
+            f"CUDA context); cap {a.cap_gb:g} GiB; packed adapter copies {packs:.0f} MiB")
+    row("mxfp4: build model / decoder ready", f"{build_s:.1f} s / {ready_s:.1f} s", "",
+        "ready = compile + graphs for the base and three adapters")
+    batch = prompt.repeat(a.batch, 1)
+    dec.select(None)
+    speed(f"mxfp4: decode b{a.batch}, no adapter (per sequence)", dec, batch, False)
+    dec.select("math")
+    speed(f"mxfp4: decode b{a.batch}, specialist (per sequence)", dec, batch, True)
+    model = dec = None
+    free()
+    if gpu:
+        torch.cuda.set_per_process_memory_fraction(1.0)
 
-    print(f"\n{what}; greedy, {a.tokens} new tokens; fast = engine default, reference = transformers + PEFT")
-    head = ("", "fast engine", "reference", "")
+    # 3. correctness on a 4-layer slice, against fp32 on the same dequantized weights
+    check_correctness(cfg, dev, dtype, a.context, row)
+
+    print(f"\n{what}; greedy, {a.tokens} new tokens, copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
+    head = ("", "measured", "bandwidth bound", "")
     width = [max(len(r[i]) for r in [head, *rows]) for i in range(3)]
-    for name, fast, ref, note in [head, *rows]:
-        print(f"{name:<{width[0]}}  {fast:>{width[1]}}  {ref:>{width[2]}}  {note}")
+    for name, value, bound, note in [head, *rows]:
+        print(f"{name:<{width[0]}}  {value:>{width[1]}}  {bound:>{width[2]}}  {note}")
+
+
+def check_correctness(cfg, dev: str, dtype, max_len: int, row) -> None:
+    import torch
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from transformers import GptOssConfig
+
+    from bench.shapes import random_adapter, random_mxfp4_model
+    from engine.serve.fast_decode import FastDecoder
+
+    small = GptOssConfig(**{**cfg.to_dict(), "num_hidden_layers": 4, "layer_types": (cfg.layer_types * 4)[:4]})
+    model = random_adapter(random_mxfp4_model(4, dev, dtype, config=small), "a", seed=7)
+    exact = random_adapter(random_mxfp4_model(4, dev, torch.float32, config=small), "a", seed=8)
+    exact.get_base_model().load_state_dict(model.get_base_model().state_dict())
+    set_peft_model_state_dict(exact, get_peft_model_state_dict(model, adapter_name="a"), adapter_name="a")
+    dec = FastDecoder(model, max_len=max_len)
+    dec.select("a")
+    ids = torch.randint(0, small.vocab_size // 2, (1, 300), device=dev)
+    fast_err, ref_err, same = [], [], 0
+    steps = 16
+    with torch.inference_mode():
+        logits = dec.prefill(ids)
+        for i in range(steps):
+            truth = exact(input_ids=ids).logits[:, -1].float()
+            scale = truth.abs().max()
+            fast_err.append(((logits.float() - truth).abs().max() / scale).item())
+            ref_err.append(((model(input_ids=ids).logits[:, -1].float() - truth).abs().max() / scale).item())
+            same += int(logits.argmax(-1).item() == truth.argmax(-1).item())
+            nxt = truth.argmax(-1)
+            ids = torch.cat([ids, nxt[:, None]], 1)
+            if i < steps - 1:
+                logits = dec.step(nxt)
+    row("mxfp4 logits vs fp32 (4 layers, specialist)", f"rel err {max(fast_err):.1e}", "",
+        f"transformers bf16 forward: {max(ref_err):.1e}; top-1 agrees on {same}/{steps} steps; "
+        f"{dec.note or 'compiled'}")
+    model = exact = dec = None
+    free()
 
 
 if __name__ == "__main__":

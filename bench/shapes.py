@@ -30,6 +30,55 @@ def random_model(layers: int = 24, device: str = "cuda", dtype=None):
     return model.eval()
 
 
+def random_mxfp4_model(layers: int = 24, device: str = "cuda", dtype=None, config=None):
+    """The same shape with its experts in MXFP4 (random codes, scales near 2^-7: weights of the order of
+    the bf16 model's), built without ever holding bf16 experts."""
+    import torch
+    from transformers import GptOssForCausalLM
+
+    from engine.serve.mxfp4 import install
+
+    torch.manual_seed(0)
+    cfg = config or gpt_oss_20b_config(layers)
+    with torch.device("meta"):
+        model = GptOssForCausalLM._from_config(cfg, dtype=dtype or torch.bfloat16)
+    experts = install(model, dtype or torch.bfloat16, device)
+    model.to_empty(device=device)
+    for name, t in model.named_parameters():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # shape-only stand-ins
+            continue
+        if name.endswith("norm.weight") or "layernorm" in name:
+            t.data.fill_(1.0)
+        else:
+            t.data.normal_(0, 0.02)
+    for ex in experts:
+        for p in ("gate_up_proj", "down_proj"):
+            getattr(ex, f"{p}_blocks").random_(0, 256)
+            getattr(ex, f"{p}_scales").random_(119, 122)
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(cfg, device=device)
+    return model.eval()
+
+
+def random_adapter(model, name: str, seed: int, rank: int = 16):
+    """Attach a random (non-zero) LoRA named `name` on attention + all experts, as PEFT holds a loaded
+    specialist; returns the PEFT model."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from engine.train.targets import lora_targets
+
+    modules, params = lora_targets(model.get_base_model() if isinstance(model, PeftModel) else model)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=modules, target_parameters=params or None,
+                     init_lora_weights=False)
+    if isinstance(model, PeftModel):
+        model.add_adapter(name, cfg)
+    else:
+        model = get_peft_model(model, cfg, adapter_name=name)
+    return model.eval()
+
+
 def save_slice(folder: Path, layers: int, tokenizer_from: Path) -> Path:
     """A full-width slice on disk (unsloth loads from a folder), with a harmony tokenizer; the tokenizer
     vocabulary is the demo's, padded ids beyond it are simply never produced by it."""

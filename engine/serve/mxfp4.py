@@ -74,6 +74,28 @@ class Mxfp4Experts(nn.Module):
                                                     requires_grad=False))
             setattr(self, p, _shape_only((e, inp, out), dtype, device))
 
+    # The stand-ins are not weights: dtype/device moves rebuild them (a plain move would materialize their
+    # full size), and state dicts leave them out.
+    def _apply(self, fn: Any, recurse: bool = True) -> Mxfp4Experts:
+        stand_ins = {p: self._parameters.pop(p) for p in PARAMS}
+        probe = fn(torch.zeros((), dtype=stand_ins[PARAMS[0]].dtype, device=stand_ins[PARAMS[0]].device))
+        super()._apply(fn, recurse)
+        for p, t in stand_ins.items():
+            self._parameters[p] = _shape_only(tuple(t.shape), probe.dtype, probe.device)
+        return self
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for p in PARAMS:
+            destination.pop(prefix + p, None)
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        stand_ins = {p: self._parameters.pop(p) for p in PARAMS}
+        try:
+            super()._load_from_state_dict(state_dict, prefix, *args)
+        finally:
+            self._parameters.update(stand_ins)
+
     def dequantized(self, param: str, expert: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Expert `expert`'s `param` as [out, in], exactly dequantized."""
         return dequantize(getattr(self, f"{param}_blocks")[expert], getattr(self, f"{param}_scales")[expert], dtype)
