@@ -22,7 +22,7 @@ async def main(svg: str | None) -> None:
     started = time.monotonic()
     async with app.run_test(size=(160, 48)) as pilot:
         interactive = time.monotonic() - started
-        while app.engine is None and not app.load_error:
+        while not app.service.ready and not app.load_error:
             await pilot.pause(0.2)
         print(f"app interactive after {interactive:.2f} s; model ready after {time.monotonic() - started:.1f} s")
         await pilot.pause(2.5)  # a few NVML polls for the sparklines

@@ -33,7 +33,7 @@ async def run(seconds: float) -> None:
     app = TandemApp(settings, poll_s=1.0)
     lags: list[float] = []
     async with app.run_test(size=(160, 48)) as pilot:
-        while app.engine is None and not app.load_error:
+        while not app.service.ready and not app.load_error:
             await pilot.pause(0.1)
         run = RunQueue(settings).submit(Request(task="lag", data=str(ROOT / "data/samples/math.jsonl"),
                                                 profile="quick_test", gpu=settings.gpus.training,

@@ -29,8 +29,9 @@ def _progress(message: str, _fraction: float) -> None:
 
 def _engine(s: settings_mod.Settings, history: bool = True):
     from engine.serve.chat import Engine
+    from engine.store.history import History
 
-    eng = Engine(s, history=history)
+    eng = Engine(s, history=History(s.history_db) if history else None)
     atexit.register(eng.close)  # stops the inference worker before the interpreter tears threads down
     eng.load(_progress)
     for name, why in eng.broken_adapters():

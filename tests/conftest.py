@@ -42,11 +42,13 @@ def settings(settings_path: Path):
 @pytest.fixture
 def engine(settings, demo_model_dir):
     from engine.serve.chat import Engine
+    from engine.store.history import History
 
-    eng = Engine(settings)
+    eng = Engine(settings, history=History(settings.history_db))
     eng.load()
     yield eng
     eng.close()
+    eng.history.close()
 
 
 TINY_PROFILE = """

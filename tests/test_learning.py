@@ -71,7 +71,7 @@ def test_trigger_retrain_gate_promote_then_reject(train_settings, make_adapter_f
     save(s)
     s = load(s.source)
     make_adapter_factory(s)("math", [p for p, _ in math_rows(100, 60)], seed=1)
-    engine = Engine(s)
+    engine = Engine(s, history=History(s.history_db))
     engine.load()
     changes = []
     engine.watch_adapters(changes.append)
@@ -124,7 +124,8 @@ def test_killed_mid_reply_keeps_the_turn(settings_path, demo_model_dir):
         from engine.serve.chat import Conversation, Delta, Engine
         from engine.serve.generate import Sampling
         from engine.settings import load
-        eng = Engine(load())
+        from engine.store.history import History
+        eng = Engine(load(), history=History(load().history_db))
         eng.load()
         sample = gen._sample
         gen._sample = lambda *a: (time.sleep(0.5), sample(*a))[1]  # a slow GPU: 20 tokens take 10 s

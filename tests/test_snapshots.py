@@ -63,7 +63,7 @@ def snap_app(request, demo_model_dir, make_adapter_factory):
 async def loaded(pilot):
     """The model is ready and both pollers have shown their first results."""
     app = pilot.app
-    while (app.engine is None and not app.load_error) or not all(app.polls.values()):
+    while (not app.service.ready and not app.load_error) or not all(app.polls.values()):
         await pilot.pause(0.1)
     await pilot.pause(0.3)
 

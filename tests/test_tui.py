@@ -29,7 +29,7 @@ async def until(pilot, predicate, timeout=120.0, step=0.1):
 
 
 async def ready(pilot):
-    await until(pilot, lambda: pilot.app.engine is not None or pilot.app.load_error)
+    await until(pilot, lambda: pilot.app.service.ready or pilot.app.load_error)
     assert not pilot.app.load_error
 
 
@@ -62,7 +62,7 @@ async def test_prompt_before_ready_waits_then_streams(settings, demo_model_dir):
     app.preset = "precise"  # greedy: the reply's structure does not depend on sampling luck
     async with app.run_test(size=(160, 48)) as pilot:
         await pilot.press(*"Hello!", "enter")
-        assert app.engine is None and list(app.pending) == ["Hello!"]
+        assert not app.service.ready and list(app.pending) == ["Hello!"]
         assert "waiting for the model" in str(app.query_one("#chat-status").render())
         release.set()
         await until(pilot, lambda: app.query_one(ChatPanel).last_reply is not None
@@ -111,16 +111,16 @@ async def test_switcher_keys_pin_base_and_auto(settings, make_adapter, demo_mode
         await pilot.press("f3")
         await pilot.press("2")
         await pilot.pause(0.1)
-        assert app.engine.mode == "math"
+        assert app.service.mode == "math"
         assert "pinned · math" in str(app.query_one("#switcher-mode").render())
         reply = await send(pilot, "Hello!")
         assert reply.meta.adapter == "math" and reply.meta.reason == "pinned"
         await pilot.press("f3", "b")
-        assert app.engine.mode == "base"
+        assert app.service.mode == "base"
         await pilot.press("a")
-        assert app.engine.mode == "auto"
+        assert app.service.mode == "auto"
         await pilot.press("up", "enter")
-        assert app.engine.mode == "code"
+        assert app.service.mode == "code"
 
 
 async def test_feedback_is_stored(settings, demo_model_dir):
@@ -129,15 +129,13 @@ async def test_feedback_is_stored(settings, demo_model_dir):
         await ready(pilot)
         reply = await send(pilot, "Hello!")
         await pilot.press("ctrl+f", "4")
-        await pilot.pause(0.1)
-        assert app.engine.history.turn(reply.turn_id).rating == 4
+        await until(pilot, lambda: app.service.history.turn(reply.turn_id).rating == 4, timeout=10)
         await pilot.press("ctrl+f", "c")
         area = app.screen.query_one("#correction")
         assert area.text == reply.final  # the editor starts from the reply, to be edited
         area.clear()
         await pilot.press(*"Hi there!", "ctrl+s")
-        await pilot.pause(0.1)
-        assert app.engine.history.turn(reply.turn_id).correction == "Hi there!"
+        await until(pilot, lambda: app.service.history.turn(reply.turn_id).correction == "Hi there!", timeout=10)
 
 
 async def test_settings_screen_validates_before_writing(settings, settings_path, demo_model_dir):
@@ -219,14 +217,14 @@ async def test_ab_compare_report_and_rollback(settings, make_adapter, demo_model
         await until(pilot, lambda: len(screen.replies) == 2, timeout=60)
         await pilot.press("2")
         await pilot.pause(0.1)
-        [pref] = app.engine.history.preferences()
+        [pref] = app.service.history.preferences()
         assert pref["choice"] == screen.b and pref["a"] != pref["b"]
         await pilot.press("f8")
         assert type(app.screen).__name__ == "ReportScreen"
         await pilot.press("escape", "f3")
-        created = app.engine.live.known["math"].manifest.created
+        created = app.service.engine.live.known["math"].manifest.created
         await pilot.press("u")
-        await until(pilot, lambda: app.engine.live.known["math"].manifest.created != created, timeout=20)
+        await until(pilot, lambda: app.service.engine.live.known["math"].manifest.created != created, timeout=20)
 
 
 async def test_brackets_in_prompts_and_replies_are_text_not_markup(settings, demo_model_dir):

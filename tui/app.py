@@ -1,8 +1,9 @@
 """Tandem's Textual app: chat, specialist switcher, training and GPU panels over one engine.
 
-The app owns no model state: it calls `engine.serve.chat.Engine` from thread workers and shows what comes
-back. Slow things never run on the event loop: the model load, every reply, NVML polls and reading
-training runs all happen in workers that hand results back with messages or `call_from_thread`.
+The app owns no model state: it maps its messages to `engine.service.Workstation` (the engine, run
+queue, adapter store, history and learner) from thread workers and shows what comes back. Slow things
+never run on the event loop: the model load, every reply, NVML polls and reading training runs all
+happen in workers that hand results back with messages or `call_from_thread`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from textual.reactive import reactive
 from textual.widgets import Footer, Header, Static
 
 from engine import settings as st
+from engine.service import Workstation
 from engine.telemetry import Telemetry
 from tui.screens.experts import ExpertsScreen
 from tui.screens.forms import (
@@ -102,9 +104,8 @@ class TandemApp(App):
         self.settings = settings
         self.telemetry = telemetry
         self.poll_s = poll_s
-        self.engine_factory = engine_factory
-        self.engine: Any = None
-        self.conversation: Any = None
+        self.service = Workstation(settings, **({"engine_factory": engine_factory} if engine_factory else {}))
+        self.conversation = self.service.new_conversation()
         self.pending: deque[str] = deque()
         self.cancel: threading.Event | None = None
         self.generating = False
@@ -176,17 +177,13 @@ class TandemApp(App):
     # ----- engine lifecycle
     @work(thread=True, exclusive=True, group="engine")
     def load_engine(self) -> None:
-        from engine.serve.chat import Conversation, Engine
-
         try:
-            engine = (self.engine_factory or Engine)(self.settings)
-            engine.on_log(lambda text: self.post_message(EngineLog(text)))
-            engine.load(lambda text, frac: self.post_message(EngineProgress(text, frac)))
-            engine.watch_adapters(lambda _changes: self._ui(self.refresh_switcher))
+            self.service.load(lambda text, frac: self.post_message(EngineProgress(text, frac)),
+                              lambda text: self.post_message(EngineLog(text)),
+                              lambda _changes: self._ui(self.refresh_switcher))
         except Exception as e:  # a model that fails to load must not take the app down
             self.post_message(EngineFailed(f"{type(e).__name__}: {e}"))
             return
-        self.engine, self.conversation = engine, Conversation()
         self.post_message(EngineReady())
 
     @on(EngineProgress)
@@ -212,10 +209,10 @@ class TandemApp(App):
         # garbage collection walking them stalls the event loop for tenths of a second. Freeze them.
         gc.collect()
         gc.freeze()
-        lm = self.engine.lm
-        what = "demo model" if lm.is_demo else lm.name
-        self.sub_title = f"{what} · {lm.device}{' · 4-bit' if lm.quantized else ''}"
-        self._remember_log(f"model ready in {lm.load_seconds:.1f} s: {lm.name} on {lm.device}")
+        info = self.service.model_info()
+        self.sub_title = info.line()
+        self._remember_log(f"model ready in {info.load_seconds:.1f} s: {info.name} on {info.device}, "
+                           f"{info.precision}, decoder: {info.decoder}")
         self.refresh_switcher()
         self._status()
         if self.pending:
@@ -225,8 +222,7 @@ class TandemApp(App):
         self.log_lines.append(f"{time.strftime('%H:%M:%S')} {text}")
 
     def _status(self, extra: str = "") -> None:
-        mode = self.engine.mode if self.engine else self.settings.adapters.mode
-        parts = [f"mode {mode}", f"reasoning {self.reasoning}", f"preset {self.preset}"]
+        parts = [f"mode {self.service.mode}", f"reasoning {self.reasoning}", f"preset {self.preset}"]
         if self.pending:
             parts.append(f"{len(self.pending)} prompt(s) waiting for the model")
         if extra:
@@ -238,9 +234,9 @@ class TandemApp(App):
     def _submitted(self, m: ChatPanel.Submitted) -> None:
         chat = self.query_one(ChatPanel)
         chat.add_user(m.prompt)
-        if self.engine is None or self.generating:
+        if not self.service.ready or self.generating:
             self.pending.append(m.prompt)
-            self._status("waiting for the model" if self.engine is None else "queued after the current reply")
+            self._status("waiting for the model" if not self.service.ready else "queued after the current reply")
             return
         self.ask(m.prompt)
 
@@ -256,12 +252,12 @@ class TandemApp(App):
         from engine.serve.chat import Delta, Finished, Routed
 
         temperature, top_p = PRESETS[self.preset]
-        sampling = self.engine.sampling(temperature=temperature, top_p=top_p)
+        sampling = self.service.sampling(temperature=temperature, top_p=top_p)
         pieces: list[tuple[str, str]] = []
         last = time.monotonic()
         meta = ReplyMeta()
         try:
-            for ev in self.engine.ask(self.conversation, prompt, reasoning=self.reasoning, sampling=sampling,
+            for ev in self.service.ask(self.conversation, prompt, reasoning=self.reasoning, sampling=sampling,
                                       cancel=cancel):
                 if isinstance(ev, Routed):
                     meta = ReplyMeta(ev.adapter, ev.decision.reason, ev.decision.confidence)
@@ -295,7 +291,7 @@ class TandemApp(App):
         self.generating = False
         self.cancel = None
         self._status()
-        if self.pending and self.engine is not None:
+        if self.pending and self.service.ready:
             self.ask(self.pending.popleft())
 
     def action_stop_reply(self) -> None:
@@ -303,10 +299,8 @@ class TandemApp(App):
             self.cancel.set()
 
     def action_new_conversation(self) -> None:
-        from engine.serve.chat import Conversation
-
         self.action_stop_reply()
-        self.conversation = Conversation()
+        self.conversation = self.service.new_conversation()
         self.query_one(ChatPanel).clear()
         self._status("new conversation")
 
@@ -325,19 +319,16 @@ class TandemApp(App):
 
     # ----- specialists
     def refresh_switcher(self) -> None:
-        if self.engine is None:
+        if not self.service.ready or not self.is_running:
             return
         rows = [AdapterRow(r.name, r.task, r.size_mb, r.final_loss, r.resident, r.active)
-                for r in self.engine.adapters()]
-        self.query_one(SpecialistSwitcher).show(rows, self.engine.mode, self.engine.broken_adapters())
+                for r in self.service.adapters()]
+        self.query_one(SpecialistSwitcher).show(rows, self.service.mode, self.service.broken_adapters())
 
     @on(SpecialistSwitcher.ModeChosen)
     def _mode(self, m: SpecialistSwitcher.ModeChosen) -> None:
-        if self.engine is None:
-            self.notify("the model is still loading", severity="warning")
-            return
         try:
-            self.engine.set_mode(m.mode)
+            self.service.set_mode(m.mode)
         except Exception as e:
             self.notify(str(e), severity="error")
             return
@@ -347,11 +338,9 @@ class TandemApp(App):
 
     @on(SpecialistSwitcher.RollbackRequested)
     def _rollback(self, m: SpecialistSwitcher.RollbackRequested) -> None:
-        from engine.store.adapters import AdapterError, AdapterStore
-
         try:
-            AdapterStore(self.settings.adapters_dir).rollback(m.name)  # the watcher loads it into the model
-        except AdapterError as e:
+            self.service.rollback(m.name)
+        except Exception as e:
             self.notify(str(e), severity="warning")
             return
         self.notify(f"{m.name} rolled back to its previous version", title="specialist")
@@ -359,11 +348,8 @@ class TandemApp(App):
     # ----- training
     @work(thread=True, exclusive=True, group="runs")
     def poll_runs(self) -> None:
-        from engine.train.runs import RunQueue
-
         try:
-            runs = RunQueue(self.settings).runs()
-            views = [RunView(r.summary(), r.metrics()) for r in reversed(runs[-20:])]
+            views = [RunView(r.summary(), r.metrics()) for r in reversed(self.service.runs())]
         except Exception as e:
             self.post_message(EngineLog(f"reading training runs failed: {e}"))
             return
@@ -393,10 +379,8 @@ class TandemApp(App):
 
     @work(thread=True, group="runs-actions")
     def submit_run(self, new: NewRun) -> None:
-        from engine.train.runs import RunQueue
-
         try:
-            run, report = RunQueue(self.settings).submit_checked(new.task, new.data, new.profile)
+            run, report = self.service.submit_run(new.task, new.data, new.profile)
         except Exception as e:
             self._ui(self.notify, str(e), title="cannot start training", severity="error", timeout=10)
             return
@@ -405,11 +389,8 @@ class TandemApp(App):
 
     @work(thread=True, group="runs-actions")
     def change_run(self, action: str, run_id: str) -> None:
-        from engine.train.runs import RunQueue
-
         try:
-            queue = RunQueue(self.settings)
-            run = queue.stop(run_id) if action == "stop" else queue.resume(run_id)
+            run = self.service.change_run(action, run_id)
             self._ui(self.notify, f"{run.id}: {run.state.status}", title=action)
         except Exception as e:
             self._ui(self.notify, str(e), title=f"cannot {action}", severity="error")
@@ -440,59 +421,60 @@ class TandemApp(App):
     def _settings_saved(self, saved: st.Settings | None) -> None:
         if saved is None:
             return
-        needs_restart = saved.model != self.settings.model or saved.gpus != self.settings.gpus
+        try:
+            applied = self.service.apply_settings(saved)
+        except Exception as e:  # e.g. adapters.mode naming an adapter that is not there
+            self.notify(f"saved, but not applied: {e}", title="settings", severity="warning")
+            return
         self.settings = saved
-        if self.engine is not None:
-            self.engine.settings = saved
-            self.engine.router.threshold = saved.adapters.router_threshold
-        self.notify("saved" + (" · model and GPU changes apply at the next start" if needs_restart else ""),
-                    title="settings")
+        if "chat.reasoning" in applied.live:
+            self.reasoning = saved.chat.reasoning
+        self._status()
+        self.refresh_switcher()
+        later = f" · at the next start: {', '.join(applied.restart)}" if applied.restart else ""
+        self.notify(f"saved · in effect now: {', '.join(applied.live) or 'nothing changed'}{later}", title="settings")
 
     def action_feedback(self) -> None:
         reply = self.query_one(ChatPanel).last_reply
-        if reply is None or reply.turn_id is None or self.engine is None or self.engine.history is None:
+        if reply is None or reply.turn_id is None:
             self.notify("no reply to give feedback on yet", severity="warning")
             return
         self.push_screen(FeedbackScreen(reply.prompt, reply.final), lambda fb: self._feedback(reply.turn_id, fb))
 
     def _feedback(self, turn_id: int, fb: Feedback | None) -> None:
-        if fb is None:
-            return
-        h = self.engine.history
-        if fb.rating is not None:
-            h.rate(turn_id, fb.rating)
-            self.notify(f"rated {fb.rating}/5", title="feedback")
-        if fb.correction:
-            h.correct(turn_id, fb.correction)
-            self.notify("correction saved; it will teach the specialist", title="feedback")
-        if fb.good:
-            h.mark_good(turn_id)
-            self.notify("marked as a good example", title="feedback")
-        self.learn()
+        if fb is not None:
+            self.give_feedback(turn_id, fb)
 
     @work(thread=True, exclusive=True, group="learning")
-    def learn(self) -> None:
-        """Feedback may have made a specialist due for retraining: let the learner decide."""
-        from engine.train.learning import Learner
-
+    def give_feedback(self, turn_id: int, fb: Feedback) -> None:
+        """Store the feedback; it may make a specialist due for retraining, which the learner starts."""
         try:
-            started = Learner(self.settings, self.engine.history).check()
+            started = self.service.feedback(turn_id, fb.rating, fb.correction, fb.good)
         except Exception as e:
-            self.post_message(EngineLog(f"learning check failed: {e}"))
+            self.post_message(EngineLog(f"feedback failed: {e}"))
+            self._ui(self.notify, str(e), title="feedback", severity="error")
             return
+        said = [f"rated {fb.rating}/5"] if fb.rating is not None else []
+        said += ["correction saved; it will teach the specialist"] if fb.correction else []
+        said += ["marked as a good example"] if fb.good else []
+        self._ui(self.notify, " · ".join(said) or "nothing to save", title="feedback")
         for run_id in started:
             self._ui(self.notify, f"retraining started: {run_id}", title="learning")
         if started:
             self.poll_runs()
 
+    def _other_adapter(self, than: str) -> str | None:
+        """What to compare `than` with: the base, or for the base the first specialist."""
+        names = [r.name for r in self.service.adapters()]
+        return "base" if than != "base" else (names[0] if names else None)
+
     def action_compare(self) -> None:
         reply = self.query_one(ChatPanel).last_reply
-        if reply is None or self.engine is None:
+        if reply is None or not self.service.ready:
             self.notify("ask something first", severity="warning")
             return
-        names = [r.name for r in self.engine.adapters()]
         a = reply.meta.adapter or "base"
-        b = "base" if a != "base" else (names[0] if names else None)
+        b = self._other_adapter(a)
         if b is None:
             self.notify("no specialist to compare with yet", severity="warning")
             return
@@ -503,24 +485,17 @@ class TandemApp(App):
     @work(thread=True, exclusive=True, group="experts")
     def answer_both(self, screen: CompareScreen) -> None:
         for side, name in (("a", screen.a), ("b", screen.b)):
-            done = self.engine.trace_experts(screen.prompt, name)
-            self._ui(screen.show, side, done.reply.parser.final or done.reply.raw)
+            self._ui(screen.show, side, self.service.answer_with(screen.prompt, name))
 
     def _picked(self, screen: CompareScreen, choice: str | None) -> None:
-        if choice is None or self.engine.history is None:
+        if choice is None:
             return
         winner = {"a": screen.a, "b": screen.b}.get(choice, "tie")
-        self.engine.history.prefer(screen.prompt, screen.a, screen.b, screen.replies["a"], screen.replies["b"],
-                                   winner)
+        self.service.prefer(screen.prompt, screen.a, screen.b, screen.replies["a"], screen.replies["b"], winner)
         self.notify(f"preference stored: {winner}", title="A/B")
 
     def action_report(self) -> None:
-        if self.engine is None or self.engine.history is None:
-            self.notify("the model is still loading", severity="warning")
-            return
-        from engine.train.learning import report
-
-        self.push_screen(ReportScreen(report(self.engine.history)))
+        self.push_screen(ReportScreen(self.service.report()))
 
     def action_experts(self) -> None:
         reply = self.query_one(ChatPanel).last_reply
@@ -532,8 +507,7 @@ class TandemApp(App):
 
     @on(ExpertsScreen.CompareRequested)
     def _compare(self, m: ExpertsScreen.CompareRequested) -> None:
-        names = [r.name for r in self.engine.adapters()]
-        other = "base" if m.adapter != "base" else (names[0] if names else None)
+        other = self._other_adapter(m.adapter)
         if other is None:
             self.notify("no other adapter to compare with: train or import a specialist", severity="warning")
             return
@@ -541,19 +515,12 @@ class TandemApp(App):
 
     @work(thread=True, exclusive=True, group="experts")
     def compare_experts(self, prompt: str, a: str, b: str) -> None:
-        from engine.serve.experts import usage_shift
-
-        if self.generating:
-            self._ui(self.notify, "wait for the reply to finish", severity="warning")
-            return
-        mine = self.engine.trace_experts(prompt, a).reply.experts
-        theirs = self.engine.trace_experts(prompt, b).reply.experts
+        shift = self.service.expert_shift(prompt, a, b)
         screen = self.screen
-        if isinstance(screen, ExpertsScreen) and mine and theirs:
-            self._ui(screen.show_shift, b, a, usage_shift(theirs, mine))
+        if isinstance(screen, ExpertsScreen) and shift is not None:
+            self._ui(screen.show_shift, b, a, shift)
 
     def on_unmount(self) -> None:
         if self.cancel is not None:
             self.cancel.set()
-        if self.engine is not None:
-            self.engine.close()
+        self.service.close()

@@ -59,13 +59,14 @@ class Conversation:
 
 
 class Engine:
-    def __init__(self, settings: Settings, history: bool = True):
+    def __init__(self, settings: Settings, history: History | None = None):
+        """`history` stores every turn (None: nothing is stored); its owner closes it."""
         self.settings = settings
         self.lm: LoadedModel | None = None
         self.live: LiveAdapters | None = None
         self.worker = InferenceWorker()
         self.router = Router(threshold=settings.adapters.router_threshold)
-        self.history = History(settings.history_db) if history else None
+        self.history = history
         self.mode = settings.adapters.mode  # auto | base | adapter name
         self.fast_note = ""  # why the fast decoder is off, if it is
         self._listeners: list[Callable[[str], None]] = []
@@ -147,8 +148,6 @@ class Engine:
     def close(self) -> None:
         self._watch_stop.set()
         self.worker.close()
-        if self.history:
-            self.history.close()
 
     # ----- adapters and routing
     def retrain_router(self) -> None:

@@ -86,6 +86,7 @@ EDITABLE = [
     ("chat.top_p", "top_p"),
     ("chat.max_new_tokens", "max new tokens"),
     ("chat.instructions", "developer instructions"),
+    ("adapters.mode", "specialist (auto, base or a name)"),
     ("adapters.router_threshold", "router threshold"),
     ("adapters.vram_budget_mb", "adapter VRAM budget (MB)"),
     ("training.default_profile", "default training profile"),

@@ -1,0 +1,194 @@
+"""The workstation as a service: what the app drives, with no Textual in it.
+
+It owns the engine (model, adapters, router), the run queue, the adapter store, the history and the
+learner, and applies edited settings to each of them (`apply_settings`). The app maps its messages
+to these methods and shows what comes back; every method may block (disk, model, subprocesses), so
+the app calls them from worker threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+from typing import Any
+
+from engine.serve.chat import Conversation, Engine, Event
+from engine.serve.experts import usage_shift
+from engine.serve.generate import Sampling
+from engine.serve.model import Progress
+from engine.serve.residency import Residency
+from engine.settings import Settings
+from engine.store.adapters import AdapterError, AdapterStore
+from engine.store.history import History
+from engine.train.dataset import LoadReport
+from engine.train.learning import Learner, report
+from engine.train.runs import Run, RunQueue
+
+# Settings read once, at load: a change needs a restart (the rest apply at once).
+RESTART_KEYS = ("model.", "gpus.inference", "paths.adapters", "paths.history")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the app shows of the loaded model (header, GPU panel, log)."""
+
+    name: str
+    device: str
+    is_demo: bool
+    precision: str  # how the chat model's weights are held, e.g. "bf16" or "4-bit"
+    decoder: str  # "fast" or why the fast decoder is off
+    load_seconds: float
+
+    def line(self) -> str:
+        what = "demo model" if self.is_demo else self.name
+        return f"{what} · {self.device} · {self.precision} · decoder: {self.decoder}"
+
+
+@dataclass
+class Applied:
+    """What `apply_settings` did: keys now in effect, and keys that wait for a restart."""
+
+    live: list[str]
+    restart: list[str]
+
+
+def changed_keys(old: Settings, new: Settings) -> list[str]:
+    """Dotted keys whose values differ (training profiles count as one key each)."""
+    keys = []
+    for section in ("model", "gpus", "chat", "adapters", "paths", "training", "learning"):
+        a, b = getattr(old, section), getattr(new, section)
+        keys += [f"{section}.{f.name}" for f in fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+    return keys
+
+
+class Workstation:
+    def __init__(self, settings: Settings, engine_factory: Callable[..., Engine] = Engine):
+        self.settings = settings
+        self.history = History(settings.history_db)
+        self.engine: Engine | None = None
+        self._engine_factory = engine_factory
+        self._closed = False
+
+    # ----- lifecycle
+    def load(self, progress: Progress, on_log: Callable[[str], None],
+             on_adapters: Callable[[dict], None]) -> Engine:
+        """Load the model and start watching the adapter store (blocks for the whole load)."""
+        engine = self._engine_factory(self.settings, history=self.history)
+        engine.on_log(on_log)
+        engine.load(progress)
+        if self._closed:  # the app quit while the model loaded
+            engine.close()
+            raise RuntimeError("closed while the model loaded")
+        engine.watch_adapters(on_adapters)
+        self.engine = engine
+        return engine
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None
+
+    def model_info(self) -> ModelInfo | None:
+        if self.engine is None or self.engine.lm is None:
+            return None
+        lm = self.engine.lm
+        precision = "4-bit" if lm.quantized else str(lm.model.dtype).removeprefix("torch.")
+        decoder = f"reference ({self.engine.fast_note})" if self.engine.fast_note else "fast"
+        return ModelInfo(lm.name, lm.device, lm.is_demo, precision, decoder, lm.load_seconds)
+
+    def close(self) -> None:
+        self._closed = True
+        if self.engine is not None:
+            self.engine.close()
+        self.history.close()
+
+    def apply_settings(self, new: Settings) -> Applied:
+        """Make `new` the settings of everything that reads them; say which keys need a restart."""
+        keys = changed_keys(self.settings, new)
+        restart = [k for k in keys if k.startswith(RESTART_KEYS)]
+        self.settings = new
+        if self.engine is not None:
+            e = self.engine
+            e.settings = new  # chat.* and model.record_experts are read per reply
+            if "adapters.router_threshold" in keys:
+                e.router.threshold = new.adapters.router_threshold
+            if "adapters.vram_budget_mb" in keys:
+                e.set_budget(new.adapters.vram_budget_mb)
+            if "adapters.mode" in keys:
+                e.set_mode(new.adapters.mode)
+        return Applied([k for k in keys if k not in restart], restart)
+
+    # ----- chat
+    def new_conversation(self) -> Conversation:
+        return Conversation()
+
+    def sampling(self, **overrides: Any) -> Sampling:
+        """The settings' sampling with `overrides` (None values ignored)."""
+        assert self.engine is not None, "the model is still loading"
+        return self.engine.sampling(**overrides)
+
+    def ask(self, conversation: Conversation, prompt: str, **kwargs: Any) -> Iterator[Event]:
+        assert self.engine is not None, "the model is still loading"
+        return self.engine.ask(conversation, prompt, **kwargs)
+
+    @property
+    def mode(self) -> str:
+        return self.engine.mode if self.engine else self.settings.adapters.mode
+
+    # ----- specialists
+    def adapters(self) -> list[Residency]:
+        return self.engine.adapters() if self.engine else []
+
+    def broken_adapters(self) -> list[tuple[str, str]]:
+        return self.engine.broken_adapters() if self.engine else []
+
+    def set_mode(self, mode: str) -> None:
+        if self.engine is None:
+            raise AdapterError("the model is still loading")
+        self.engine.set_mode(mode)
+
+    def rollback(self, name: str) -> None:
+        """The previous version becomes current; the engine's watcher loads it into the model."""
+        AdapterStore(self.settings.adapters_dir).rollback(name)
+
+    # ----- training
+    def runs(self, last: int = 20) -> list[Run]:
+        return RunQueue(self.settings).runs()[-last:]
+
+    def submit_run(self, task: str, data: str, profile: str | None) -> tuple[Run, LoadReport]:
+        return RunQueue(self.settings).submit_checked(task, data, profile)
+
+    def change_run(self, action: str, run_id: str) -> Run:
+        queue = RunQueue(self.settings)
+        return queue.stop(run_id) if action == "stop" else queue.resume(run_id)
+
+    # ----- feedback and learning
+    def feedback(self, turn_id: int, rating: int | None, correction: str, good: bool) -> list[str]:
+        """Store what the user said of a reply; then let the learner start any retraining it made due.
+        Returns the run ids started."""
+        if rating is not None:
+            self.history.rate(turn_id, rating)
+        if correction:
+            self.history.correct(turn_id, correction)
+        if good:
+            self.history.mark_good(turn_id)
+        return Learner(self.settings, self.history).check()
+
+    def prefer(self, prompt: str, a: str, b: str, reply_a: str, reply_b: str, winner: str) -> None:
+        self.history.prefer(prompt, a, b, reply_a, reply_b, winner)
+
+    def report(self) -> dict[str, Any]:
+        return report(self.history)
+
+    # ----- comparisons and experts
+    def answer_with(self, prompt: str, adapter: str) -> str:
+        """A greedy answer from `adapter` (or "base"), outside the history: one side of an A/B."""
+        assert self.engine is not None
+        done = self.engine.trace_experts(prompt, adapter)
+        return done.reply.parser.final or done.reply.raw
+
+    def expert_shift(self, prompt: str, mine: str, other: str) -> list[list[float]] | None:
+        """How `mine` moves expert traffic against `other` on the same prompt (None: nothing recorded)."""
+        assert self.engine is not None
+        a = self.engine.trace_experts(prompt, mine).reply.experts
+        b = self.engine.trace_experts(prompt, other).reply.experts
+        return usage_shift(b, a) if a and b else None
