@@ -68,11 +68,11 @@ def test_mxfp4_kernels_at_real_width_match_exact_dequantization(pairs):
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
         x = rnd(pairs // 4, h).to(dtype)
         cast = [t.to(dtype) for t in (gbias, dbias, a, b, a2, b2, gate)]
-        xa = K.triton_lora_a(x, rows, experts, cast[2])
+        xa = x @ K.pack_gate_up_a(cast[2]).T
         act = K.triton_gate_up(x, rows, experts, gb, gs, cast[0], xa, cast[3], 1.702, 7.0)
         xd = K.triton_lora_a(act, torch.arange(pairs, device="cuda"), experts, cast[4])
         out = K.triton_down(act, experts, cast[6], db, ds, cast[1], xd, cast[5])
-        for got, want in ((xa, K.exact_lora_a(x, rows, experts, cast[2])),
+        for got, want in ((xd, K.exact_lora_a(act, torch.arange(pairs, device="cuda"), experts, cast[4])),
                           (act, K.exact_gate_up(x, rows, experts, gb, gs, cast[0], xa, cast[3], 1.702, 7.0)),
                           (out, K.exact_down(act, experts, cast[6], db, ds, cast[1], xd, cast[5]))):
             err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()

@@ -147,7 +147,8 @@ A, B = torch.randn(E, H, R, generator=gen), torch.randn(E, R, 2 * I, generator=g
 A2, B2 = torch.randn(E, I, R, generator=gen), torch.randn(E, R, H, generator=gen) * 0.1
 def close(a, b):
     assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5, (a, b)
-xa = K.triton_lora_a(x, rows, experts, A); close(xa, K.exact_lora_a(x, rows, experts, A))
+close(K.triton_lora_a(x, rows, experts, A), K.exact_lora_a(x, rows, experts, A))
+xa = x @ K.pack_gate_up_a(A).T
 for xa_, b_ in ((None, None), (xa, B)):
     act = K.triton_gate_up(x, rows, experts, gb, gs, gbias, xa_, b_, 1.702, 7.0)
     close(act, K.exact_gate_up(x, rows, experts, gb, gs, gbias, xa_, b_, 1.702, 7.0))

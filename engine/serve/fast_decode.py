@@ -25,6 +25,7 @@ from engine.train.targets import ATTENTION, FUSED_EXPERTS
 EXPERT_PARAMS = tuple(p.rsplit(".", 1)[1] for p in FUSED_EXPERTS)  # gate_up_proj, down_proj
 BUCKET = 256  # eager attention reads the cache up to the next multiple of this
 PREFILL_CHUNK = 512  # prompt tokens per eager forward: bounds the attention scores' memory
+SCORES_BYTES = 256 * 2**20  # and at long contexts fewer: one layer's fp32 scores stay under this
 
 
 def _unwrap(module: Any) -> Any:
@@ -194,6 +195,10 @@ class FastDecoder:
                     pad = max(16, 1 << (lhs.shape[-1] - 1).bit_length()) - lhs.shape[-1]
                     parts[f"{param}.A"] = torch.nn.functional.pad(lhs, (0, pad))
                     parts[f"{param}.B"] = torch.nn.functional.pad(rhs * scale, (0, 0, 0, pad))
+                    if param == "gate_up_proj" and "routed" in self.layers[0]:
+                        from engine.serve.mxfp4_kernels import pack_gate_up_a
+
+                        parts[f"{param}.A"] = pack_gate_up_a(parts[f"{param}.A"])
                     seen += 1
                 wrapper = wrapper.base_layer
             layers.append({k: t.to(self.dtype).contiguous() for k, t in parts.items()})
@@ -304,8 +309,9 @@ class FastDecoder:
                 self._graphs.clear()
                 self._pool = None  # a pool outlives its graphs badly: start a fresh one with the new shapes
                 self.batch = b
-            for start in range(0, t, self.prefill_chunk):
-                chunk = ids[:, start:start + self.prefill_chunk].to(self.device)
+            step = max(16, min(self.prefill_chunk, SCORES_BYTES // (b * self.heads * self._span(t) * 4)))
+            for start in range(0, t, step):
+                chunk = ids[:, start:start + step].to(self.device)
                 end = start + chunk.shape[1]
                 logits, *routes = self._forward(chunk, self.arange[start:end], self._span(end), self.active)
         self.length = t
@@ -342,6 +348,9 @@ class FastDecoder:
         if not self.compile:
             return _block
         if self.compiled is None:
+            # one compilation per (adapter or not, window, batch): more than dynamo's default 8 in a process
+            # that runs several decoders (the bench), and past the limit a step silently runs eagerly
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.compiled = torch.compile(_block, dynamic=False, fullgraph=True)
         return self.compiled
 

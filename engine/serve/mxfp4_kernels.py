@@ -9,8 +9,9 @@ Work is a list of routed (token, expert) pairs sorted by expert, so pairs that s
 weights back to back (from L2). Each kernel program takes one pair and a tile of output rows, reads that
 expert's 4-bit rows once, dequantizes in registers (e2m1 bits placed into fp16 ones, scale applied per
 32-value block) and accumulates in fp32; no bf16 copy of a weight is ever written. The adapter's expert
-LoRA rides along: `lora_a` makes each pair's x·A (rank-wide), and the two expert kernels add (x·A)·B in
-their epilogue. gate_up fuses GPT-OSS's clamped SwiGLU; down multiplies by the routing weight. Nothing
+LoRA rides along: the two expert kernels add (x·A)·B in their epilogue (x·A for gate_up is one dense
+product over every expert's A; for down a split-K kernel, since one program per pair looping over K
+was latency-bound). gate_up fuses GPT-OSS's clamped SwiGLU; down multiplies by the routing weight. Nothing
 here needs FP8, TMA or wgmma, so it runs on Ampere (sm_80/86) as on Hopper.
 
 Each is a torch custom op (opaque to torch.compile, capturable in CUDA graphs) whose CPU version is the
@@ -28,7 +29,7 @@ import triton.language as tl
 
 from engine.serve.mxfp4 import dequantize, swiglu
 
-BJ, BN, BKB, BK_LORA = 16, 32, 8, 128  # gate/up units and down rows per program, scale blocks per step
+BJ, BN, BKB, BK_LORA = 16, 32, 8, 256  # gate/up units and down rows per program, scale blocks per step
 WARPS = 4
 
 
@@ -68,17 +69,17 @@ def _x_halves(x_ptr, base, kbs, mk):
 
 
 @triton.jit
-def _lora_b(xa_ptr, b_ptr, p, e, cols, mask, width, R: tl.constexpr):
-    """(x·A)[p] · B[e][:, cols] for one pair: B is [experts, R, width]."""
+def _lora_b(xa_ptr, b_ptr, e, cols, mask, width, R: tl.constexpr):
+    """(x·A) · B[e][:, cols] for one pair (`xa_ptr` at its R values): B is [experts, R, width]."""
     r = tl.arange(0, R)
-    xa = tl.load(xa_ptr + p * R + r).to(tl.float32)
+    xa = tl.load(xa_ptr + r).to(tl.float32)
     b = tl.load(b_ptr + (e * R + r[:, None]) * width + cols[None, :], mask=mask[None, :], other=0.0)
     return tl.sum(xa[:, None] * b.to(tl.float32), axis=0)
 
 
 @triton.jit
 def _gate_up_kernel(x_ptr, rows_ptr, experts_ptr, w_ptr, s_ptr, bias_ptr, xa_ptr, b_ptr, out_ptr,
-                    INTER, KB, alpha, limit, HAS_LORA: tl.constexpr, R: tl.constexpr, BJ: tl.constexpr,
+                    INTER, KB, E, alpha, limit, HAS_LORA: tl.constexpr, R: tl.constexpr, BJ: tl.constexpr,
                     BKB: tl.constexpr):
     p = tl.program_id(1)
     row = tl.load(rows_ptr + p).to(tl.int64)
@@ -97,9 +98,10 @@ def _gate_up_kernel(x_ptr, rows_ptr, experts_ptr, w_ptr, s_ptr, bias_ptr, xa_ptr
         acc_u += _rows_dot(w_ptr, s_ptr, gate_rows + 1, kbs, m2, xe, xo, KB)
     acc_g += tl.load(bias_ptr + gate_rows, mask=mj, other=0.0).to(tl.float32)
     acc_u += tl.load(bias_ptr + gate_rows + 1, mask=mj, other=0.0).to(tl.float32)
-    if HAS_LORA:
-        acc_g += _lora_b(xa_ptr, b_ptr, p, e, 2 * j, mj, 2 * INTER, R)
-        acc_u += _lora_b(xa_ptr, b_ptr, p, e, 2 * j + 1, mj, 2 * INTER, R)
+    if HAS_LORA:  # xa is [rows, experts * R]: every expert's x·A for each token row
+        xa_at = xa_ptr + (row * E + e) * R
+        acc_g += _lora_b(xa_at, b_ptr, e, 2 * j, mj, 2 * INTER, R)
+        acc_u += _lora_b(xa_at, b_ptr, e, 2 * j + 1, mj, 2 * INTER, R)
     gate = tl.minimum(acc_g, limit)
     up = tl.minimum(tl.maximum(acc_u, -limit), limit)
     act = (up + 1) * (gate * tl.sigmoid(gate * alpha))
@@ -122,31 +124,29 @@ def _down_kernel(x_ptr, experts_ptr, gate_ptr, w_ptr, s_ptr, bias_ptr, xa_ptr, b
         acc += _rows_dot(w_ptr, s_ptr, rows, kbs, mn[:, None] & mk[None, :], xe, xo, KB)
     acc += tl.load(bias_ptr + rows, mask=mn, other=0.0).to(tl.float32)
     if HAS_LORA:
-        acc += _lora_b(xa_ptr, b_ptr, p, e, n, mn, N, R)
+        acc += _lora_b(xa_ptr + p * R, b_ptr, e, n, mn, N, R)
     acc *= tl.load(gate_ptr + p).to(tl.float32)
     tl.store(out_ptr + p * N + n, acc.to(out_ptr.dtype.element_ty), mask=mn)
 
 
 @triton.jit
 def _lora_a_kernel(x_ptr, rows_ptr, experts_ptr, a_ptr, out_ptr, K, R: tl.constexpr, BK: tl.constexpr):
+    """out[p] += x[rows[p], chunk] · A[experts[p]][chunk]: one program per pair and BK-wide chunk of K."""
     p = tl.program_id(0)
     row = tl.load(rows_ptr + p).to(tl.int64)
     e = tl.load(experts_ptr + p).to(tl.int64)
     r = tl.arange(0, R)
-    acc = tl.zeros([R], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        k = k0 + tl.arange(0, BK)
-        mk = k < K
-        x = tl.load(x_ptr + row * K + k, mask=mk, other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + (e * K + k[:, None]) * R + r[None, :], mask=mk[:, None], other=0.0).to(tl.float32)
-        acc += tl.sum(x[:, None] * a, axis=0)
-    tl.store(out_ptr + p * R + r, acc.to(out_ptr.dtype.element_ty))
+    k = tl.program_id(1) * BK + tl.arange(0, BK)
+    mk = k < K
+    x = tl.load(x_ptr + row * K + k, mask=mk, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + (e * K + k[:, None]) * R + r[None, :], mask=mk[:, None], other=0.0).to(tl.float32)
+    tl.atomic_add(out_ptr + p * R + r, tl.sum(x[:, None] * a, axis=0))
 
 
 def triton_lora_a(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    out = x.new_empty(rows.shape[0], a.shape[-1])
-    _lora_a_kernel[(rows.shape[0],)](x, rows, experts, a, out, x.shape[1], R=a.shape[-1], BK=BK_LORA,
-                                     num_warps=WARPS)
+    out = torch.zeros(rows.shape[0], a.shape[-1], dtype=torch.float32, device=x.device)
+    _lora_a_kernel[(rows.shape[0], triton.cdiv(x.shape[1], BK_LORA))](x, rows, experts, a, out, x.shape[1],
+                                                                      R=a.shape[-1], BK=BK_LORA, num_warps=WARPS)
     return out
 
 
@@ -158,7 +158,7 @@ def triton_gate_up(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, b
     lora = xa is not None
     _gate_up_kernel[(triton.cdiv(inter, BJ), rows.shape[0])](
         x, rows, experts, blocks, scales, bias, xa if lora else x, lora_b if lora else x, out, inter,
-        blocks.shape[2], alpha, limit, HAS_LORA=lora, R=lora_b.shape[1] if lora else 1, BJ=BJ, BKB=BKB,
+        blocks.shape[2], blocks.shape[0], alpha, limit, HAS_LORA=lora, R=lora_b.shape[1] if lora else 1, BJ=BJ, BKB=BKB,
         num_warps=WARPS)
     return out
 
@@ -184,7 +184,7 @@ def exact_lora_a(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, a: 
     out = torch.empty(rows.shape[0], a.shape[-1], dtype=torch.float32, device=x.device)
     for e, sel in _by_expert(experts):
         out[sel] = x[rows[sel]].float() @ a[e].float()
-    return out.to(x.dtype)
+    return out
 
 
 def _project(x: torch.Tensor, e: int, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor,
@@ -200,8 +200,8 @@ def exact_gate_up(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, bl
                   alpha: float, limit: float) -> torch.Tensor:
     out = torch.empty(rows.shape[0], blocks.shape[1] // 2, dtype=torch.float32, device=x.device)
     for e, sel in _by_expert(experts):
-        y = _project(x[rows[sel]], e, blocks, scales, bias, None if xa is None else xa[sel], lora_b)
-        out[sel] = swiglu(y, alpha, limit)
+        xa_e = None if xa is None else xa[rows[sel]].view(sel.shape[0], blocks.shape[0], -1)[:, e]
+        out[sel] = swiglu(_project(x[rows[sel]], e, blocks, scales, bias, xa_e, lora_b), alpha, limit)
     return out.to(x.dtype)
 
 
@@ -218,20 +218,21 @@ def exact_down(act: torch.Tensor, experts: torch.Tensor, gate: torch.Tensor, blo
 # ----- custom ops: the Triton kernels on CUDA, the exact path elsewhere
 @torch.library.custom_op("tandem::mx_lora_a", mutates_args=())
 def lora_a(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """Each routed pair's x·A: [pairs, rank]."""
+    """Each routed pair's x·A: [pairs, rank], fp32."""
     return (triton_lora_a if x.is_cuda else exact_lora_a)(x, rows, experts, a)
 
 
 @lora_a.register_fake
 def _(x, rows, experts, a):
-    return x.new_empty(rows.shape[0], a.shape[-1])
+    return x.new_empty(rows.shape[0], a.shape[-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("tandem::mx_gate_up", mutates_args=())
 def gate_up(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, blocks: torch.Tensor,
             scales: torch.Tensor, bias: torch.Tensor, xa: torch.Tensor | None, lora_b: torch.Tensor | None,
             alpha: float, limit: float) -> torch.Tensor:
-    """SwiGLU(x[rows] · W_gate_up[experts] + bias (+ LoRA)) per routed pair: [pairs, intermediate]."""
+    """SwiGLU(x[rows] · W_gate_up[experts] + bias (+ LoRA)) per routed pair: [pairs, intermediate]. `xa` is
+    [rows, experts * rank], every expert's x·A for each row."""
     return (triton_gate_up if x.is_cuda else exact_gate_up)(x, rows, experts, blocks, scales, bias, xa, lora_b,
                                                             alpha, limit)
 
@@ -258,20 +259,24 @@ def routed_experts(x: torch.Tensor, top_i: torch.Tensor, weights: torch.Tensor, 
                    lora: dict[str, Any] | None) -> torch.Tensor:
     """The MoE output for rows `x` [n, hidden] routed to experts `top_i` [n, k] with `weights` [n, k]:
     the fast decoder's MXFP4 expert step (`w` holds the layer's blocks/scales/biases, `lora` the packed
-    adapter's expert factors, A as [experts, in, r] and B as [experts, r, out])."""
+    adapter's expert factors: B as [experts, r, out], gate_up's A as [experts * r, hidden] (see
+    `pack_gate_up_a`), down's as [experts, in, r])."""
     n, k = top_i.shape
     experts, perm = torch.sort(top_i.reshape(-1))
     rows = perm // k
     gate = weights.reshape(-1)[perm]
 
-    def factors(param: str, z: torch.Tensor, z_rows: torch.Tensor) -> tuple[Any, Any]:
-        if lora is None or f"{param}.A" not in lora:
-            return None, None
-        return lora_a(z, z_rows, experts, lora[f"{param}.A"]), lora[f"{param}.B"]
-
-    xa, b = factors("gate_up_proj", x, rows)
+    adapted = lora is not None and "gate_up_proj.A" in lora
+    # every expert's x·A at once: one dense product (A packed as [experts * rank, hidden]) beats a routed one
+    xa = torch.nn.functional.linear(x, lora["gate_up_proj.A"]) if adapted else None
     act = gate_up(x, rows, experts, w["gate_up_proj_blocks"], w["gate_up_proj_scales"], w["gate_up_proj_bias"],
-                  xa, b, w["alpha"], w["limit"])
-    xa, b = factors("down_proj", act, torch.arange(act.shape[0], device=x.device))
-    y = down(act, experts, gate, w["down_proj_blocks"], w["down_proj_scales"], w["down_proj_bias"], xa, b)
+                  xa, lora["gate_up_proj.B"] if adapted else None, w["alpha"], w["limit"])
+    xd = lora_a(act, torch.arange(act.shape[0], device=x.device), experts, lora["down_proj.A"]) if adapted else None
+    y = down(act, experts, gate, w["down_proj_blocks"], w["down_proj_scales"], w["down_proj_bias"], xd,
+             lora["down_proj.B"] if adapted else None)
     return y.new_empty(y.shape).index_copy_(0, perm, y).view(n, k, -1).sum(1)
+
+
+def pack_gate_up_a(a: torch.Tensor) -> torch.Tensor:
+    """gate_up's LoRA A, [experts, hidden, r], as the weight of one dense product: [experts * r, hidden]."""
+    return a.permute(0, 2, 1).reshape(-1, a.shape[1]).contiguous()
