@@ -1,11 +1,12 @@
 """Training throughput: Tandem's recipe (unsloth 4-bit QLoRA) vs plain TRL + PEFT (bf16), equal settings.
 
-    python bench/train_bench.py [--layers 4] [--seq 2048] [--steps 8]
+    python bench/train_bench.py [--layers 4] [--seq 2048] [--steps 8] [--gpu 0]
 
 Each side runs in its own process: importing unsloth patches transformers and TRL, so the baseline
 must never see it, and peak memory must be measured per side. Both use the same LoRA (rank 16,
 attention + all experts), batch 1, the same sequence length and the same number of steps; the first
-two steps (compilation, warm-up) are excluded from the rate. Prints one table.
+two steps (compilation, warm-up) are excluded from the rate. Both sides run on `--gpu` alone: with two
+GPUs visible, transformers' Trainer wraps the model in DataParallel, which TRL refuses. Prints one table.
 """
 
 from __future__ import annotations
@@ -109,10 +110,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--side", choices=["recipe", "plain"])
     ap.add_argument("--model-dir")
+    ap.add_argument("--gpu", type=int, default=0, help="the one GPU both sides train on")
     a = ap.parse_args()
     if a.side:
         print("RESULT " + json.dumps(side(a.side, a.model_dir, a.seq, a.steps)), flush=True)
         return
+    from engine.serve.model import pin_gpu
+
+    pin_gpu(a.gpu)  # the slice is built on that GPU too
     from bench.shapes import save_slice
     from engine.serve.demo_model import demo_model_path
 
@@ -122,7 +127,7 @@ def main() -> None:
     for kind in ("plain", "recipe"):
         out = subprocess.run([sys.executable, __file__, "--side", kind, "--model-dir", str(folder), "--seq",
                               str(a.seq), "--steps", str(a.steps)], capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                             env={**os.environ, "CUDA_VISIBLE_DEVICES": str(a.gpu), "PYTHONPATH": os.pathsep.join(
                                  filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
         line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:

@@ -29,6 +29,7 @@ from engine.train.loss_monitor import LossMonitor
 from engine.train.runs import Run, RunQueue
 
 MAX_ROUTER_PROMPTS = 2000
+MEMORY_CAP_ENV = "TANDEM_GPU_MEMORY_GB"
 MIN_IMPROVEMENT = 1e-3  # held-out loss a retrained specialist must gain to replace the current one
 
 
@@ -125,13 +126,32 @@ class _Metrics:
         if "eval_loss" in logs:
             self.last_eval = float(logs["eval_loss"])
             rec["eval_loss"] = round(self.last_eval, 4)
-        if torch.cuda.is_available():
+        if torch.cuda.is_available():  # peaks: what tensors held, and what the allocator took from the card
             rec["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            rec["gpu_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
         self.write(rec)
         self.run.set_state(step=step, total=total)
 
 
+def cap_gpu_memory() -> None:
+    """Hold this process to TANDEM_GPU_MEMORY_GB of the card, as a smaller card would (bench/train_memory.py
+    checks the profiles fit a 24 GB card on a larger one), or to share a card with other work."""
+    import torch
+
+    value = os.environ.get(MEMORY_CAP_ENV, "")
+    try:
+        cap = float(value or 0)
+    except ValueError:
+        raise ValueError(f"{MEMORY_CAP_ENV}={value!r}: expected a number of GB, e.g. 24") from None
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    if 0 < cap < total:
+        torch.cuda.set_per_process_memory_fraction(cap / total)
+
+
 def _load(settings: Settings, profile: Profile):
+    from engine.startup import use_compile_caches
+
+    use_compile_caches()  # the first step's compile is cached for the next run
     import torch
     from unsloth import FastLanguageModel
 
@@ -139,6 +159,8 @@ def _load(settings: Settings, profile: Profile):
 
     name, is_demo = resolve_model_name(settings, lambda *_: None)
     on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        cap_gpu_memory()
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=name, max_seq_length=profile.max_seq_length, load_in_4bit=settings.model.load_in_4bit and on_gpu,
         dtype=None if on_gpu else torch.float32,

@@ -1,0 +1,104 @@
+"""First and second start of the chat engine: how long until the model is ready, what each load step
+took, and which GPUs the process holds a CUDA context on (NVML, at every step).
+
+    python bench/start_times.py --inference-gpu 1 --training-gpu 0 [--model NAME_OR_FOLDER]
+
+Each start is a fresh process loading the engine as the app's worker does (`Engine.load`), with one
+TANDEM_CACHE that starts empty: the first start builds the demo model and compiles the fast decoder, the
+second reads both from the cache. A third process imports torch before the engine, too early for it to
+pin its GPU, and shows which load step then puts a context on the other GPU. Prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT)]
+
+
+def contexts() -> dict[int, float]:
+    """GPU index -> MB that NVML lists for this process."""
+    from engine.telemetry import Telemetry
+
+    me = os.getpid()
+    return {g.index: p.memory_mb or 0.0 for g in Telemetry().snapshot().gpus for p in g.processes if p.pid == me}
+
+
+def child(unpinned: bool, launched: float) -> None:
+    if unpinned:
+        import torch  # noqa: F401  (before the engine: pinning is then too late)
+    from engine.serve.chat import Engine
+    from engine.settings import load
+
+    steps: list[tuple[float, str, dict[int, float]]] = []
+    engine = Engine(load())
+    engine.load(lambda text, _f: steps.append((round(time.time() - launched, 1), text, contexts())))
+    ready = time.time() - launched
+    print("RESULT " + json.dumps({"ready_s": round(ready, 1), "steps": steps, "contexts": contexts(),
+                                  "visible": os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")}), flush=True)
+    engine.close()
+
+
+def start(label: str, env: dict[str, str], unpinned: bool = False) -> dict:
+    args = [sys.executable, __file__, "--child", "--launched", str(time.time())] + (["--unpinned"] if unpinned else [])
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        return {"label": label, "error": (out.stderr.strip().splitlines() or ["no output"])[-1]}
+    return {"label": label, **json.loads(line[7:])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--inference-gpu", type=int, default=0)
+    ap.add_argument("--training-gpu", type=int, default=1)
+    ap.add_argument("--model", default="", help="model.name (default: the embedded demo model)")
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--unpinned", action="store_true")
+    ap.add_argument("--launched", type=float)
+    a = ap.parse_args()
+    if a.child:
+        child(a.unpinned, a.launched)
+        return
+    from engine.settings import load, save, updated
+
+    work = Path(tempfile.mkdtemp(prefix="starts-"))
+    s = load(ROOT / "settings.toml")
+    for key, value in (("model.name", a.model), ("gpus.inference", a.inference_gpu),
+                       ("gpus.training", a.training_gpu), ("paths.adapters", str(work / "adapters")),
+                       ("paths.logs", str(work / "logs"))):
+        s = updated(s, key, value)
+    save(s, work / "settings.toml")
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_CACHE_DIR")}
+    env.update(TANDEM_SETTINGS=str(work / "settings.toml"), TANDEM_CACHE=str(work / "cache"), PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    runs = [start("first start (empty cache)", env), start("second start", env),
+            start("torch imported first", env, unpinned=True)]
+    print(f"\nChat engine start, {a.model or 'demo model'}: inference GPU {a.inference_gpu}, "
+          f"training GPU {a.training_gpu}; seconds from launch")
+    for r in runs:
+        if "error" in r:
+            print(f"{r['label']:28} failed: {r['error']}")
+            continue
+        ctx = ", ".join(f"GPU {i} {mb:.0f} MB" for i, mb in sorted(r["contexts"].items())) or "none"
+        print(f"{r['label']:28} ready {r['ready_s']:6.1f} s   CUDA_VISIBLE_DEVICES={r['visible']}   contexts: {ctx}")
+        steps = r["steps"]
+        for i, (t, text, c) in enumerate(steps):  # a step's last repeat: its time left, and where it ran
+            if i + 1 == len(steps) or steps[i + 1][1].split(" · ")[0] != text.split(" · ")[0]:
+                on = ",".join(sorted(c, key=int)) or "-"
+                print(f"  {t:7.1f} s  GPUs [{on:>3}]  {text[:100]}")
+    on_training = [r["label"] for r in runs if "error" not in r and str(a.training_gpu) in r["contexts"]]
+    print(f"a context on the training GPU {a.training_gpu}: {', '.join(on_training) or 'none'}")
+    print("RESULT " + json.dumps(runs))
+
+
+if __name__ == "__main__":
+    main()
