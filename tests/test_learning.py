@@ -8,6 +8,10 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
 
 from engine.serve.chat import Conversation, Engine, Finished
 from engine.serve.generate import Sampling
@@ -97,6 +101,14 @@ def test_trigger_retrain_gate_promote_then_reject(train_settings, make_adapter_f
     assert state.outcome.startswith("published as math (held-out loss") and " beats current " in state.outcome
     current = store.get("math").manifest
     assert current.created != v1 and current.parent == str(v1) and store.versions("math")[0].manifest.created == v1
+    # what is published is what was trained (the gate evaluated v1 beside it, never over it), in a
+    # folder named for the base model actually trained
+    run_dir = queue.get(run_id).dir
+    trained = load_file(str(sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(
+        p.name.split("-")[1]))[-1] / "adapter_model.safetensors"))
+    published = load_file(str(store.get("math").weights))
+    assert trained.keys() == published.keys() and all(torch.equal(trained[k], published[k]) for k in trained)
+    assert Path(state.model_dir).name.startswith(demo_model_dir.name + "_tiny_")
     deadline = time.monotonic() + 20
     while not any("math" in c.get("changed", []) for c in changes) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -125,3 +125,16 @@ def test_killed_process_marks_the_run_failed_and_queue_order_holds(train_setting
     assert second.state.status == "running"
     q.stop(second.id)
     assert q.wait(second, timeout=120).status == "stopped"
+
+
+@pytest.mark.parametrize(("base", "stem"), [
+    ("unsloth/gpt-oss-20b", "gpt-oss-20b"),
+    ("openai/gpt-oss-120b", "gpt-oss-120b"),
+    ("/models/My OSS/", "My-OSS"),
+    ("demo:gpt-oss-demo-1a2b", "gpt-oss-demo-1a2b"),
+    ("../..", "model"),
+])
+def test_model_folder_is_named_for_the_trained_base(base, stem):
+    from engine.train.trainer import model_folder_stem
+
+    assert model_folder_stem(base) == stem

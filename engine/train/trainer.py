@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -31,6 +32,14 @@ from engine.train.runs import Run, RunQueue
 MAX_ROUTER_PROMPTS = 2000
 MEMORY_CAP_ENV = "TANDEM_GPU_MEMORY_GB"
 MIN_IMPROVEMENT = 1e-3  # held-out loss a retrained specialist must gain to replace the current one
+GATE_ADAPTER = "gate-current"  # the current version's name while the gate evaluates it beside the new one
+
+
+def model_folder_stem(base_id: str) -> str:
+    """The base model's own name as a folder-name prefix: `unsloth/gpt-oss-20b` -> `gpt-oss-20b`,
+    a local `/models/my-oss/` -> `my-oss`, the demo -> its build's name."""
+    name = base_id.removeprefix("demo:").rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-") or "model"
 
 
 def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -266,11 +275,12 @@ def train(run: Run) -> None:
         return
 
     eval_loss = evaluate_loss(trainer, eval_rows) if eval_rows else None
-    gate = _gate(trainer, req, store)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    model_dir = settings.models_dir / f"gpt-oss-20b_{req.profile}_{profile.scheduler}_r{profile.rank}_{stamp}"
+    model_dir = settings.models_dir / f"{model_folder_stem(base_id)}_{req.profile}_{profile.scheduler}" \
+        f"_r{profile.rank}_{stamp}"
     model_dir.parent.mkdir(parents=True, exist_ok=True)
-    trainer.model.save_pretrained(str(model_dir))
+    trainer.model.save_pretrained(str(model_dir))  # before the gate: what is published is what was trained
+    gate = _gate(trainer, req, store)
     summary = {"final_loss": metrics.last_loss, "best_loss": metrics.best_loss, "eval_loss": eval_loss,
                "steps": trainer.state.global_step, "seconds": round(time.monotonic() - metrics.started, 1),
                "gate": gate}
@@ -310,14 +320,16 @@ def _gate(trainer: Any, req: Any, store: AdapterStore) -> dict[str, Any]:
     current = req.gate.get("current")
     if not current:
         return {"promote": True, "new_loss": new_loss, "reason": f"first version, held-out loss {new_loss:.4f}"}
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
+    # The current version is loaded beside the new weights, as its own adapter, and evaluated in turn:
+    # the new weights are never overwritten (and were saved before this anyway).
     model = trainer.model
-    mine = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
-    set_peft_model_state_dict(model, load_file(str(store.get(current).weights)))
-    old_loss = evaluate_loss(trainer, holdout)
-    model.load_state_dict(mine, strict=False)
+    model.load_adapter(str(store.get(current).path), adapter_name=GATE_ADAPTER, is_trainable=False)
+    try:
+        model.set_adapter(GATE_ADAPTER)
+        old_loss = evaluate_loss(trainer, holdout)
+    finally:
+        model.set_adapter("default")
+        model.delete_adapter(GATE_ADAPTER)
     promote = new_loss < old_loss - MIN_IMPROVEMENT
     verb = "beats" if promote else "does not beat"
     return {"promote": promote, "new_loss": new_loss, "old_loss": old_loss,
