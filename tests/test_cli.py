@@ -14,7 +14,17 @@ def tandem(*args, env_extra=None, stdin=None, timeout=240):
                           env=env, timeout=timeout, input=stdin)
 
 
-def test_chat_once_json_returns_parsed_channels(settings_path, demo_model_dir):
+@pytest.fixture
+def greedy(settings_path):
+    """The chat answers greedily: tests assert on the reply's structure, which sampling must not decide
+    (a sampled toy reply may end before its final channel)."""
+    from engine.settings import load, save, updated
+
+    save(updated(load(settings_path), "chat.temperature", 0.0))
+    return settings_path
+
+
+def test_chat_once_json_returns_parsed_channels(settings_path, greedy, demo_model_dir):
     r = tandem("chat", "--once", "What is 2+2?", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -24,13 +34,13 @@ def test_chat_once_json_returns_parsed_channels(settings_path, demo_model_dir):
     assert (settings_path.parent / "history.db").exists()  # the turn was stored beside the settings
 
 
-def test_final_only_prints_just_the_answer(settings_path, demo_model_dir):
+def test_final_only_prints_just_the_answer(settings_path, greedy, demo_model_dir):
     r = tandem("chat", "--once", "Hello!", "--final-only")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() and "<|" not in r.stdout
 
 
-def test_repl_reads_prompts_until_empty_line(settings_path, demo_model_dir):
+def test_repl_reads_prompts_until_empty_line(settings_path, greedy, demo_model_dir):
     r = tandem("chat", stdin="Hello!\n\n")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()

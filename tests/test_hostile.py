@@ -647,3 +647,59 @@ async def test_the_app_starts_with_a_run_and_an_adapter_named_in_markup(settings
         await pilot.press("f4")
         await pilot.pause(0.5)
         assert app.is_running
+
+
+# ----- long conversations: old turns give way, a prompt that can never fit is refused in one line
+@pytest.fixture
+def short_context(settings_path, demo_model_dir):
+    """Settings whose context holds 512 tokens (the reply keeps 256 of them)."""
+    s = st.updated(st.updated(st.load(settings_path), "model.max_seq_length", 512), "chat.max_new_tokens", 256)
+    st.save(s)
+    return st.load(settings_path)
+
+
+def test_a_long_conversation_keeps_working(short_context):
+    from engine.serve.chat import Conversation, Engine, Finished, Routed
+    from engine.serve.generate import Sampling
+
+    eng = Engine(short_context)
+    eng.load()
+    try:
+        conversation, dropped = Conversation(), []
+        for i in range(12):
+            for ev in eng.ask(conversation, f"Question {i}: tell me about the number {i} in some detail.",
+                              sampling=Sampling(greedy=True, max_new_tokens=40)):
+                if isinstance(ev, Routed):
+                    dropped.append(ev.dropped)
+                if isinstance(ev, Finished):
+                    assert ev.reply.stats.tokens_out > 0
+        assert len(conversation.turns) == 24 and dropped[0] == 0 and dropped[-1] > 0
+    finally:
+        eng.close()
+
+
+def test_a_prompt_that_can_never_fit_is_one_line_and_kept(short_context):
+    from engine.serve.chat import Conversation, Engine
+
+    eng = Engine(short_context)
+    eng.load()
+    try:
+        with pytest.raises(h.PromptTooLong) as e:
+            list(eng.ask(Conversation(), "word " * 2000))
+        assert "\n" not in str(e.value) and "shorten" in str(e.value)
+    finally:
+        eng.close()
+
+
+async def test_the_app_gives_a_prompt_too_long_back(short_context):
+    from tests.test_tui import app_for, ready, until
+
+    app = app_for(short_context)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await ready(pilot)
+        long = ("word " * 2000).strip()
+        await pilot.click("#prompt")
+        app.query_one("#prompt").value = long
+        await pilot.press("enter")
+        await until(pilot, lambda: not app.generating and app.query_one("#prompt").value == long, timeout=30)
+        assert any("reply failed" in line for line in app.log_lines)

@@ -114,6 +114,11 @@ class TandemApp(App):
         self.load_error = ""
         self.polls = {"gpus": 0, "runs": 0}  # results shown so far, per poller (tests wait on these)
 
+    def notify(self, message: str, *, title: str = "", severity: Any = "information", timeout: float | None = None,
+               markup: bool = False) -> None:
+        """Notifications carry names, errors and model text: shown as text, never parsed as markup."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
+
     def _ui(self, fn: Any, *args: Any, **kwargs: Any) -> None:
         """call_from_thread for workers, quiet when the app has already shut down (a poll finishing
         while the user quits must not turn into an error)."""
@@ -205,6 +210,8 @@ class TandemApp(App):
 
     @on(EngineReady)
     def _engine_ready(self) -> None:
+        if not self.is_running or not self.screen.query(ChatPanel):
+            return  # the app quit while the model loaded
         # The model, tokenizer and libraries are hundreds of thousands of long-lived objects; a full
         # garbage collection walking them stalls the event loop for tenths of a second. Freeze them.
         gc.collect()
@@ -260,7 +267,7 @@ class TandemApp(App):
             for ev in self.service.ask(self.conversation, prompt, reasoning=self.reasoning, sampling=sampling,
                                       cancel=cancel):
                 if isinstance(ev, Routed):
-                    meta = ReplyMeta(ev.adapter, ev.decision.reason, ev.decision.confidence)
+                    meta = ReplyMeta(ev.adapter, ev.decision.reason, ev.decision.confidence, dropped=ev.dropped)
                     reply.turn_id = ev.turn_id
                     self._ui(reply.set_meta, meta)
                 elif isinstance(ev, Delta):
@@ -276,9 +283,11 @@ class TandemApp(App):
                     self._ui(reply.set_meta, meta)
                     reply.experts = ev.reply.experts
                     reply.tokens = ev.reply.token_texts
-        except Exception as e:
-            self._ui(self.notify, f"{type(e).__name__}: {e}", title="reply failed", severity="error")
+        except Exception as e:  # e.g. a prompt that cannot fit the context: say so, give the text back
+            self._ui(self.notify, str(e).splitlines()[0] if str(e) else type(e).__name__, title="reply failed",
+                     severity="error")
             self.post_message(EngineLog(f"reply failed: {type(e).__name__}: {e}"))
+            self._ui(self.query_one(ChatPanel).restore_prompt, prompt)
         finally:
             self._ui(self._reply_done)
 

@@ -31,6 +31,7 @@ class ReplyMeta:
     tokens_per_s: float | None = None
     tokens_out: int | None = None
     stop: str = ""
+    dropped: int = 0  # oldest turns left out of the prompt: the conversation outgrew the context
 
     def line(self) -> str:
         who = self.adapter or "…"
@@ -42,6 +43,8 @@ class ReplyMeta:
             text += f" · {self.tokens_out} tok"
         if self.stop == "cancelled":
             text += " · stopped"
+        if self.dropped:
+            text += f" · {self.dropped} oldest turn{'s' if self.dropped > 1 else ''} left out to fit the context"
         return text
 
 
@@ -176,6 +179,12 @@ class ChatPanel(Vertical):
         view = self.conversation
         if view.scroll_y >= view.max_scroll_y - 3:
             view.scroll_end(animate=False)
+
+    def restore_prompt(self, text: str) -> None:
+        """Put a prompt that could not be answered back in the input, unless something new is there."""
+        box = self.query_one("#prompt", PromptInput)
+        if not box.value:
+            box.value = text
 
     def set_status(self, text: str | Text) -> None:
         """A status line. A str is shown as typed: errors quote names and paths, never markup."""
