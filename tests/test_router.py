@@ -1,0 +1,160 @@
+"""The router: abstention on unrelated prompts, other languages and scripts, explanations, corrections,
+and one way to build it for the engine and the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from textual.app import App
+
+from engine.serve.router import Router, RouterError, correct, router_for, unrelated_prompts
+from engine.store.corrections import RouterCorrections
+from engine.train.dataset import load_examples
+from tui.screens.route import RouteCorrection, RouteScreen
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ("math", "code", "translate")
+
+
+def prompts(task, n=20):
+    every = dict.fromkeys(e.user_prompt for e in load_examples(os.path.join(ROOT, f"data/samples/{task}.jsonl")).examples)
+    return list(every)[:n]
+
+
+@pytest.fixture(scope="module")
+def router():
+    return Router(threshold=0.4).fit({t: prompts(t) for t in TASKS})
+
+
+def fake_adapter(settings, name, examples, base):
+    """A store entry the router reads (manifest + PEFT file names); the router never loads weights."""
+    folder = settings.adapters_dir / name
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    (folder / "manifest.json").write_text(json.dumps({"name": name, "task": name, "base_model": base,
+                                                      "prompts": examples}))
+
+
+@pytest.mark.parametrize("prompt", [
+    "My knee hurts when I climb stairs, is it serious?",  # the issue's cases: health, a poem
+    "Write a poem about the northern lights.",
+    "Can you recommend a quiet beach in Greece?",
+    "Как научиться плавать взрослому?",
+    "週末におすすめの映画はありますか？",
+])
+def test_unrelated_prompts_go_to_base(router, prompt):
+    d = router.route(prompt)
+    assert d.choice == "base" and d.reason == "below threshold", d.explain()
+
+
+@pytest.mark.parametrize(("prompt", "task"), [
+    ("Сколько будет 48 плюс 19?", "math"),  # Cyrillic, Japanese, Chinese, Arabic: none in the training data
+    ("81を9で割るといくつですか？", "math"),
+    ("Quanto fa 120 diviso 8?", "math"),
+    ("Напиши функцию на Python, которая удаляет пробелы из строки.", "code"),
+    ("用Python写一个函数，计算列表的平均值。", "code"),
+    ("Переведи на немецкий: доброе утро", "translate"),
+    ("كيف أقول 'صباح الخير' بالإسبانية؟", "translate"),
+])
+def test_tasks_in_unseen_languages_and_scripts_are_routed(router, prompt, task):
+    d = router.route(prompt)
+    assert (d.choice, d.reason) == (task, "routed"), d.explain()
+
+
+def test_few_examples_and_fewer_specialists_still_abstain():
+    """With one specialist, prompts of other tasks and unrelated ones stay with base; its own still route."""
+    only_math = Router(threshold=0.4).fit({"math": prompts("math", 10)})
+    assert only_math.route("Wie viel ist 17 mal 3?").choice == "math"
+    for other in ("Write a Python function that reverses a list.", "Traduis en anglais : merci beaucoup",
+                  "Write a haiku about rain.", "Wie backe ich Brot?"):
+        assert only_math.route(other).choice == "base", other
+
+
+def test_decision_explains_top_runner_up_and_nearest_example(router):
+    d = router.route("Calcule 12 fois 12, s'il te plaît.")
+    assert d.choice == d.top == "math" and d.runner_up in ("code", "translate")
+    assert d.confidence >= d.runner_up_score == sorted(d.scores.values())[-2]
+    assert d.nearest in prompts("math") and d.nearest_label == "math" and 0 < d.nearest_similarity <= 1.0001
+    assert set(d.as_dict()) >= {"top", "runner_up", "runner_up_score", "nearest", "nearest_label"}
+    below = router.route("Write a poem about the northern lights.")
+    assert below.nearest_label == "none" and below.nearest in unrelated_prompts()
+    assert "runner-up" in d.explain() and "nearest example (math" in d.explain()
+
+
+def test_a_specialist_on_a_topic_the_unrelated_set_covers_still_gets_its_prompts():
+    """The shipped unrelated prompts about cooking give way to a user's cooking specialist."""
+    cooking = ["How do I make a tomato sauce from scratch?", "Give me a recipe for lentil soup.",
+               "How long should I roast a chicken?", "What can I cook with leftover rice?",
+               "Comment faire une quiche lorraine ?", "Recette de la soupe à l'oignon, s'il te plaît.",
+               "Wie koche ich einen Risotto?", "Rezept für Kartoffelsalat bitte.",
+               "¿Cómo se prepara un gazpacho?", "Dame una receta de paella."]
+    r = Router(threshold=0.4).fit({"cooking": cooking, "math": prompts("math", 10)})
+    assert r.route("How do I make pancakes for breakfast?").choice == "cooking"
+    assert r.route("Как приготовить блины?").choice == "cooking"
+    assert r.route("Who won the Tour de France in 1998?").choice == "base"
+
+
+def test_corrections_become_examples_at_once_and_persist(settings, demo_base):
+    fake_adapter(settings, "math", prompts("math"), demo_base)
+    fake_adapter(settings, "code", prompts("code"), demo_base)
+    prompt = "What is the best way to name a Python variable?"  # style advice about code: the user says none
+    correct(settings, demo_base, prompt, "none")
+    after = router_for(settings, demo_base).route(prompt)
+    assert after.choice == "base" and after.nearest == prompt and after.nearest_label == "none"
+    poem = "Write a sonnet about prime numbers."
+    correct(settings, demo_base, poem, "math")
+    correct(settings, demo_base, poem, "code")  # the latest correction of a prompt wins
+    fixed = router_for(settings, demo_base).route(poem)
+    assert fixed.choice == "code" and fixed.nearest == poem
+    stored = RouterCorrections(settings.adapters_dir).latest()
+    assert [(c.prompt, c.label) for c in stored] == [(prompt, "none"), (poem, "code")]
+    with open(RouterCorrections(settings.adapters_dir).path, "a") as fh:
+        fh.write("{not json\n")
+    assert len(RouterCorrections(settings.adapters_dir).latest()) == 2  # a bad line costs only itself
+    with pytest.raises(RouterError, match="'cooking': expected 'none' or one of the specialists in .*code, math"):
+        correct(settings, demo_base, poem, "cooking")
+
+
+@pytest.fixture
+def demo_base(demo_model_dir):
+    return f"demo:{demo_model_dir.name}"
+
+
+def test_cli_route_names_only_adapters_for_the_loaded_base(settings, settings_path, demo_base):
+    """Regression (issue 14): `tandem route` read the unfiltered store and could name an adapter the
+    engine would never load."""
+    fake_adapter(settings, "math", prompts("math"), demo_base)
+    fake_adapter(settings, "othercode", prompts("code"), "someone/other-base")
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "engine.cli", "route", *args], capture_output=True, text=True,
+                              timeout=180, env={**os.environ, "TANDEM_SETTINGS": str(settings_path)})
+
+    out = json.loads(run("Write a Python function that sorts a list.", "--json").stdout)
+    assert out["choice"] != "othercode" and set(out["scores"]) == {"math"}
+    corrected = run("Write a Python function that sorts a list.", "--correct", "math", "--json")
+    assert json.loads(corrected.stdout)["choice"] == "math" and "recorded" in corrected.stderr
+    refused = run("anything", "--correct", "othercode")
+    assert refused.returncode == 1 and "'othercode': expected 'none' or one of the specialists" in refused.stderr
+
+
+async def test_route_screen_shows_why_and_returns_the_correction(router):
+    prompt = "Write a poem about the northern lights."
+    decision = router.route(prompt).as_dict()
+    results = []
+
+    class Host(App):
+        def on_mount(self) -> None:
+            self.push_screen(RouteScreen(prompt, decision, ["code", "math"]), results.append)
+
+    async with Host().run_test(size=(100, 20)) as pilot:
+        await pilot.pause()
+        shown = " ".join(str(w.render()) for w in pilot.app.screen.query(".route-line"))
+        assert "below threshold" in shown and "runner-up" in shown and decision["nearest"][:20] in shown
+        await pilot.press("3")  # no third specialist: nothing happens
+        await pilot.press("2")
+        await pilot.pause()
+    assert results == [RouteCorrection(prompt, "math")]
