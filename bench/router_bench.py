@@ -132,6 +132,7 @@ def main() -> None:
         print(f"| {title} ({count // args.seeds}) | " + " | ".join(cells) + " |")
 
     line("all", lambda r, w: True)
+    line("the encoder's languages", lambda r, w: r["lang"] in ENCODED)
     line("seen languages", lambda r, w: r["lang"] in TRAINED)
     line("unseen, encoder's languages", lambda r, w: r["lang"] not in TRAINED and r["lang"] in ENCODED)
     line("outside the encoder's (hi)", lambda r, w: r["lang"] not in ENCODED)

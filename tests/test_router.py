@@ -19,8 +19,8 @@ TASKS = ("math", "code", "translate")
 
 
 def prompts(task, n=20):
-    every = dict.fromkeys(e.user_prompt for e in load_examples(os.path.join(ROOT, f"data/samples/{task}.jsonl")).examples)
-    return list(every)[:n]
+    every = load_examples(os.path.join(ROOT, f"data/samples/{task}.jsonl")).examples
+    return list(dict.fromkeys(e.user_prompt for e in every))[:n]
 
 
 @pytest.fixture(scope="module")
