@@ -33,7 +33,7 @@ class ModelSettings:
     name: str = ""  # hub id or local folder; empty means the embedded demo model
     max_seq_length: int = 4096
     load_in_4bit: bool = True  # training
-    serve_in_4bit: bool = False  # the chat model; the fast decoder needs unquantized weights
+    serve_in_4bit: bool | str = "auto"  # chat: MXFP4 experts; "auto" = when bf16 would not fit the GPU
     dtype: str = "auto"
     record_experts: bool = True  # keep each reply's expert routing for the expert view
     fast_decode: bool = True  # static cache, routed-expert LoRA, CUDA graphs; off = transformers+PEFT forward
@@ -201,9 +201,21 @@ def _build(cls: type, data: Any, prefix: str, unknown: list[str]) -> Any:
         if key == "profiles":
             kwargs[key] = _profiles(value, full, unknown)
             continue
+        if str(f.type) == "bool | str":  # model.serve_in_4bit
+            kwargs[key] = _bool_or_auto(full, value)
+            continue
         expected = {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]
         kwargs[key] = _coerce(full, value, expected)
     return cls(**kwargs)
+
+
+def _bool_or_auto(key: str, value: Any) -> bool | str:
+    if isinstance(value, bool) or value == "auto":
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "auto"):
+        word = value.strip().lower()
+        return word if word == "auto" else word == "true"
+    raise SettingsError(f'{key} = {value!r}: expected true, false or "auto"')
 
 
 def _profiles(data: Any, prefix: str, unknown: list[str]) -> dict[str, Profile]:

@@ -178,3 +178,111 @@ def test_fast_decoder_rejects_nothing_it_can_run():
 def test_quantize_refuses_widths_off_the_block(bad):
     with pytest.raises(ValueError, match="multiple of 32"):
         quantize(torch.zeros(2, 40 + bad))
+
+
+OFFICIAL_QUANTIZATION = {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                    "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"}
+
+
+def _checkpoint(folder: Path, model, tokenizer_dir: Path, quantization: dict | None) -> Path:
+    """Save `model` as a Hugging Face folder (bf16 tensors, MXFP4 experts as *_blocks/*_scales when it has
+    them, as openai/gpt-oss-20b ships them) with the demo tokenizer."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    state = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous()
+             for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    config = model.config.to_dict()
+    if quantization:
+        config["quantization_config"] = quantization
+    (folder / "config.json").write_text(json.dumps(config))
+    for f in tokenizer_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+def _greedy(model, decoder, ids, steps=6):
+    """The fast decoder's greedy tokens, each checked against the model's own forward."""
+    logits = decoder.prefill(ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            ref = model(input_ids=ids).logits[:, -1]
+            assert ((logits - ref).abs().max() / ref.abs().max()).item() < 1e-4
+            ids = torch.cat([ids, ref.argmax(-1)[:, None]], 1)
+            logits = decoder.step(ids[:, -1])
+    return ids
+
+
+def test_load_model_reads_the_official_mxfp4_layout(tmp_path, demo_model_dir):
+    from engine.serve.model import load_model
+    from engine.settings import Settings, updated
+
+    written = tiny_mxfp4_model(seed=4)
+    folder = _checkpoint(tmp_path / "gpt-oss-mx", written, demo_model_dir, OFFICIAL_QUANTIZATION)
+    lm = load_model(updated(Settings(), "model.name", str(folder)))  # serve_in_4bit = "auto"
+    assert lm.quant == "mxfp4" and lm.quantized
+    experts = lm.model.model.layers[1].mlp.experts
+    assert isinstance(experts, Mxfp4Experts)
+    assert torch.equal(experts.down_proj_blocks, written.model.layers[1].mlp.experts.down_proj_blocks)
+    ids = torch.randint(0, 256, (1, 20))
+    tokens = _greedy(lm.model, FastDecoder(lm.model, max_len=64), ids)
+    assert tokens.shape == (1, 26)
+
+
+def test_bf16_checkpoint_is_quantized_at_load_when_serving_in_4bit(tmp_path, demo_model_dir):
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    from engine.serve.model import load_model
+    from engine.settings import Settings, updated
+
+    torch.manual_seed(5)
+    dense = GptOssForCausalLM(GptOssConfig(**TINY)).eval()
+    folder = _checkpoint(tmp_path / "gpt-oss-bf16", dense, demo_model_dir, None)
+    settings = updated(updated(Settings(), "model.name", str(folder)), "model.serve_in_4bit", True)
+    lm = load_model(settings)
+    assert lm.quant == "mxfp4"
+    w = dense.model.layers[0].mlp.experts.gate_up_proj.data[3].to(torch.bfloat16)  # [in, out] as saved
+    blocks, scales = quantize(w.T)
+    experts = lm.model.model.layers[0].mlp.experts
+    assert torch.equal(experts.gate_up_proj_blocks[3], blocks) and torch.equal(experts.gate_up_proj_scales[3], scales)
+    _greedy(lm.model, FastDecoder(lm.model, max_len=64), torch.randint(0, 256, (1, 12)))
+    auto = load_model(updated(Settings(), "model.name", str(folder)))
+    assert auto.quant == "bf16"  # no GPU and a bf16 checkpoint: nothing to gain from 4-bit on the CPU
+
+
+def test_auto_picks_4bit_only_when_bf16_does_not_fit():
+    from transformers import GptOssConfig
+
+    from bench.shapes import gpt_oss_20b_config
+    from engine.serve.mxfp4_load import bf16_bytes, serve_quant
+
+    real = gpt_oss_20b_config()
+    assert 40e9 < bf16_bytes(real) < 44e9
+    assert serve_quant("auto", real, 24 * 2**30) == "mxfp4"
+    assert serve_quant("auto", real, 80 * 2**30) == "bf16"
+    assert serve_quant(False, real, 24 * 2**30) == "bf16" and serve_quant(True, real, 80 * 2**30) == "mxfp4"
+    bnb = GptOssConfig(**TINY)
+    bnb.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    assert serve_quant(False, bnb, 24 * 2**30) == "bnb-4bit"
+
+
+def test_a_bnb_checkpoint_is_refused_by_the_fast_decoder_naming_the_mxfp4_one():
+    from engine.serve.fast_decode import unsupported
+
+    model = tiny_mxfp4_model()
+    model.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    assert "unsloth/gpt-oss-20b" in unsupported(model)
+
+
+def test_settings_take_true_false_or_auto():
+    from engine.settings import Settings, SettingsError, updated
+
+    assert Settings().model.serve_in_4bit == "auto"
+    assert updated(Settings(), "model.serve_in_4bit", "false").model.serve_in_4bit is False
+    with pytest.raises(SettingsError, match="serve_in_4bit"):
+        updated(Settings(), "model.serve_in_4bit", "sometimes")

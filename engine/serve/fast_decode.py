@@ -45,6 +45,12 @@ def unsupported(model: Any) -> str | None:
     hf = _hf_model(model)
     if getattr(hf.config, "model_type", "") != "gpt_oss":
         return f"model type {getattr(hf.config, 'model_type', '?')!r} is not gpt_oss"
+    qc = getattr(hf.config, "quantization_config", None) or {}
+    if (qc if isinstance(qc, dict) else qc.to_dict()).get("quant_method") == "bitsandbytes":
+        from engine.serve.mxfp4_load import MXFP4_CHECKPOINT
+
+        return (f"a bitsandbytes 4-bit checkpoint: the fast decoder serves 4-bit experts in MXFP4; set [model] name "
+                f"to {MXFP4_CHECKPOINT!r} (MXFP4 experts, ~13 GB)")
     layer = hf.model.layers[0]
     experts = _unwrap(layer.mlp.experts)
     w = getattr(experts, "gate_up_proj", None)

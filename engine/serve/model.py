@@ -47,6 +47,7 @@ class LoadedModel:
     load_seconds: float
     quantized: bool
     max_len: int  # tokens the context holds (model.max_seq_length)
+    quant: str = "bf16"  # how the weights are served: "bf16" (or fp32 on CPU), "mxfp4" experts, "bnb-4bit"
 
     @property
     def num_experts(self) -> int:
@@ -99,19 +100,29 @@ def load_model(settings: Settings, progress: Progress | None = None) -> LoadedMo
         import unsloth  # noqa: F401  (first, so it can patch transformers before the demo build imports it)
     name, is_demo = resolve_model_name(settings, say)
     import torch
+    from transformers import AutoConfig, AutoTokenizer
     from unsloth import FastLanguageModel
 
+    from engine.serve import mxfp4_load
+
     on_gpu = torch.cuda.is_available()
-    four_bit = settings.model.serve_in_4bit and on_gpu
-    say(f"loading {name}{' in 4-bit' if four_bit else ''} on {'GPU' if on_gpu else 'CPU'}", 0.3)
+    dtype = (_dtype(settings.model.dtype) or torch.bfloat16) if on_gpu else torch.float32
     try:
+        gpu_bytes = torch.cuda.get_device_properties(0).total_memory if on_gpu else None
+        quant = mxfp4_load.serve_quant(settings.model.serve_in_4bit, AutoConfig.from_pretrained(name), gpu_bytes)
+        say(f"loading {name} ({quant}) on {'GPU' if on_gpu else 'CPU'}", 0.3)
         with contextlib.redirect_stdout(sys.stderr):
-            model, tokenizer = FastLanguageModel.from_pretrained(
-                model_name=name,
-                max_seq_length=settings.model.max_seq_length,
-                load_in_4bit=four_bit,
-                dtype=_dtype(settings.model.dtype) if on_gpu else torch.float32,
-            )
+            if quant == "mxfp4":  # experts stay 4-bit on the device (engine/serve/mxfp4_load.py)
+                folder = mxfp4_load.local_folder(name)
+                model = mxfp4_load.load(folder, "cuda" if on_gpu else "cpu", dtype)
+                tokenizer = AutoTokenizer.from_pretrained(folder)
+            else:
+                model, tokenizer = FastLanguageModel.from_pretrained(
+                    model_name=name,
+                    max_seq_length=settings.model.max_seq_length,
+                    load_in_4bit=quant == "bnb-4bit",
+                    dtype=_dtype(settings.model.dtype) if on_gpu else torch.float32,
+                )
     except Exception as e:  # hub, disk and config errors all end here; say how to fix it
         raise ModelLoadError(
             f"could not load model {name!r}: {type(e).__name__}: {e}\n"
@@ -120,8 +131,8 @@ def load_model(settings: Settings, progress: Progress | None = None) -> LoadedMo
         ) from e
     model.eval()
     device = str(next(model.parameters()).device)
-    lm = LoadedModel(model, tokenizer, name, device, is_demo, time.monotonic() - started, four_bit,
-                     settings.model.max_seq_length)
+    lm = LoadedModel(model, tokenizer, name, device, is_demo, time.monotonic() - started, quant != "bf16",
+                     settings.model.max_seq_length, quant=quant)
     say("model loaded", 0.8)
     return lm
 
