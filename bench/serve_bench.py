@@ -88,18 +88,19 @@ def decode_rate(dec, ids, tokens: int, repeat: int = 2) -> tuple[float, float]:
     return statistics.median(rates), statistics.median(ttfts)
 
 
-def bytes_per_token(dec, lora: bool, batch: int = 1) -> float:
-    """Bytes one decode step must read: every layer's dense weights, the routed experts' share of the
-    expert weights (top-k of them per row, at most all), lm_head, the LoRA factors, the whole KV cache."""
-    routed = min(dec.num_experts, dec.top_k * batch) / dec.num_experts
+def bytes_per_token(dec, lora: bool) -> float:
+    """Bytes one decode step must read: every layer's dense weights, the experts the last step routed to
+    (each read once however many rows chose it), lm_head, the LoRA factors, the whole KV cache."""
     total = 0.0
-    for w in dec.layers:
+    for i, w in enumerate(dec.layers):  # the experts the last step routed to, per layer
+        routed = dec.routes[0][i].unique().numel() / dec.num_experts if dec.routes else 1.0
         for key, t in w.items():
             if hasattr(t, "element_size") and not key.startswith(("ln", "sinks")):
                 expert = key.startswith(("gate_up_proj", "down_proj"))
                 total += t.numel() * t.element_size() * (routed if expert else 1)
     if lora and dec.active is not None:
-        for layer in dec.active.layers:
+        for i, layer in enumerate(dec.active.layers):
+            routed = dec.routes[0][i].unique().numel() / dec.num_experts if dec.routes else 1.0
             for key, t in layer.items():
                 expert = key.startswith(("gate_up_proj", "down_proj"))
                 total += t.numel() * t.element_size() * (routed if expert else 1)
@@ -153,7 +154,7 @@ def main() -> None:
 
     def speed(name: str, dec, ids, lora: bool, note: str = "") -> float:
         rate, _ = decode_rate(dec, ids, a.tokens)
-        step_bytes = bytes_per_token(dec, lora, ids.shape[0])
+        step_bytes = bytes_per_token(dec, lora)
         t, bound_t = 1 / (rate * ids.shape[0]), step_bytes / bw  # seconds per step
         projected = 1 / (step_bytes / CARD_3090 + max(0.0, t - bound_t)) / ids.shape[0]
         row(name, f"{rate:.1f} tok/s", f"{1 / bound_t / ids.shape[0]:.0f} tok/s ({step_bytes / 1e9:.2f} GB/step)",
