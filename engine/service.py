@@ -17,6 +17,7 @@ from engine.serve.experts import usage_shift
 from engine.serve.generate import Sampling
 from engine.serve.model import Progress
 from engine.serve.residency import Residency
+from engine.serve.router import correct
 from engine.settings import Settings
 from engine.store.adapters import AdapterError, AdapterStore
 from engine.store.history import History
@@ -91,7 +92,7 @@ class Workstation:
         if self.engine is None or self.engine.lm is None:
             return None
         lm = self.engine.lm
-        precision = "4-bit" if lm.quantized else str(lm.model.dtype).removeprefix("torch.")
+        precision = lm.quant if lm.quant != "bf16" else str(lm.model.dtype).removeprefix("torch.")
         decoder = f"reference ({self.engine.fast_note})" if self.engine.fast_note else "fast"
         return ModelInfo(lm.name, lm.device, lm.is_demo, precision, decoder, lm.load_seconds)
 
@@ -145,6 +146,13 @@ class Workstation:
         if self.engine is None:
             raise AdapterError("the model is still loading")
         self.engine.set_mode(mode)
+
+    def correct_route(self, prompt: str, label: str) -> None:
+        """`prompt` should have gone to `label` (a specialist, or "none"): a router example from now on,
+        kept across restarts; no LoRA is retrained."""
+        assert self.engine is not None, "the model is still loading"
+        correct(self.settings, self.engine.base_id, prompt, label)
+        self.engine.retrain_router()
 
     def rollback(self, name: str) -> None:
         """The previous version becomes current; the engine's watcher loads it into the model."""

@@ -246,3 +246,25 @@ async def test_brackets_in_prompts_and_replies_are_text_not_markup(settings, dem
         assert "[/b] is not [red]markup" in str(app.query(UserMessage).last().render())
         assert "[/oops] [b" in str(reply.query_one(".analysis").render())
         assert "odd[/name]" in str(reply.query_one(".reply-meta").render())
+
+
+async def test_why_this_route_explains_and_a_correction_applies_at_once(settings, make_adapter, demo_model_dir):
+    from engine.store.corrections import RouterCorrections
+    from engine.train.dataset import load_examples
+
+    math = [e.user_prompt for e in load_examples("data/samples/math.jsonl").examples][:20]
+    make_adapter("math", math, seed=1)
+    app = app_for(settings)
+    prompt = "What is 17 times 23?"
+    async with app.run_test(size=(160, 48)) as pilot:
+        await ready(pilot)
+        reply = await send(pilot, prompt)
+        assert reply.meta.adapter == "math" and reply.decision["top"] == "math"
+        await pilot.press("f9")
+        assert type(app.screen).__name__ == "RouteScreen"
+        shown = " ".join(str(w.render()) for w in app.screen.query(".route-line"))
+        assert "top math" in shown and "most similar example" in shown
+        await pilot.press("n")  # it should have gone to none: the base model
+        await until(pilot, lambda: any(c.prompt == prompt for c in RouterCorrections(settings.adapters_dir)._read()),
+                    timeout=10)
+        await until(pilot, lambda: app.service.engine.decide(prompt).choice == "base", timeout=10)

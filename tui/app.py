@@ -38,6 +38,7 @@ from tui.screens.forms import (
     SettingsScreen,
 )
 from tui.screens.review import CompareScreen, ReportScreen
+from tui.screens.route import RouteCorrection, RouteScreen
 from tui.widgets.chat import ChatPanel, ReplyMeta
 from tui.widgets.gpus import GpuPanel
 from tui.widgets.switcher import AdapterRow, SpecialistSwitcher
@@ -92,6 +93,7 @@ class TandemApp(App):
         Binding("f6", "experts", "experts"),
         Binding("f7", "compare", "A/B"),
         Binding("f8", "report", "report", show=False),
+        Binding("f9", "why_route", "why this route", show=False),
     ]
 
     view: reactive[str] = reactive("chat")
@@ -218,6 +220,8 @@ class TandemApp(App):
         gc.freeze()
         info = self.service.model_info()
         self.sub_title = info.line()
+        decoder = "fast" if info.decoder == "fast" else "reference"
+        self.query_one(GpuPanel).serving = f"{info.precision}, {decoder} decoder"
         self._remember_log(f"model ready in {info.load_seconds:.1f} s: {info.name} on {info.device}, "
                            f"{info.precision}, decoder: {info.decoder}")
         self.refresh_switcher()
@@ -267,8 +271,10 @@ class TandemApp(App):
             for ev in self.service.ask(self.conversation, prompt, reasoning=self.reasoning, sampling=sampling,
                                       cancel=cancel):
                 if isinstance(ev, Routed):
-                    meta = ReplyMeta(ev.adapter, ev.decision.reason, ev.decision.confidence, dropped=ev.dropped)
-                    reply.turn_id = ev.turn_id
+                    d = ev.decision
+                    meta = ReplyMeta(ev.adapter, d.reason, d.confidence, dropped=ev.dropped, runner_up=d.runner_up,
+                                     runner_up_score=d.runner_up_score)
+                    reply.turn_id, reply.decision = ev.turn_id, d.as_dict()
                     self._ui(reply.set_meta, meta)
                 elif isinstance(ev, Delta):
                     pieces.append((ev.channel, ev.text))
@@ -353,6 +359,28 @@ class TandemApp(App):
             self.notify(str(e), severity="warning")
             return
         self.notify(f"{m.name} rolled back to its previous version", title="specialist")
+
+    def action_why_route(self) -> None:
+        reply = self.query_one(ChatPanel).last_reply
+        if reply is None or not reply.decision:
+            self.notify("no routed reply yet", severity="warning")
+            return
+        names = [r.name for r in self.service.adapters()]
+        self.push_screen(RouteScreen(reply.prompt, reply.decision, names), self._route_corrected)
+
+    def _route_corrected(self, correction: RouteCorrection | None) -> None:
+        if correction is not None:
+            self.correct_route(correction)
+
+    @work(thread=True, group="route")
+    def correct_route(self, c: RouteCorrection) -> None:
+        """The correction becomes a router example at once; the next prompt is routed with it."""
+        try:
+            self.service.correct_route(c.prompt, c.label)
+        except Exception as e:
+            self._ui(self.notify, str(e), title="route not corrected", severity="error")
+            return
+        self._ui(self.notify, f"noted: prompts like this go to {c.label}", title="router")
 
     # ----- training
     @work(thread=True, exclusive=True, group="runs")

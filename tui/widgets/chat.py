@@ -32,12 +32,16 @@ class ReplyMeta:
     tokens_out: int | None = None
     stop: str = ""
     dropped: int = 0  # oldest turns left out of the prompt: the conversation outgrew the context
+    runner_up: str = ""  # the router's second choice, shown beside its pick
+    runner_up_score: float = 0.0
 
     def line(self) -> str:
         who = self.adapter or "…"
         how = {"pinned": "pinned", "no specialists": "no specialists yet", "": ""}.get(
             self.reason, f"auto {self.confidence:.2f}")
         text = f"{who} · {how}" if how else who
+        if self.runner_up and self.reason not in ("pinned", "no specialists"):
+            text += f" (next {self.runner_up} {self.runner_up_score:.2f})"
         if self.ttft_s is not None:
             text += f" · first token {self.ttft_s * 1000:.0f} ms · {self.tokens_per_s:.1f} tok/s"
             text += f" · {self.tokens_out} tok"
@@ -69,6 +73,7 @@ class Reply(Vertical):
         self.turn_id: int | None = None
         self.prompt = ""
         self.experts = None  # the engine's ExpertTrace of this reply, for the expert view
+        self.decision: dict = {}  # the router's decision with its explanation (Decision.as_dict())
         self.tokens: list[str] = []  # the reply's text per token, aligned with the trace
         self.set_reactive(Reply.show_analysis, show_analysis)
 

@@ -62,7 +62,7 @@ class GpuCard(Vertical):
         mem_frac = _mem_frac(g)
         power = f"{_v(g.power_w)}/{_v(g.power_limit_w)} W"
         lines = [
-            f"[b]GPU {g.index}[/b] · {escape(g.name)} · [b]{role}[/b]",
+            f"[b]GPU {g.index}[/b] · {escape(g.name)} · [b]{escape(role)}[/b]",
             f"util {_bar(g.utilization / 100 if g.utilization is not None else None)} {_v(g.utilization, unit='%')}",
             f"mem  {_bar(mem_frac)} {_v(g.memory_used_mb and g.memory_used_mb / 1024, '{:.1f}')}"
             f"/{_v(g.memory_total_mb and g.memory_total_mb / 1024, '{:.1f}')} GB",
@@ -82,13 +82,15 @@ class GpuPanel(VerticalScroll):
     def __init__(self, inference_gpu: int, training_gpu: int, **kw) -> None:
         super().__init__(**kw)
         self.inference_gpu, self.training_gpu = inference_gpu, training_gpu
+        self.serving = ""  # how the chat model is held on the inference GPU, once it is loaded
         self.cards: dict[int, GpuCard] = {}
 
     def compose(self) -> ComposeResult:
         yield Static("reading GPUs…", id="gpu-note", markup=False)
 
     def role(self, index: int) -> str:
-        roles = [r for r, i in (("inference", self.inference_gpu), ("training", self.training_gpu)) if i == index]
+        chat = f"inference ({self.serving})" if self.serving else "inference"
+        roles = [r for r, i in ((chat, self.inference_gpu), ("training", self.training_gpu)) if i == index]
         return " + ".join(roles) or "idle"
 
     def show(self, snap: Snapshot) -> None:
