@@ -221,7 +221,7 @@ class TandemApp(App):
         info = self.service.model_info()
         self.sub_title = info.line()
         decoder = "fast" if info.decoder == "fast" else "reference"
-        self.query_one(GpuPanel).serving = f"{info.precision}, {decoder} decoder"
+        self.query_one(GpuPanel).set_serving(f"{info.precision}, {decoder} decoder")
         self._remember_log(f"model ready in {info.load_seconds:.1f} s: {info.name} on {info.device}, "
                            f"{info.precision}, decoder: {info.decoder}")
         self.refresh_switcher()

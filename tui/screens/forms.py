@@ -37,7 +37,7 @@ HELP = """\
 | **Ctrl+L** | engine log |
 | **F7** | A/B: the last prompt answered by two adapters side by side; **1**/**2**/**=** stores your pick |
 | **F8** | learning report: ratings, corrections, speed, usage, router confidence |
-| **F9** | why the last prompt went where it did (top score, runner-up, most similar example); **1**-**9**/**n** correct it |
+| **F9** | why the last route: top score, runner-up, nearest example; **1**-**9**/**n** correct it |
 | **F6** | expert view of the last reply: layer × expert heat map, per-token experts, **c** compare |
 | **Ctrl+P** | command palette: every action |
 | **F1** | this help |

@@ -57,6 +57,13 @@ class GpuCard(Vertical):
         if self._last:
             self._draw()
 
+    def relabel(self, role: str) -> None:
+        """A new role line without a new reading (the chat model finished loading)."""
+        if self._last:
+            self._last = (self._last[0], role)
+            if self.is_mounted and self.children:
+                self._draw()
+
     def _draw(self) -> None:
         g, role = self._last
         mem_frac = _mem_frac(g)
@@ -82,11 +89,16 @@ class GpuPanel(VerticalScroll):
     def __init__(self, inference_gpu: int, training_gpu: int, **kw) -> None:
         super().__init__(**kw)
         self.inference_gpu, self.training_gpu = inference_gpu, training_gpu
-        self.serving = ""  # how the chat model is held on the inference GPU, once it is loaded
+        self.serving = ""  # how the chat model is held on the inference GPU, once it is loaded (set_serving)
         self.cards: dict[int, GpuCard] = {}
 
     def compose(self) -> ComposeResult:
         yield Static("reading GPUs…", id="gpu-note", markup=False)
+
+    def set_serving(self, text: str) -> None:
+        self.serving = text
+        for index, card in self.cards.items():
+            card.relabel(self.role(index))
 
     def role(self, index: int) -> str:
         chat = f"inference ({self.serving})" if self.serving else "inference"
