@@ -56,6 +56,19 @@ def start(label: str, env: dict[str, str], unpinned: bool = False) -> dict:
     return {"label": label, **json.loads(line[7:])}
 
 
+def show(r: dict) -> None:
+    if "error" in r:
+        print(f"{r['label']:28} failed: {r['error']}", flush=True)
+        return
+    ctx = ", ".join(f"GPU {i} {mb:.0f} MB" for i, mb in sorted(r["contexts"].items())) or "none"
+    print(f"{r['label']:28} ready {r['ready_s']:6.1f} s   CUDA_VISIBLE_DEVICES={r['visible']}   contexts: {ctx}")
+    steps = r["steps"]
+    for i, (t, text, c) in enumerate(steps):  # a step's last repeat: its time left, and where it ran
+        if i + 1 == len(steps) or steps[i + 1][1].split(" · ")[0] != text.split(" · ")[0]:
+            on = ",".join(sorted(c, key=int)) or "-"
+            print(f"  {t:7.1f} s  GPUs [{on:>3}]  {text[:100]}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--inference-gpu", type=int, default=0)
@@ -80,21 +93,13 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_CACHE_DIR")}
     env.update(TANDEM_SETTINGS=str(work / "settings.toml"), TANDEM_CACHE=str(work / "cache"), PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    runs = [start("first start (empty cache)", env), start("second start", env),
-            start("torch imported first", env, unpinned=True)]
     print(f"\nChat engine start, {a.model or 'demo model'}: inference GPU {a.inference_gpu}, "
-          f"training GPU {a.training_gpu}; seconds from launch")
-    for r in runs:
-        if "error" in r:
-            print(f"{r['label']:28} failed: {r['error']}")
-            continue
-        ctx = ", ".join(f"GPU {i} {mb:.0f} MB" for i, mb in sorted(r["contexts"].items())) or "none"
-        print(f"{r['label']:28} ready {r['ready_s']:6.1f} s   CUDA_VISIBLE_DEVICES={r['visible']}   contexts: {ctx}")
-        steps = r["steps"]
-        for i, (t, text, c) in enumerate(steps):  # a step's last repeat: its time left, and where it ran
-            if i + 1 == len(steps) or steps[i + 1][1].split(" · ")[0] != text.split(" · ")[0]:
-                on = ",".join(sorted(c, key=int)) or "-"
-                print(f"  {t:7.1f} s  GPUs [{on:>3}]  {text[:100]}")
+          f"training GPU {a.training_gpu}; seconds from launch", flush=True)
+    runs = []
+    for label, unpinned in (("first start (empty cache)", False), ("second start", False),
+                            ("torch imported first", True)):
+        runs.append(start(label, env, unpinned))
+        show(runs[-1])  # as each ends: a run cut short by a time limit keeps what it measured
     on_training = [r["label"] for r in runs if "error" not in r and str(a.training_gpu) in r["contexts"]]
     print(f"a context on the training GPU {a.training_gpu}: {', '.join(on_training) or 'none'}")
     print("RESULT " + json.dumps(runs))

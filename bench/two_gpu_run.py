@@ -88,7 +88,7 @@ def main() -> None:
 
     engine = Engine(s)
     engine.load()
-    mode = (f"model.serve_in_4bit = {s.model.serve_in_4bit!r}: loaded {'4-bit' if engine.lm.quantized else 'bf16'}, "
+    mode = (f"model.serve_in_4bit = {s.model.serve_in_4bit!r}: loaded {engine.lm.quant}, "
             f"decoder {'fast' if not engine.fast_note else 'transformers+PEFT (' + engine.fast_note[:80] + ')'}")
     print(f"serving mode: {mode}", flush=True)
     store = AdapterStore(s.adapters_dir)
