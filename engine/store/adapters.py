@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import names
+from engine.files import read_json
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -126,14 +127,7 @@ def check_name(name: Any, what: str = "adapter name") -> str:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise AdapterError(f"missing {path.name}") from None
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{path.name}: bad JSON at line {e.lineno}: {e.msg}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{path.name}: unreadable ({type(e).__name__}: {e})") from None
+    return read_json(path, AdapterError, path.name)
 
 
 def read_adapter(folder: Path, base_model: str | None = None) -> StoredAdapter:

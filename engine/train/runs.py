@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import names
+from engine.files import read_json
 from engine.settings import Settings
 from engine.store.adapters import AdapterStore
 from engine.telemetry import gpu_count
@@ -75,14 +76,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def _read_record(path: Path, cls: type) -> Any:
-    try:
-        data = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise RunError(f"{path}: missing") from None
-    except json.JSONDecodeError as e:
-        raise RunError(f"{path}: bad JSON at line {e.lineno}: {e.msg}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise RunError(f"{path}: unreadable ({type(e).__name__})") from None
+    data = read_json(path, RunError)
     fields_ = cls.__dataclass_fields__
     if not isinstance(data, dict) or not set(data) <= set(fields_):
         raise RunError(f"{path}: not a {cls.__name__} record")
