@@ -13,7 +13,8 @@ from pathlib import Path
 
 MAX_LEN = 64
 _SLUG = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_LEN - 1}}}")
-RESERVED = frozenset({"auto", "base"})  # the router's choices; an adapter of that name could never be pinned
+# the router's choices and its correction label: an adapter of such a name could never be pinned or corrected to
+RESERVED = frozenset({"auto", "base", "none"})
 RULE = f"1-{MAX_LEN} letters, digits, '.', '_' or '-', starting with a letter or digit, no '..'"
 
 
@@ -31,7 +32,7 @@ def check(name: object, what: str = "name") -> str:
     if not isinstance(name, str):
         raise InvalidName(f"{what} must be text, got {type(name).__name__}")
     if not _SLUG.fullmatch(name) or ".." in name or name.lower() in RESERVED:
-        raise InvalidName(f"{what} {shown(name)}: use {RULE}; not 'auto' or 'base'")
+        raise InvalidName(f"{what} {shown(name)}: use {RULE}; not 'auto', 'base' or 'none'")
     return name
 
 

@@ -38,7 +38,7 @@ MATH = str(ROOT / "data/samples/math.jsonl")
 
 BAD_NAMES = ["", ".", "..", "../x", "x/../../y", "/etc", "/tmp/x", "a/b", "a\\b", ".hidden", "-x", "_x", "a..b",
              "x" * 65, "a b", "[/]", "[b]x[/b]", "\x1b[31mred", "tab\there", "new\nline", "nul\x00", "名前", "é",
-             "auto", "base", "AUTO", "~", "~root", "$HOME", "a;rm -rf", "x\u202e"]
+             "auto", "base", "AUTO", "none", "~", "~root", "$HOME", "a;rm -rf", "x\u202e"]
 GOOD_NAMES = ["math", "Code-v2", "a.b_c", "7", "x" * 64]
 
 
