@@ -95,7 +95,7 @@ class Phases:
         key, message, _, began = self.step
         spent = time.monotonic() - began
         expected = self.expected(key)
-        if expected is None:
+        if expected is None or expected < 1:  # never timed here, or too quick to count down
             return f"{message} · {spent:.0f} s" if spent >= 1 else message
         left = expected - spent
         return f"{message} · {spent:.0f} s, " + (f"~{left:.0f} s left" if left >= 1 else "longer than last time")
