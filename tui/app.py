@@ -114,6 +114,7 @@ class TandemApp(App):
         self.log_lines: list[str] = []
         self.reasoning = settings.chat.reasoning
         self.load_error = ""
+        self._progress_at, self._progress_line = -1.0, -1  # the last load step logged, and where its line is
         self.polls = {"gpus": 0, "runs": 0}  # results shown so far, per poller (tests wait on these)
 
     def notify(self, message: str, *, title: str = "", severity: Any = "information", timeout: float | None = None,
@@ -196,7 +197,10 @@ class TandemApp(App):
     @on(EngineProgress)
     def _engine_progress(self, m: EngineProgress) -> None:
         self.sub_title = f"{m.text} ({m.fraction:.0%})"
+        if (self._progress_at, len(self.log_lines)) == (m.fraction, self._progress_line):
+            self.log_lines.pop()  # the same step repeating its countdown: keep its latest line only
         self._remember_log(m.text)
+        self._progress_at, self._progress_line = m.fraction, len(self.log_lines)
 
     @on(EngineLog)
     def _engine_log(self, m: EngineLog) -> None:

@@ -271,7 +271,9 @@ class RunQueue:
         return f"GPU {gpu}" if self.gpus() else "the CPU (no NVIDIA GPU found; slow)"
 
     def _spawn(self, run: Run) -> None:
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(run.request.gpu), "PYTHONUNBUFFERED": "1"}
+        # the index is NVML's (the GPU panels' and settings' numbering): CUDA must count the same way
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(run.request.gpu), "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+               "PYTHONUNBUFFERED": "1"}
         root = Path(__file__).resolve().parents[2]  # the checkout: engine/train/runs.py
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH", "")]))
         try:
