@@ -136,6 +136,7 @@ def build(out: Path, progress: Progress | None = None) -> None:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=STEPS, pct_start=0.1)
     gen = torch.Generator().manual_seed(0)
     model.train()
+    steps_started = time.monotonic()  # the countdown extrapolates from the steps alone, not the tokenizer
     for step in range(STEPS):
         batch = torch.randint(0, len(ids), (BATCH,), generator=gen)
         loss = model(input_ids=input_ids[batch], attention_mask=mask[batch], labels=label_ids[batch]).loss
@@ -144,7 +145,7 @@ def build(out: Path, progress: Progress | None = None) -> None:
         sched.step()
         opt.zero_grad()
         if step % 10 == 0 and step:
-            left = (time.monotonic() - started) / step * (STEPS - step)
+            left = (time.monotonic() - steps_started) / step * (STEPS - step)
             say(f"building the demo model (first start only): step {step}/{STEPS}, ~{left:.0f} s left",
                 0.05 + 0.9 * step / STEPS)
     model.eval()
