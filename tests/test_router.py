@@ -158,3 +158,15 @@ async def test_route_screen_shows_why_and_returns_the_correction(router):
         await pilot.press("2")
         await pilot.pause()
     assert results == [RouteCorrection(prompt, "math")]
+
+
+def test_the_encoder_reads_a_bounded_printable_text():
+    """A pasted document is routed on its start and end (routing stays in milliseconds), and control
+    characters never reach the encoder."""
+    from engine.serve.router import HEAD_CHARS, TAIL_CHARS, for_encoder
+
+    long = "Translate to German: " + "word " * 20000 + "Thanks!"
+    seen = for_encoder(long)
+    assert len(seen) <= HEAD_CHARS + TAIL_CHARS + 3
+    assert seen.startswith("Translate to German:") and seen.endswith("Thanks!")
+    assert for_encoder("a\x1b[31m\x00b\n\tc") == "a [31m b c"
