@@ -42,17 +42,20 @@ def cmd_chat(s: settings_mod.Settings, a: argparse.Namespace) -> int:
     from engine.serve.chat import Conversation, Delta, Finished, Routed
 
     eng = _engine(s)
+    if a.adapter:
+        eng.set_mode(a.adapter)  # checked before any prompt: a bad name is an error, not a base reply
     conv = Conversation()
+    dim = sys.stdout.isatty()  # reasoning in grey on a terminal; no escape sequences into a pipe or file
 
     def one(prompt: str, live: bool) -> dict:
         result: dict = {}
-        for ev in eng.ask(conv, prompt, mode=a.adapter, reasoning=a.reasoning, skip_reasoning=a.final_only):
+        for ev in eng.ask(conv, prompt, reasoning=a.reasoning, skip_reasoning=a.final_only):
             if isinstance(ev, Routed) and live:
                 d = ev.decision
                 print(f"[{ev.adapter} · {d.reason} · {d.confidence:.2f}]", file=sys.stderr)
             elif isinstance(ev, Delta) and live and (ev.channel == "final" or not a.final_only):
                 text = plain(ev.text)  # a model's text is text: no escape sequence of its own reaches the terminal
-                print(text if ev.channel == "final" else f"\x1b[2m{text}\x1b[0m", end="", flush=True)
+                print(text if ev.channel == "final" or not dim else f"\x1b[2m{text}\x1b[0m", end="", flush=True)
             elif isinstance(ev, Finished):
                 r = ev.reply
                 result = {"final": r.parser.final, "analysis": r.parser.analysis,
@@ -205,7 +208,8 @@ def cmd_experts(s: settings_mod.Settings, a: argparse.Namespace) -> int:
     from engine.serve.experts import usage_shift
 
     eng = _engine(s, history=False)
-    done = eng.trace_experts(a.prompt, a.adapter, a.max_new_tokens)
+    mine, other_name = (eng.check_mode(x) if x else None for x in (a.adapter, a.compare))
+    done = eng.trace_experts(a.prompt, mine, a.max_new_tokens)
     trace = done.reply.experts
     if trace is None:
         print("error: this model exposes no MoE routers to record", file=sys.stderr)
@@ -215,7 +219,7 @@ def cmd_experts(s: settings_mod.Settings, a: argparse.Namespace) -> int:
            "tokens": [{"text": t, "experts": trace.indices[i], "weights": trace.weights[i]}
                       for i, t in enumerate(tokens[: len(trace.indices)])]}
     if a.compare:
-        other = eng.trace_experts(a.prompt, a.compare, a.max_new_tokens)
+        other = eng.trace_experts(a.prompt, other_name, a.max_new_tokens)
         out["compare"] = {"adapter": other.adapter, "usage": other.reply.experts.usage(),
                           "shift": usage_shift(other.reply.experts, trace)}
     if a.json:

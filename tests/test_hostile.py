@@ -168,6 +168,10 @@ CLI_BAD_NAMES = [
     ("train", "--task", "math", "--name", "/abs", "--data", MATH),
     ("train", "--task", "x" * 300, "--data", MATH),
     ("history", "label", "1", "../x"),
+    ("chat", "--once", "hi", "--adapter", "../x"),
+    ("chat", "--once", "hi", "--adapter", "ghost"),
+    ("experts", "hi", "--adapter", "[/]"),
+    ("experts", "hi", "--compare", "../x"),
 ]
 
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
+from engine import names
 from engine.harmony import SKIP_REASONING_PREFILL, Turn
 from engine.serve.generate import Reply, Sampling
 from engine.serve.model import LoadedModel, Progress, base_identity, fast_decoder, load_model
@@ -161,10 +162,18 @@ class Engine:
     def broken_adapters(self) -> list[tuple[str, str]]:
         return list(self.live.problems) if self.live else []
 
+    def check_mode(self, mode: str) -> str:
+        """`mode` if it is auto, base or a known specialist's name; else a one-line error."""
+        if mode in ("auto", "base"):
+            return mode
+        names.check(mode, "adapter name")
+        if self.live is None or mode not in self.live.known:
+            known = ", ".join(self.live.names()) if self.live else ""
+            raise AdapterError(f"no adapter named {mode!r}; known: {known or 'none yet'} (or auto, base)")
+        return mode
+
     def set_mode(self, mode: str) -> None:
-        if mode not in ("auto", "base") and (self.live is None or mode not in self.live.known):
-            raise AdapterError(f"no adapter named {mode!r}")
-        self.mode = mode
+        self.mode = self.check_mode(mode)
 
     def set_budget(self, budget_mb: int) -> None:
         """A new residency budget, applied between replies."""
