@@ -220,3 +220,13 @@ def test_cli_adapters_and_route(settings_path, make_adapter):
     assert run("adapters", "remove", "math", "--yes").returncode == 0
     r = run("adapters", "show", "math")
     assert r.returncode == 1 and "no adapter named 'math'" in r.stderr
+
+
+def test_a_closed_worker_refuses_jobs_at_once():
+    from engine.serve.worker import InferenceWorker
+
+    worker = InferenceWorker()
+    assert worker.call(lambda: 42) == 42
+    worker.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        worker.call(lambda: 1)

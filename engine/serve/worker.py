@@ -65,6 +65,7 @@ class InferenceWorker:
     def __init__(self) -> None:
         self._jobs: queue.Queue[tuple[Callable[[], Any], Future] | None] = queue.Queue()
         self.live: LiveAdapters | None = None
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="inference-worker", daemon=True)
         self._thread.start()
 
@@ -80,6 +81,9 @@ class InferenceWorker:
 
     def submit(self, fn: Callable[[], T]) -> Future[T]:
         done: Future[T] = Future()
+        if self._closed:  # nothing would ever run it: fail now rather than leave the caller waiting
+            done.set_exception(RuntimeError("the inference worker is closed"))
+            return done
         self._jobs.put((fn, done))
         return done
 
@@ -92,6 +96,7 @@ class InferenceWorker:
     def close(self, timeout: float = 10.0) -> None:
         """Finish the queued jobs and stop. Waits for the thread: torch must not be mid-call in a
         thread the interpreter tears down at exit (the process aborts)."""
+        self._closed = True
         self._jobs.put(None)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
