@@ -133,13 +133,16 @@ class Engine:
                 if (now := live.store.signature()) == sig:
                     continue
                 sig = now
-                changes = self.refresh_adapters()
-                for name in changes["added"] + changes["changed"]:
-                    try:
-                        read = live.read(name)  # disk I/O here, not on the worker
-                        self.worker.call(lambda read=read: live.attach(*read))
-                    except AdapterError as e:
-                        changes.setdefault("failed", []).append(f"{name}: {e}")
+                try:
+                    changes = self.refresh_adapters()
+                    for name in changes["added"] + changes["changed"]:
+                        try:
+                            read = live.read(name)  # disk I/O here, not on the worker
+                            self.worker.call(lambda read=read: live.attach(*read))
+                        except AdapterError as e:
+                            changes.setdefault("failed", []).append(f"{name}: {e}")
+                except RuntimeError:  # the worker closed under us: the engine is shutting down
+                    return
                 self.log("adapters changed: " + ", ".join(f"{k} {v}" for k, v in changes.items() if v))
                 if on_change:
                     on_change(changes)
