@@ -19,7 +19,7 @@ from engine.serve.generate import Reply, Sampling
 from engine.serve.model import LoadedModel, Progress, base_identity, fast_decoder, load_model
 from engine.serve.residency import LiveAdapters, Residency
 from engine.serve.router import Decision, Router, router_for
-from engine.serve.worker import InferenceWorker, Request, Started, Step
+from engine.serve.worker import InferenceWorker, Request, Started, Step, WorkerClosed
 from engine.settings import Settings
 from engine.startup import Phases
 from engine.store.adapters import AdapterError, AdapterStore
@@ -141,7 +141,7 @@ class Engine:
                             self.worker.call(lambda read=read: live.attach(*read))
                         except AdapterError as e:
                             changes.setdefault("failed", []).append(f"{name}: {e}")
-                except RuntimeError:  # the worker closed under us: the engine is shutting down
+                except WorkerClosed:  # the engine is shutting down
                     return
                 self.log("adapters changed: " + ", ".join(f"{k} {v}" for k, v in changes.items() if v))
                 if on_change:

@@ -24,6 +24,10 @@ T = TypeVar("T")
 MIN_REPLY_ROOM = 256  # tokens kept free for the reply when old turns are trimmed to fit the context
 
 
+class WorkerClosed(RuntimeError):
+    """A job came after `close`: the engine is shutting down."""
+
+
 @dataclass
 class Request:
     """One reply: the conversation (ending with the new user turn) and how to answer it."""
@@ -82,7 +86,7 @@ class InferenceWorker:
     def submit(self, fn: Callable[[], T]) -> Future[T]:
         done: Future[T] = Future()
         if self._closed:  # nothing would ever run it: fail now rather than leave the caller waiting
-            done.set_exception(RuntimeError("the inference worker is closed"))
+            done.set_exception(WorkerClosed("the inference worker is closed"))
             return done
         self._jobs.put((fn, done))
         return done
