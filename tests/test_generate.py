@@ -89,3 +89,11 @@ def test_missing_local_model_says_how_to_fix(settings):
     bad = updated(settings, "model.name", "./no-such-model")
     with pytest.raises(ModelLoadError, match=r"\[model\] name"):
         load_model(bad)
+
+
+def test_a_request_cancelled_before_it_starts_never_runs_the_model(lm, decoder, monkeypatch):
+    cancel = threading.Event()
+    cancel.set()
+    monkeypatch.setattr(decoder, "prefill", lambda ids: pytest.fail("prefilled a cancelled request"))
+    replies = [r for _, r in stream(decoder, lm.tokenizer, prompt(lm), Sampling(greedy=True, max_new_tokens=5), cancel)]
+    assert replies[-1].stats.stop == "cancelled" and replies[-1].stats.tokens_out == 0

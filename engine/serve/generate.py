@@ -127,13 +127,10 @@ def stream(
     detok = Detokenizer(tokenizer)
     try:
         with torch.inference_mode():
-            logits = decoder.prefill(ids)
-            while True:
+            while not cancel.is_set():  # checked before every forward: a request cancelled while queued never prefills
+                logits = decoder.step(torch.tensor(out_ids[-1:], device=device)) if out_ids else decoder.prefill(ids)
                 if recorder and decoder.routes is not None:
                     recorder.add_step(*decoder.routes)
-                if cancel.is_set():
-                    reply.stats.stop = "cancelled"
-                    break
                 nxt = _sample(logits[0], sampling, gen)
                 if not out_ids:
                     reply.stats.ttft_s = time.perf_counter() - started
@@ -151,7 +148,6 @@ def stream(
                 if len(out_ids) >= sampling.max_new_tokens or decoder.full:
                     reply.stats.stop = "length"
                     break
-                logits = decoder.step(torch.tensor([nxt], device=device))
     finally:
         decoder.release()  # free the KV cache before the next request
         if recorder:
@@ -160,7 +156,7 @@ def stream(
         reply.raw = "".join(reply.token_texts)
         reply.stats.tokens_out = len(out_ids)
         reply.stats.seconds = time.perf_counter() - started
-    if not reply.stats.stop:
+    if not reply.stats.stop:  # the loop ended on the cancel flag (or an error left it)
         reply.stats.stop = "cancelled"
     yield [], reply
 

@@ -16,8 +16,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from engine.harmony import HarmonyParser, Turn, fit_turns
-from engine.serve.generate import Reply, Sampling, Stats, stream
+from engine.harmony import Turn, fit_turns
+from engine.serve.generate import Reply, Sampling, stream
 from engine.serve.residency import LiveAdapters
 
 T = TypeVar("T")
@@ -128,12 +128,6 @@ class InferenceWorker:
                                      req.prefill)
             chosen = self.live.select(req.adapter)
             out.put(Started(chosen.adapter, chosen.note, dropped))
-            if req.cancel.is_set():  # cancelled while it waited in the queue
-                parser = HarmonyParser()
-                parser.feed(req.prefill)
-                parser.finish()
-                out.put(Step([], Reply(parser, Stats(tokens_in=len(ids), stop="cancelled"))))
-                return
             import torch
 
             prompt = torch.tensor([ids], device=lm.device)
