@@ -197,7 +197,5 @@ class LiveAdapters:
             self.reference.select(name)
         self.last_swap_s = time.perf_counter() - started
         with self._state_lock:
-            self.active = name
-            if name:
-                self.resident.move_to_end(name)
+            self.active = name  # ensure() above already made it the most recently used
         return Selected(name, decoder, note)
