@@ -64,6 +64,58 @@ def test_tasks_in_unseen_languages_and_scripts_are_routed(router, prompt, task):
     assert (d.choice, d.reason) == (task, "routed"), d.explain()
 
 
+@pytest.mark.parametrize(("prompt", "task"), [
+    # issue 24: languages outside USE's 16, which the old router sent to base
+    ("कृपया 36 और 27 का गुणनफल बताइए।", "math"),  # Hindi
+    ("पायथन में एक फ़ंक्शन लिखिए जो किसी वाक्य के शब्द गिने।", "code"),
+    ("इसे अंग्रेज़ी में अनुवाद कीजिए: मेरा घर नदी के पास है", "translate"),
+    ("Πόσο κάνει 64 διά 8;", "math"),  # Greek
+    ("Μετάφρασε στα αγγλικά: ο σκύλος τρέχει στον κήπο", "translate"),
+    ("כמה זה 45 כפול 3?", "math"),  # Hebrew
+    ("Tafsiri kwa Kiingereza: mvua inanyesha leo", "translate"),  # Swahili
+    ("Hãy dịch sang tiếng Anh: tôi thích đọc sách", "translate"),  # Vietnamese
+])
+def test_tasks_in_languages_beyond_the_sentence_encoders_are_routed(router, prompt, task):
+    d = router.route(prompt)
+    assert (d.choice, d.reason) == (task, "routed"), d.explain()
+
+
+@pytest.mark.parametrize("prompt", [
+    "Write a SQL query that returns every order placed in March.",
+    "Implement a stack class in Java with push and pop.",
+    "Write a Rust function that counts the vowels in a string.",
+    "Écris une fonction Go qui inverse une chaîne.",
+    "Schreib ein Bash-Skript, das alle leeren Dateien in einem Ordner löscht.",
+])
+def test_a_python_trained_code_specialist_takes_other_programming_languages(router, prompt):
+    assert all("Python" in p for p in prompts("code"))  # the specialist saw Python only
+    d = router.route(prompt)
+    assert (d.choice, d.reason) == ("code", "routed"), d.explain()
+
+
+@pytest.mark.parametrize("prompt", [
+    "Is being a sworn translator a well-paid job?",  # names a specialist's subject, asks something else
+    "Warum fällt vielen Kindern Mathematik so schwer?",
+    "¿Qué lenguaje de programación aprendió primero Linus Torvalds?",
+    "क्या गणित के शिक्षक बनना अच्छा करियर है?",
+    "Je, walimu wa hisabati wanalipwa vizuri?",
+])
+def test_topic_without_the_task_stays_with_base(router, prompt):
+    d = router.route(prompt)
+    assert d.choice == "base", d.explain()
+
+
+def test_other_programming_languages_join_only_examples_that_name_one():
+    from engine.serve.router import CODE_LANGUAGES, with_code_languages
+
+    out = with_code_languages(["Write a Python function that sums a list.", "What is 2 plus 2?"])
+    assert out[:2] == ["Write a Python function that sums a list.", "What is 2 plus 2?"]
+    assert {f"Write a {lang} function that sums a list." for lang in CODE_LANGUAGES} <= set(out)
+    assert len(out) == len(CODE_LANGUAGES) + 1
+    assert with_code_languages(["Let's go to the beach.", "Gorust is a word"]) == [
+        "Let's go to the beach.", "Gorust is a word"]  # lower-case "go" and words that merely contain a name
+
+
 def test_few_examples_and_fewer_specialists_still_abstain():
     """With one specialist, prompts of other tasks and unrelated ones stay with base; its own still route."""
     only_math = Router(threshold=0.4).fit({"math": prompts("math", 10)})
