@@ -91,6 +91,27 @@ def cmd_chat(s: settings_mod.Settings, a: argparse.Namespace) -> int:
         print()
 
 
+def cmd_serve(s: settings_mod.Settings, a: argparse.Namespace) -> int:
+    from engine.api.server import check_exposure
+    from engine.service import Workstation
+
+    for key, value in (("api.host", a.host), ("api.port", a.port)):
+        if value is not None:
+            s = settings_mod.updated(s, key, value)
+    check_exposure(s.api)  # before the model loads: a refusal should not take a minute
+    station = Workstation(s)
+    atexit.register(station.close)
+    station.load(_progress, lambda m: print(f"… {line(m)}", file=sys.stderr), lambda _c: None)
+    for name, why in station.broken_adapters():
+        print(f"warning: adapter folder {line(name)!r} skipped: {line(why)}", file=sys.stderr)
+    url = station.start_api()
+    print(url, flush=True)
+    print(f"serving the OpenAI-compatible API at {url} (models: auto, base, "
+          f"{', '.join(station.engine.specialists()) or 'no specialists yet'}); Ctrl-C stops", file=sys.stderr)
+    station.wait_api()
+    return 0
+
+
 def cmd_route(s: settings_mod.Settings, a: argparse.Namespace) -> int:
     from engine.serve.model import base_identity, resolve_model_name
     from engine.serve.router import correct, router_for
@@ -332,6 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--adapter", help="NAME, base or auto (default: adapters.mode from settings)")
     c.set_defaults(fn=cmd_chat)
 
+    sv = sub.add_parser("serve", help="serve the OpenAI-compatible API (routed specialists) until Ctrl-C")
+    sv.add_argument("--host", help="address to bind (default: api.host); not loopback needs api.token")
+    sv.add_argument("--port", type=int, help="port (default: api.port; 0 = any free port)")
+    sv.set_defaults(fn=cmd_serve)
+
     r = sub.add_parser("route", help="which specialist the router picks for a prompt, and why")
     r.add_argument("prompt")
     r.add_argument("--json", action="store_true")
@@ -411,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is meant for the user: printed as one line, no traceback."""
+    from engine.api.server import ApiConfigError
     from engine.harmony import PromptTooLong
     from engine.names import InvalidName
     from engine.serve.model import ModelLoadError
@@ -419,7 +446,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from engine.train.dataset import DatasetError
     from engine.train.runs import RunError
 
-    return (AdapterError, DatasetError, HistoryError, InvalidName, ModelLoadError, PromptTooLong, RunError,
+    return (ApiConfigError, AdapterError, DatasetError, HistoryError, InvalidName, ModelLoadError, PromptTooLong,
+            RunError,
             settings_mod.SettingsError, KeyError, OSError, TimeoutError)
 
 
@@ -454,7 +482,7 @@ def main(argv: list[str] | None = None, ui: Command | None = None) -> int:
         s = settings_mod.load(args.settings, must_exist=bool(args.settings))
         for warning in s.warnings:
             print(f"warning: {line(warning)}", file=sys.stderr)
-        if args.command in (None, "chat", "experts"):
+        if args.command in (None, "chat", "experts", "serve"):
             from engine.serve.model import pin_gpu
             from engine.telemetry import gpu_count
 

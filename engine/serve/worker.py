@@ -5,10 +5,15 @@ jobs on its queue, run one at a time. A reply request carries its adapter: selec
 happen in the same job, so nothing can switch the adapter between the choice and the reply (which is
 what history and A/B preferences record). Callers on other threads get results back through a Future
 (`call`) or an event queue (`stream`).
+
+Jobs wait in a priority queue, first in first out within a priority: the person at the keyboard
+(`KEYBOARD`, the default) goes before API clients (`API`), so API traffic never starves the app; a
+reply already running is never interrupted.
 """
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -21,6 +26,7 @@ from engine.serve.generate import Reply, Sampling, stream
 from engine.serve.residency import LiveAdapters
 
 T = TypeVar("T")
+KEYBOARD, API = 0, 1  # job priorities: lower runs first
 MIN_REPLY_ROOM = 256  # tokens kept free for the reply when old turns are trimmed to fit the context
 
 
@@ -40,6 +46,7 @@ class Request:
     prefill: str = ""  # the start of the assistant's turn, already decided (e.g. skip reasoning)
     record_experts: bool = False
     cancel: threading.Event = field(default_factory=threading.Event)
+    priority: int = KEYBOARD
 
 
 @dataclass
@@ -67,14 +74,17 @@ class Failed:
 
 class InferenceWorker:
     def __init__(self) -> None:
-        self._jobs: queue.Queue[tuple[Callable[[], Any], Future] | None] = queue.Queue()
+        # (priority, arrival, job): FIFO within a priority; the close sentinel (job None) sorts after all
+        self._jobs: queue.PriorityQueue[tuple[float, int, tuple[Callable[[], Any], Future] | None]] = \
+            queue.PriorityQueue()
+        self._arrival = itertools.count()
         self.live: LiveAdapters | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="inference-worker", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        while (job := self._jobs.get()[2]) is not None:
             fn, done = job
             if not done.set_running_or_notify_cancel():
                 continue
@@ -83,12 +93,12 @@ class InferenceWorker:
             except BaseException as e:  # handed to the caller, who decides
                 done.set_exception(e)
 
-    def submit(self, fn: Callable[[], T]) -> Future[T]:
+    def submit(self, fn: Callable[[], T], priority: int = KEYBOARD) -> Future[T]:
         done: Future[T] = Future()
         if self._closed:  # nothing would ever run it: fail now rather than leave the caller waiting
             done.set_exception(WorkerClosed("the inference worker is closed"))
             return done
-        self._jobs.put((fn, done))
+        self._jobs.put((priority, next(self._arrival), (fn, done)))
         return done
 
     def call(self, fn: Callable[[], T]) -> T:
@@ -101,7 +111,7 @@ class InferenceWorker:
         """Finish the queued jobs and stop. Waits for the thread: torch must not be mid-call in a
         thread the interpreter tears down at exit (the process aborts)."""
         self._closed = True
-        self._jobs.put(None)
+        self._jobs.put((float("inf"), next(self._arrival), None))
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
@@ -110,7 +120,7 @@ class InferenceWorker:
         """Events of one reply: Started, then a Step per token; the last Step's reply is final.
         Leaving the iterator early cancels the reply."""
         out: queue.Queue[Started | Step | Failed | None] = queue.Queue()
-        self.submit(lambda: self._reply(req, out))
+        self.submit(lambda: self._reply(req, out), req.priority)
         try:
             while (ev := out.get()) is not None:
                 if isinstance(ev, Failed):
