@@ -200,12 +200,18 @@ class Api:
         d = first.decision
         ext = p.extension(first.adapter, d.confidence, d.reason, first.turn_id)
         yield _sse(p.chunk(cid, created, model, {"role": "assistant", "content": ""}, tandem=ext))
+        sent = {"content": "", "reasoning_content": ""}
         try:
             while (ev := await pump.next()) is not _END:
                 if isinstance(ev, Delta):
                     key = "reasoning_content" if ev.channel in p.REASONING_CHANNELS else "content"
+                    sent[key] += ev.text
                     yield _sse(p.chunk(cid, created, model, {key: ev.text}))
                 elif isinstance(ev, Finished):
+                    # text the parser only settles at the end (an unfinished header kept as raw text)
+                    for key, whole in zip(sent, p.split(ev.reply), strict=True):
+                        if len(whole) > len(sent[key]) and whole.startswith(sent[key]):
+                            yield _sse(p.chunk(cid, created, model, {key: whole[len(sent[key]):]}))
                     stats = ev.reply.stats
                     yield _sse(p.chunk(cid, created, model, {}, p.FINISH.get(stats.stop, "stop"), tandem=ext))
                     if req.stream_options and req.stream_options.include_usage:
@@ -264,8 +270,7 @@ def _sse(obj: dict[str, Any]) -> str:
 def _whole(events: list[Any]) -> dict[str, Any]:
     routed: Routed = events[0]
     done: Finished = events[-1]
-    content = "".join(e.text for e in events if isinstance(e, Delta) and e.channel not in p.REASONING_CHANNELS)
-    reasoning = "".join(e.text for e in events if isinstance(e, Delta) and e.channel in p.REASONING_CHANNELS)
+    content, reasoning = p.split(done.reply)
     stats, d = done.reply.stats, routed.decision
     return p.completion(p.completion_id(), routed.adapter, content, reasoning, p.FINISH.get(stats.stop, "stop"),
                         p.usage(stats.tokens_in, stats.tokens_out),

@@ -132,6 +132,14 @@ def to_chat(messages: list[Message]) -> Chat:
     return Chat(turns, messages[-1].text(), "\n\n".join(instructions) if instructions else None)
 
 
+def split(reply: Any) -> tuple[str, str]:
+    """(content, reasoning_content) of a finished reply: the final channel and any text that did not parse
+    as harmony (a model that lost the format still answers), then the analysis and commentary channels."""
+    segments = reply.parser.segments
+    return ("".join(s.text for s in segments if s.channel not in REASONING_CHANNELS),
+            "".join(s.text for s in segments if s.channel in REASONING_CHANNELS))
+
+
 def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
