@@ -27,10 +27,10 @@ def _progress(message: str, _fraction: float) -> None:
 
 
 def _engine(s: settings_mod.Settings, history: bool = True):
-    from engine.serve.chat import Engine
+    from engine.serve.chat import engine_for
     from engine.store.history import History
 
-    eng = Engine(s, history=History(s.history_db) if history else None)
+    eng = engine_for(s, history=History(s.history_db) if history else None)
     atexit.register(eng.close)  # stops the inference worker before the interpreter tears threads down
     eng.load(_progress)
     for name, why in eng.broken_adapters():

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
-from engine.serve.chat import Conversation, Engine, Event
+from engine.serve.chat import Conversation, Engine, Event, engine_for
 from engine.serve.experts import usage_shift
 from engine.serve.generate import Sampling
 from engine.serve.model import Progress
@@ -63,7 +63,7 @@ def changed_keys(old: Settings, new: Settings) -> list[str]:
 
 
 class Workstation:
-    def __init__(self, settings: Settings, engine_factory: Callable[..., Engine] = Engine):
+    def __init__(self, settings: Settings, engine_factory: Callable[..., Engine] = engine_for):
         self.settings = settings
         self.history = History(settings.history_db)
         self.engine: Engine | None = None

@@ -273,3 +273,37 @@ def until(condition, timeout=60.0):
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def test_a_remote_backend_answers_with_the_specialist_tandem_routed_to(station, tmp_path):
+    """[model] backend pointed at Tandem's own server over real HTTP: this side routes, the remote answers
+    with model=<specialist>, and the reply comes back in harmony's channels."""
+    from engine.serve.chat import engine_for
+    from engine.serve.remote import RemoteEngine
+    from engine.store.history import History
+
+    s = station.settings
+    settings = replace(s, model=replace(s.model, backend=station.api_url),
+                       paths=replace(s.paths, history=str(tmp_path / "remote.db")))
+    remote = engine_for(settings, History(settings.history_db))
+    remote.load()
+    try:
+        assert isinstance(remote, RemoteEngine) and remote.specialists() == ["math", "translate"]
+        prompt = "Wie viel ist 7 mal 8?"
+        done = [ev for ev in remote.ask(Conversation(), prompt, mode="auto",
+                                        sampling=Sampling(greedy=True, max_new_tokens=24))][-1]
+        assert done.adapter == "math" and done.decision.reason == "routed"
+        served = station.history.turns(limit=100_000)[-1]
+        assert (served.prompt, served.adapter, served.source, served.route["reason"]) == (prompt, "math", "api",
+                                                                                         "pinned")
+        want = direct(station, prompt, "math")
+        assert split(done.reply) == split(want.reply)
+        assert (done.reply.stats.tokens_in, done.reply.stats.tokens_out) == (want.reply.stats.tokens_in,
+                                                                             want.reply.stats.tokens_out)
+        mine = remote.history.turn(done.turn_id)
+        assert (mine.adapter, mine.status, mine.route["reason"]) == ("math", "complete", "routed")
+        with pytest.raises(Exception, match="no adapter named 'nope'"):
+            remote.check_mode("nope")
+    finally:
+        remote.close()
+        remote.history.close()

@@ -59,6 +59,15 @@ class Conversation:
     id: int | None = None
 
 
+def engine_for(settings: Settings, history: History | None = None) -> Engine:
+    """The engine the settings ask for: this machine's model, or a remote server's ([model] backend)."""
+    if settings.model.backend:
+        from engine.serve.remote import RemoteEngine
+
+        return RemoteEngine(settings, history)
+    return Engine(settings, history)
+
+
 class Engine:
     def __init__(self, settings: Settings, history: History | None = None):
         """`history` stores every turn (None: nothing is stored); its owner closes it."""
@@ -219,7 +228,7 @@ class Engine:
         keeps the turn out of the history (comparisons, scripts). `source` "api" marks an API client's
         turn in the history and queues it behind the keyboard's; `instructions` replaces the settings' developer
         message for this turn."""
-        assert self.lm is not None and self.live is not None, "call load() first"
+        assert self.ready, "call load() first"
         decision = self.decide(prompt, mode)
         request = Request(
             turns=[*conversation.turns, Turn("user", prompt)],
