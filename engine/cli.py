@@ -174,9 +174,29 @@ def cmd_adapters(s: settings_mod.Settings, a: argparse.Namespace) -> int:
     elif a.action == "rollback":
         x = store.rollback(a.name)
         print(f"{a.name} rolled back to the version created {x.manifest.created:.0f}")
+    elif a.action == "export":
+        return _export(s, a)
     elif a.action == "import":
         x = store.import_folder(Path(a.path), a.name, a.task)
         print(f"imported {x.name} ({x.size_bytes / 2**20:.1f} MB)")
+    return 0
+
+
+def _export(s: settings_mod.Settings, a: argparse.Namespace) -> int:
+    from engine.serve.model import base_identity, resolve_model_name
+    from engine.store.adapters import AdapterStore
+    from engine.store.vllm_export import export, serve_command
+
+    if not 1 <= a.tensor_parallel_size <= 64:
+        print("error: --tensor-parallel-size must be 1 to 64", file=sys.stderr)
+        return 2
+    name, is_demo = resolve_model_name(s, _progress)
+    done = export(AdapterStore(s.adapters_dir, base_model=base_identity(name, is_demo)), a.name, Path(a.dir), name)
+    print(f"exported {done.name} (rank {done.rank}) to {line(done.path)}"
+          + (" (expert LoRA reordered for vLLM)" if done.reordered else ""), file=sys.stderr)
+    if is_demo:
+        print("note: this is the demo model; vLLM serves the real GPT-OSS checkpoints", file=sys.stderr)
+    print(serve_command(name, done.path.parent, a.tensor_parallel_size))
     return 0
 
 
@@ -377,6 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("name")
     x.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     asub.add_parser("rollback", help="make the previous version current again").add_argument("name")
+    x = asub.add_parser("export", help="write NAME as a PEFT folder DIR/NAME for vLLM; print the vllm serve command")
+    x.add_argument("name")
+    x.add_argument("dir")
+    x.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs vLLM splits the model over (default 1)")
     x = asub.add_parser("import")
     x.add_argument("path")
     x.add_argument("--name")
