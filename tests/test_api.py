@@ -4,6 +4,7 @@ keyboard's priority, the error format and exposure rules."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import threading
 import time
@@ -307,3 +308,23 @@ def test_a_remote_backend_answers_with_the_specialist_tandem_routed_to(station, 
     finally:
         remote.close()
         remote.history.close()
+
+
+async def test_the_apps_switch_serves_the_api_from_the_apps_own_engine(settings, demo_model_dir):
+    from tests.test_tui import app_for, ready
+    from tests.test_tui import until as until_app
+
+    app = app_for(replace(settings, api=replace(settings.api, port=0)))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot)
+        await pilot.press("f10")
+        await until_app(pilot, lambda: bool(app.service.api_url))
+        c = OpenAI(base_url=app.service.api_url, api_key="unused", max_retries=0, timeout=60)
+        r = await asyncio.to_thread(c.chat.completions.create, model="base", messages=HELLO, max_tokens=4,
+                                    temperature=0)
+        row = app.service.history.turn(ext(r)["turn_id"])  # the app's own history: one process, one worker
+        assert row.source == "api" and row.status == "complete"
+        await pilot.press("f10")
+        await until_app(pilot, lambda: not app.service.api_url)
+        with pytest.raises(openai.APIConnectionError):
+            c.models.list()
