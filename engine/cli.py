@@ -309,7 +309,8 @@ def cmd_history(s: settings_mod.Settings, a: argparse.Namespace) -> int:
             print(json_text([t.as_dict() for t in turns]))
         for t in [] if a.json else turns:
             extra = "".join([f" · rated {t.rating}" if t.rating else "", " · corrected" if t.correction else "",
-                             f" · {line(t.status)}" if t.status != "complete" else ""])
+                             f" · {line(t.status)}" if t.status != "complete" else "",
+                             f" · via {line(t.source)}" if t.source != "app" else ""])
             print(f"[{t.id}] you: {plain(t.prompt)}\n      {line(t.adapter)}{extra}: {plain(t.final)}")
     elif a.action == "search":
         for t in h.search(a.text):
