@@ -328,3 +328,25 @@ async def test_the_apps_switch_serves_the_api_from_the_apps_own_engine(settings,
         await until_app(pilot, lambda: not app.service.api_url)
         with pytest.raises(openai.APIConnectionError):
             c.models.list()
+
+
+def test_tandem_serve_prints_its_url_serves_and_stops_on_ctrl_c(settings_path, demo_model_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    refused = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--host", "0.0.0.0"], capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 1 and "api.token" in refused.stderr and "model ready" not in refused.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ})
+    try:
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/v1"), proc.stderr.read()
+        assert [m.id for m in OpenAI(base_url=url, api_key="x", max_retries=0).models.list()] == ["auto", "base"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130
+    finally:
+        proc.kill()
+        proc.communicate()
