@@ -136,9 +136,21 @@ def test_the_error_cases_come_back_in_openais_format(station, client):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="base", messages=HELLO, **bad)
         assert e.value.body["param"] == param and e.value.body["type"] == "invalid_request_error"
-    with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="base", messages=[{"role": "assistant", "content": "hi"}])
-    assert e.value.body["param"] == "messages"
+    for messages in ([{"role": "assistant", "content": "hi"}], [],
+                     [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="base", messages=messages)
+        assert e.value.body["param"] == "messages"
+    import httpx
+
+    raw = httpx.Client(base_url=station.api_url, timeout=60)
+    for body in (b'{"model": "base", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
+                 b"[" * 100_000, b"\xff\xfe", b"{"):
+        r = raw.post("/chat/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", body[:20]
+    r = raw.get("/nowhere")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    assert raw.get("/chat/completions").json()["error"]["code"] == "method_not_allowed"
     too_long = "word " * (station.engine.lm.max_len * 2)
     for stream in (False, True):
         with pytest.raises(openai.BadRequestError) as e:

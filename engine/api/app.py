@@ -120,7 +120,7 @@ class Api:
                 raise too_large
         try:
             return json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; RecursionError: nested too deep
             raise p.ApiError(400, "the request body is not valid JSON", "invalid_json") from None
 
     # ----- routes

@@ -73,8 +73,8 @@ class ChatRequest(BaseModel):
     stream_options: StreamOptions | None = None
     max_tokens: StrictInt | None = Field(None, ge=1, le=1 << 20)
     max_completion_tokens: StrictInt | None = Field(None, ge=1, le=1 << 20)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: StrictInt | None = Field(None, ge=0, le=1 << 20)  # vLLM's extension
     seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
     reasoning_effort: Literal["low", "medium", "high"] | None = None
