@@ -90,9 +90,11 @@ class Workstation:
         return self.engine is not None
 
     def model_info(self) -> ModelInfo | None:
-        if self.engine is None or self.engine.lm is None:
+        if self.engine is None or not self.engine.ready:
             return None
         lm = self.engine.lm
+        if lm is None:  # [model] backend: a remote server answers
+            return ModelInfo(self.settings.model.backend, "remote", False, "served remotely", "remote", 0.0)
         precision = lm.quant if lm.quant != "bf16" else str(lm.model.dtype).removeprefix("torch.")
         decoder = f"reference ({self.engine.fast_note})" if self.engine.fast_note else "fast"
         return ModelInfo(lm.name, lm.device, lm.is_demo, precision, decoder, lm.load_seconds)

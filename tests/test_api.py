@@ -291,20 +291,20 @@ def until(condition, timeout=60.0):
 def test_a_remote_backend_answers_with_the_specialist_tandem_routed_to(station, tmp_path):
     """[model] backend pointed at Tandem's own server over real HTTP: this side routes, the remote answers
     with model=<specialist>, and the reply comes back in harmony's channels."""
-    from engine.serve.chat import engine_for
     from engine.serve.remote import RemoteEngine
-    from engine.store.history import History
 
     s = station.settings
     settings = replace(s, model=replace(s.model, backend=station.api_url),
                        paths=replace(s.paths, history=str(tmp_path / "remote.db")))
-    remote = engine_for(settings, History(settings.history_db))
-    remote.load()
+    ws = Workstation(settings)
+    ws.load(lambda *_: None, lambda _: None, lambda _: None)
+    remote = ws.engine
     try:
         assert isinstance(remote, RemoteEngine) and remote.specialists() == ["math", "translate"]
+        assert ws.model_info().device == "remote"
         prompt = "Wie viel ist 7 mal 8?"
-        done = [ev for ev in remote.ask(Conversation(), prompt, mode="auto",
-                                        sampling=Sampling(greedy=True, max_new_tokens=24))][-1]
+        done = [ev for ev in ws.ask(Conversation(), prompt, mode="auto",
+                                    sampling=Sampling(greedy=True, max_new_tokens=24))][-1]
         assert done.adapter == "math" and done.decision.reason == "routed"
         served = station.history.turns(limit=100_000)[-1]
         assert (served.prompt, served.adapter, served.source, served.route["reason"]) == (prompt, "math", "api",
@@ -313,13 +313,12 @@ def test_a_remote_backend_answers_with_the_specialist_tandem_routed_to(station, 
         assert split(done.reply) == split(want.reply)
         assert (done.reply.stats.tokens_in, done.reply.stats.tokens_out) == (want.reply.stats.tokens_in,
                                                                              want.reply.stats.tokens_out)
-        mine = remote.history.turn(done.turn_id)
+        mine = ws.history.turn(done.turn_id)
         assert (mine.adapter, mine.status, mine.route["reason"]) == ("math", "complete", "routed")
         with pytest.raises(Exception, match="no adapter named 'nope'"):
             remote.check_mode("nope")
     finally:
-        remote.close()
-        remote.history.close()
+        ws.close()
 
 
 async def test_the_apps_switch_serves_the_api_from_the_apps_own_engine(settings, demo_model_dir):
@@ -362,3 +361,14 @@ def test_tandem_serve_prints_its_url_serves_and_stops_on_ctrl_c(settings_path, d
     finally:
         proc.kill()
         proc.communicate()
+
+
+def test_an_unreachable_backend_is_one_clear_error(settings, tmp_path):
+    from engine.serve.model import ModelLoadError
+
+    ws = Workstation(replace(settings, model=replace(settings.model, backend="http://127.0.0.1:9/v1")))
+    try:
+        with pytest.raises(ModelLoadError, match=r"model.backend = 'http://127.0.0.1:9/v1': cannot list its models"):
+            ws.load(lambda *_: None, lambda _: None, lambda _: None)
+    finally:
+        ws.close()
