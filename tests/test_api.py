@@ -229,14 +229,14 @@ def test_requests_beyond_the_limit_get_429_and_the_keyboard_goes_first(station, 
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
         for t in threads:
             t.start()
-        until(lambda: limited.api.active == 2 and station.engine.worker._jobs.qsize() == 2)
+        until(lambda: limited.api.active == 2 and station.engine.worker.queued() == 2)
         with pytest.raises(openai.RateLimitError) as e:
             other.chat.completions.create(model="base", messages=HELLO, max_tokens=4)
         assert e.value.body["code"] == "rate_limit_exceeded"
         keyboard = {}
         kb = threading.Thread(target=lambda: keyboard.update(done=direct_stored(station, "from the keyboard")))
         kb.start()
-        until(lambda: station.engine.worker._jobs.qsize() == 3)
+        until(lambda: station.engine.worker.queued() == 3)
         gate.set()
         for t in [*threads, kb]:
             t.join(120)

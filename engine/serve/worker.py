@@ -101,6 +101,10 @@ class InferenceWorker:
         self._jobs.put((priority, next(self._arrival), (fn, done)))
         return done
 
+    def queued(self) -> int:
+        """Jobs waiting (the running one not counted)."""
+        return self._jobs.qsize()
+
     def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the worker after the jobs queued before it; its result or exception."""
         if threading.current_thread() is self._thread:
