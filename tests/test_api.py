@@ -257,7 +257,7 @@ def test_worker_runs_keyboard_jobs_before_api_jobs_and_fifo_within_each():
     worker = InferenceWorker()
     gate, order = threading.Event(), []
     worker.submit(gate.wait)
-    jobs = [worker.submit(lambda n=n: order.append(n), p) for n, p in
+    jobs = [worker.submit(lambda n=n: order.append(n), priority=p) for n, p in
             (("api1", API), ("kb1", KEYBOARD), ("api2", API), ("kb2", KEYBOARD))]
     gate.set()
     for j in jobs:

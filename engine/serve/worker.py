@@ -72,19 +72,30 @@ class Failed:
     error: Exception
 
 
+class _Jobs(queue.PriorityQueue):
+    """The worker's queue: by priority, first in first out within one; None (close) after every job."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._arrival = itertools.count()
+
+    def put(self, job: Any, block: bool = True, timeout: float | None = None, priority: int = KEYBOARD) -> None:
+        super().put((float("inf") if job is None else priority, next(self._arrival), job), block, timeout)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        return super().get(block, timeout)[2]
+
+
 class InferenceWorker:
     def __init__(self) -> None:
-        # (priority, arrival, job): FIFO within a priority; the close sentinel (job None) sorts after all
-        self._jobs: queue.PriorityQueue[tuple[float, int, tuple[Callable[[], Any], Future] | None]] = \
-            queue.PriorityQueue()
-        self._arrival = itertools.count()
+        self._jobs = _Jobs()
         self.live: LiveAdapters | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="inference-worker", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while (job := self._jobs.get()[2]) is not None:
+        while (job := self._jobs.get()) is not None:
             fn, done = job
             if not done.set_running_or_notify_cancel():
                 continue
@@ -93,12 +104,12 @@ class InferenceWorker:
             except BaseException as e:  # handed to the caller, who decides
                 done.set_exception(e)
 
-    def submit(self, fn: Callable[[], T], priority: int = KEYBOARD) -> Future[T]:
+    def submit(self, fn: Callable[[], T], *, priority: int = KEYBOARD) -> Future[T]:
         done: Future[T] = Future()
         if self._closed:  # nothing would ever run it: fail now rather than leave the caller waiting
             done.set_exception(WorkerClosed("the inference worker is closed"))
             return done
-        self._jobs.put((priority, next(self._arrival), (fn, done)))
+        self._jobs.put((fn, done), priority=priority)
         return done
 
     def queued(self) -> int:
@@ -106,7 +117,8 @@ class InferenceWorker:
         return self._jobs.qsize()
 
     def call(self, fn: Callable[[], T]) -> T:
-        """Run `fn` on the worker after the jobs queued before it; its result or exception."""
+        """Run `fn` on the worker after the jobs of its priority (KEYBOARD) queued before it; its result or
+        exception."""
         if threading.current_thread() is self._thread:
             return fn()
         return self.submit(fn).result()
@@ -115,7 +127,7 @@ class InferenceWorker:
         """Finish the queued jobs and stop. Waits for the thread: torch must not be mid-call in a
         thread the interpreter tears down at exit (the process aborts)."""
         self._closed = True
-        self._jobs.put((float("inf"), next(self._arrival), None))
+        self._jobs.put(None)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
@@ -124,7 +136,7 @@ class InferenceWorker:
         """Events of one reply: Started, then a Step per token; the last Step's reply is final.
         Leaving the iterator early cancels the reply."""
         out: queue.Queue[Started | Step | Failed | None] = queue.Queue()
-        self.submit(lambda: self._reply(req, out), req.priority)
+        self.submit(lambda: self._reply(req, out), priority=req.priority)
         try:
             while (ev := out.get()) is not None:
                 if isinstance(ev, Failed):
