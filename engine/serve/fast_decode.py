@@ -119,6 +119,12 @@ class FastDecoder:
             self.arange = pos
         self.batch = 0
         self.length = 0  # tokens in the cache
+        # prefix reuse: the tokens whose keys and values the cache holds ([batch, max_len], the first `length`
+        # valid), valid only for the adapter that computed them (`_owner`, a pack or None for the base)
+        self.history: Any = None
+        self._owner: _Pack | None = None
+        self._valid = False
+        self.reused = 0  # prompt tokens the last prefill found already in the cache
         self.packs: dict[str, _Pack | str] = {}  # adapter name -> pack, or why it cannot be packed
         self.active: _Pack | None = None
         self.reason: str | None = None  # set while the selected adapter is one the fast path refuses
@@ -231,7 +237,7 @@ class FastDecoder:
         """Routes are kept on every forward anyway (they are outputs of the graphs): nothing to do."""
 
     def release(self) -> None:
-        """The static cache is reused by the next reply: nothing to free."""
+        """Nothing to free: the static cache, and what it holds, stay for the next prompt (prefix reuse)."""
 
     def prepare(self, name: str) -> _Pack | str:
         """Pack adapter `name` now (when it is loaded), so that selecting it later costs nothing."""
@@ -268,8 +274,10 @@ class FastDecoder:
         return sum(t.numel() * t.element_size() for layer in pack.layers for t in layer.values())
 
     def forget(self, name: str) -> None:
-        """Drop the packed copy of `name` and its graphs (unloaded or replaced on disk)."""
-        self.packs.pop(name, None)
+        """Drop the packed copy of `name` and its graphs (unloaded or replaced on disk), and the cache it
+        filled: its keys and values are that adapter's."""
+        if self._owner is not None and self._owner is self.packs.pop(name, None):
+            self._valid, self._owner = False, None
         for key in [k for k in self._graphs if k[1] == name]:
             del self._graphs[key]
 
@@ -300,8 +308,22 @@ class FastDecoder:
     def _span(self, end: int) -> int:
         return min(self.max_len, -(-end // BUCKET) * BUCKET)
 
+    def reusable(self, ids: Any) -> int:
+        """How many of prompt `ids`' first tokens the cache already holds for the selected adapter: the
+        longest prefix every row shares with what was fed since the last prefill, the prompt's last token
+        excepted (its logits are needed)."""
+
+        b, t = ids.shape
+        if not self._valid or b != self.batch or self._owner is not self.active or self.length == 0:
+            return 0
+        n = min(self.length, t - 1)
+        same = (self.history[:, :n] == ids[:, :n].to(self.device)).all(0)
+        return int(same.long().cumprod(0).sum()) if n > 0 else 0
+
     def prefill(self, ids: Any) -> Any:
-        """Start over with prompts `ids` [batch, t] (equal lengths); logits [batch, vocab] of the last."""
+        """Prompts `ids` [batch, t] (equal lengths); logits [batch, vocab] of the last. The keys and values
+        of the longest prefix that the cache already holds for the same adapter are kept (`reused`): a
+        conversation's next turn computes only its new tokens."""
         import torch
 
         b, t = ids.shape
@@ -312,15 +334,19 @@ class FastDecoder:
                 shape = (b, self.kv_heads, self.max_len, self.head_dim)
                 self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
                 self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+                self.history = torch.zeros((b, self.max_len), dtype=torch.long, device=self.device)
                 self._graphs.clear()
                 self._pool = None  # a pool outlives its graphs badly: start a fresh one with the new shapes
-                self.batch = b
+                self.batch, self._valid = b, False
+            kept = self.reusable(ids)
+            self._valid, self._owner = False, self.active  # until the forward below has written the cache
             step = max(16, min(self.prefill_chunk, SCORES_BYTES // (b * self.heads * self._span(t) * 4)))
-            for start in range(0, t, step):
+            for start in range(kept, t, step):
                 chunk = ids[:, start:start + step].to(self.device)
                 end = start + chunk.shape[1]
                 logits, *routes = self._forward(chunk, self.arange[start:end], self._span(end), self.active)
-        self.length = t
+            self.history[:, kept:t] = ids[:, kept:].to(self.device)
+        self.length, self.reused, self._valid = t, kept, True
         self.routes = tuple(routes)
         return logits
 
@@ -335,6 +361,7 @@ class FastDecoder:
 
         if self.full:
             raise ValueError(f"the {self.max_len}-token cache is full")
+        valid, self._valid = self._valid, False  # until the step has written its keys and values
         with torch.inference_mode():
             if not self.graphs:
                 pos = self.arange[self.length:self.length + 1]
@@ -342,7 +369,9 @@ class FastDecoder:
                                                 self._span(self.length + 1), self.active)
             else:  # a graph reads the whole cache (masked): ~8 MB a layer, one graph for every position
                 logits, *routes = self._replay(tokens)
+            self.history[:, self.length] = tokens.view(-1)
         self.length += 1
+        self._valid = valid
         self.routes = tuple(routes)
         return logits
 
