@@ -24,7 +24,9 @@ from engine.train.targets import ATTENTION, FUSED_EXPERTS
 
 EXPERT_PARAMS = tuple(p.rsplit(".", 1)[1] for p in FUSED_EXPERTS)  # gate_up_proj, down_proj
 BUCKET = 256  # eager attention reads the cache up to the next multiple of this
-PREFILL_CHUNK = 512  # prompt tokens per eager forward: bounds the attention scores' memory
+PREFILL_CHUNK = 512  # prompt tokens per attention chunk of a prefill: bounds the scores' memory
+MOE_ROWS = 4096  # prompt rows per grouped expert pass of a prefill: bounds the routed activations' memory
+GROUPED_ROWS = 64  # from this many prompt rows, a prefill dequantizes MXFP4 experts for grouped matmuls
 SCORES_BYTES = 256 * 2**20  # and at long contexts fewer: one layer's fp32 scores stay under this
 
 
@@ -340,15 +342,58 @@ class FastDecoder:
                 self.batch, self._valid = b, False
             kept = self.reusable(ids)
             self._valid, self._owner = False, self.active  # until the forward below has written the cache
-            step = max(16, min(self.prefill_chunk, SCORES_BYTES // (b * self.heads * self._span(t) * 4)))
-            for start in range(kept, t, step):
-                chunk = ids[:, start:start + step].to(self.device)
-                end = start + chunk.shape[1]
-                logits, *routes = self._forward(chunk, self.arange[start:end], self._span(end), self.active)
-            self.history[:, kept:t] = ids[:, kept:].to(self.device)
+            new = ids[:, kept:].to(self.device)
+            logits, *routes = self._prefill_forward(new, kept)
+            self.history[:, kept:t] = new
         self.length, self.reused, self._valid = t, kept, True
         self.routes = tuple(routes)
         return logits
+
+    def _prefill_forward(self, ids: Any, start: int) -> tuple[Any, Any, Any]:
+        """Prompt tokens `ids` [batch, t] at positions `start`...: layer by layer over the whole prompt, so
+        that a layer's experts are read (MXFP4: dequantized into a transient bf16 copy for grouped
+        matmuls) once however long the prompt is; attention in chunks that bound its scores' memory, over
+        only the live part of the cache (on sliding layers, the window)."""
+        import torch
+        import torch.nn.functional as F
+
+        b, t = ids.shape
+        end = start + t
+        h = F.embedding(ids, self.hf.model.embed_tokens.weight).to(self.dtype)
+        flat = h.view(1, b * t, -1)  # the experts see rows, batch-major
+        routes_i, routes_w = [], []
+        for i, w in enumerate(self.layers):
+            lora = self.active.layers[i] or None if self.active is not None else None
+            window = w["window"]
+            step = self._chunk(b, self.prefill_chunk + window if window else end)
+            for s in range(0, t, step):
+                e = min(t, s + step)
+                first = max(0, start + s - window + 1) if window else 0
+                pos = self.arange[start + s:start + e]
+                h[:, s:e] = _attend(h[:, s:e], pos, self.arange[first:start + e], first, self.k_cache[i],
+                                    self.v_cache[i], self.cos[pos], self.sin[pos], w, lora, self.dims)
+            dense = self._dequantized(w) if "routed" in w and b * t >= GROUPED_ROWS else None
+            layer_i, layer_w = [], []
+            for r in range(0, b * t, MOE_ROWS):
+                flat[:, r:r + MOE_ROWS], top_i, top_w = _moe(flat[:, r:r + MOE_ROWS], w, lora, self.dims, dense)
+                layer_i.append(top_i)
+                layer_w.append(top_w)
+            dense = None
+            routes_i.append(torch.cat(layer_i))
+            routes_w.append(torch.cat(layer_w))
+        norm = self.hf.model.norm
+        last = _rms(h[:, -1], norm.weight, norm.variance_epsilon)
+        return _unwrap(self.hf.lm_head)(last), torch.stack(routes_i), torch.stack(routes_w)
+
+    def _chunk(self, b: int, span: int) -> int:
+        """Prompt tokens per attention chunk: one layer's fp32 scores over `span` keys stay under SCORES_BYTES."""
+        return max(16, min(self.prefill_chunk, SCORES_BYTES // (b * self.heads * span * 4)))
+
+    def _dequantized(self, w: dict) -> dict[str, Any]:
+        """A layer's MXFP4 experts as [experts, in, out] views of a transient copy in the compute dtype."""
+        from engine.serve.mxfp4_kernels import dequantized
+
+        return {p: dequantized(w[f"{p}_blocks"], w[f"{p}_scales"], self.dtype).transpose(1, 2) for p in EXPERT_PARAMS}
 
     @property
     def full(self) -> bool:
@@ -453,13 +498,20 @@ def _lin(x: Any, weight: Any, bias: Any, lora: dict | None, key: str) -> Any:
 def _block(h: Any, pos: Any, kpos: Any, k_cache: Any, v_cache: Any, cos: Any, sin: Any, w: dict,
            lora: dict | None, dims: tuple[int, int, int, int, int]) -> tuple[Any, Any, Any]:
     """One GPT-OSS decoder layer for `h` [batch, t, hidden] at positions `pos` [t]: writes this chunk's
-    keys and values into the caches and attends to cache slots `kpos`. Returns (h, top-k experts,
-    their weights)."""
+    keys and values into the caches and attends to cache slots `kpos` (from slot 0). Returns (h, top-k
+    experts, their weights)."""
+    return _moe(_attend(h, pos, kpos, 0, k_cache, v_cache, cos, sin, w, lora, dims), w, lora, dims)
+
+
+def _attend(h: Any, pos: Any, kpos: Any, first: int, k_cache: Any, v_cache: Any, cos: Any, sin: Any, w: dict,
+            lora: dict | None, dims: tuple[int, int, int, int, int]) -> Any:
+    """The attention half of a layer (residual added): writes the keys and values of positions `pos` into
+    the caches and attends to slots `kpos`, which start at slot `first`."""
     import torch
     import torch.nn.functional as F
 
-    heads, kv_heads, hd, top_k, num_experts = dims
-    b, t, d = h.shape
+    heads, kv_heads, hd, _, _ = dims
+    b, t, _ = h.shape
     g = heads // kv_heads
 
     # attention with per-head sinks (an extra logit in each softmax denominator)
@@ -480,7 +532,7 @@ def _block(h: Any, pos: Any, kpos: Any, k_cache: Any, v_cache: Any, cos: Any, si
     k_cache.index_copy_(2, pos, k)
     v_cache.index_copy_(2, pos, v)
     span = kpos.shape[0]
-    keys, values = k_cache[:, :, :span], v_cache[:, :, :span]
+    keys, values = k_cache[:, :, first:first + span], v_cache[:, :, first:first + span]
     allowed = kpos[None, :] <= pos[:, None]
     if w["window"]:
         allowed = allowed & (kpos[None, :] > pos[:, None] - w["window"])
@@ -492,29 +544,54 @@ def _block(h: Any, pos: Any, kpos: Any, k_cache: Any, v_cache: Any, cos: Any, si
     p = p / (p.sum(-1) + torch.exp(sink - top))[..., None]
     out = (p.to(values.dtype).view(b, kv_heads, g * t, span) @ values).view(b, kv_heads, g, t, hd)
     out = out.permute(0, 3, 1, 2, 4).reshape(b, t, heads * hd)
-    h = h + _lin(out, w["o_w"], w["o_b"], lora, "o_proj")
+    return h + _lin(out, w["o_w"], w["o_b"], lora, "o_proj")
 
-    # experts: only routed experts' weights (and LoRA factors) are read
+
+def _moe(h: Any, w: dict, lora: dict | None, dims: tuple[int, int, int, int, int],
+         weights: dict[str, Any] | None = None) -> tuple[Any, Any, Any]:
+    """The experts half of a layer (residual added): only the routed experts' weights (and LoRA factors)
+    are read. MXFP4 experts go through the routed-pair kernels unless `weights` holds them dequantized
+    ([experts, in, out] per parameter, as bf16 experts are held): then, as bf16, grouped matmuls."""
+    import torch
+    import torch.nn.functional as F
+
+    _, _, _, top_k, num_experts = dims
+    b, t, d = h.shape
     x = _rms(h, w["ln2"], w["eps2"]).reshape(-1, d)
     top_v, top_i = torch.topk(F.linear(x, w["router_w"], w["router_b"]), top_k, dim=-1)
-    weights = torch.softmax(top_v, dim=-1, dtype=top_v.dtype)
-    if "routed" in w:  # MXFP4: mxfp4_kernels.routed_experts
-        return h + w["routed"](x, top_i, weights, w, lora).view(b, t, d), top_i, weights
-    # bf16: grouped matmuls over (token, expert) pairs sorted by expert
+    gates = torch.softmax(top_v, dim=-1, dtype=top_v.dtype)
+    if "routed" in w and weights is None:  # MXFP4: mxfp4_kernels.routed_experts
+        return h + w["routed"](x, top_i, gates, w, lora).view(b, t, d), top_i, gates
+    moe = _grouped_experts(x, top_i, gates, weights or w, w, lora, num_experts)
+    return h + moe.view(b, t, d), top_i, gates
+
+
+def _grouped_experts(x: Any, top_i: Any, gates: Any, weights: dict[str, Any], w: dict, lora: dict | None,
+                     num_experts: int) -> Any:
+    """Grouped matmuls over the (row, expert) pairs sorted by expert: one GEMM per expert's group of rows,
+    the expert LoRA as two more."""
+    import torch
+    import torch.nn.functional as F
+
+    top_k = top_i.shape[1]
     experts, perm = torch.sort(top_i.reshape(-1))
     rows = x[perm // top_k]
     counts = (experts[:, None] == torch.arange(num_experts, device=x.device)[None, :]).sum(0)
     offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
 
     def grouped(z: Any, param: str) -> Any:
-        y = F.grouped_mm(z, w[param], offs=offs) + w[f"{param}_bias"][experts]
+        y = F.grouped_mm(z, weights[param], offs=offs) + w[f"{param}_bias"][experts]
         if lora is not None and f"{param}.A" in lora:
-            y = y + F.grouped_mm(F.grouped_mm(z, lora[f"{param}.A"], offs=offs), lora[f"{param}.B"], offs=offs)
+            a = lora[f"{param}.A"]
+            if a.dim() == 2:  # MXFP4 packing of gate_up's A: [experts * r, in], every expert's x·A at once
+                za = F.linear(x, a).view(x.shape[0], num_experts, -1)[perm // top_k, experts]
+            else:
+                za = F.grouped_mm(z, a, offs=offs)
+            y = y + F.grouped_mm(za, lora[f"{param}.B"], offs=offs)
         return y
 
     gate_up = grouped(rows, "gate_up_proj")
     gate = gate_up[..., ::2].clamp(max=w["limit"])
     up = gate_up[..., 1::2].clamp(-w["limit"], w["limit"])
     down = grouped((up + 1) * (gate * torch.sigmoid(gate * w["alpha"])), "down_proj")
-    moe = torch.zeros_like(x).index_add_(0, perm // top_k, down * weights.reshape(-1)[perm, None])
-    return h + moe.view(b, t, d), top_i, weights
+    return torch.zeros_like(x).index_add_(0, perm // top_k, down * gates.reshape(-1)[perm, None])
