@@ -126,6 +126,7 @@ class FastDecoder:
         self.history: Any = None
         self._owner: _Pack | None = None
         self._valid = False
+        self.reuse = True  # prefix reuse on (the bench turns it off to measure what it saves)
         self.reused = 0  # prompt tokens the last prefill found already in the cache
         self.packs: dict[str, _Pack | str] = {}  # adapter name -> pack, or why it cannot be packed
         self.active: _Pack | None = None
@@ -316,7 +317,7 @@ class FastDecoder:
         excepted (its logits are needed)."""
 
         b, t = ids.shape
-        if not self._valid or b != self.batch or self._owner is not self.active or self.length == 0:
+        if not (self.reuse and self._valid) or b != self.batch or self._owner is not self.active or self.length == 0:
             return 0
         n = min(self.length, t - 1)
         same = (self.history[:, :n] == ids[:, :n].to(self.device)).all(0)
