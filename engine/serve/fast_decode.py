@@ -119,6 +119,9 @@ class FastDecoder:
             cos, sin = self.hf.model.rotary_emb(emb[:1].to(self.dtype), pos[None])
             self.cos, self.sin = cos[0], sin[0]
             self.arange = pos
+            # a step on a sliding layer reads only its window: the slots at these offsets from its position
+            self.window = {w["window"]: torch.arange(1 - w["window"], 1, device=self.device)
+                           for w in self.layers if 0 < w["window"] < max_len}
         self.batch = 0
         self.length = 0  # tokens in the cache
         # prefix reuse: the tokens whose keys and values the cache holds ([batch, max_len], the first `length`
@@ -290,8 +293,8 @@ class FastDecoder:
 
     # ----- the forward pass
     def _forward(self, ids: Any, pos: Any, span: int, lora: _Pack | None, block: Any = None) -> tuple[Any, Any, Any]:
-        """Logits of each row's last position for `ids` [batch, t] at positions `pos` [t], attending
-        to the first `span` cache slots; also the routing [layer, batch*t, k]."""
+        """Logits of each row's last position for `ids` [batch, 1] at position `pos` [1], attending to the
+        first `span` cache slots (sliding layers: to their window's); also the routing [layer, batch, k]."""
         import torch
         import torch.nn.functional as F
 
@@ -299,7 +302,9 @@ class FastDecoder:
         h = F.embedding(ids, self.hf.model.embed_tokens.weight).to(self.dtype)
         routes_i, routes_w = [], []
         for i, w in enumerate(self.layers):
-            h, top_i, top_w = block(h, pos, self.arange[:span], self.k_cache[i], self.v_cache[i], self.cos[pos],
+            window = self.window.get(w["window"])
+            kpos, first = (self.arange[:span], 0) if window is None else (pos[-1] + window, None)
+            h, top_i, top_w = block(h, pos, kpos, first, self.k_cache[i], self.v_cache[i], self.cos[pos],
                                     self.sin[pos], w, lora.layers[i] or None if lora is not None else None, self.dims)
             routes_i.append(top_i)
             routes_w.append(top_w)
@@ -496,18 +501,19 @@ def _lin(x: Any, weight: Any, bias: Any, lora: dict | None, key: str) -> Any:
     return y
 
 
-def _block(h: Any, pos: Any, kpos: Any, k_cache: Any, v_cache: Any, cos: Any, sin: Any, w: dict,
-           lora: dict | None, dims: tuple[int, int, int, int, int]) -> tuple[Any, Any, Any]:
+def _block(h: Any, pos: Any, kpos: Any, first: int | None, k_cache: Any, v_cache: Any, cos: Any, sin: Any,
+           w: dict, lora: dict | None, dims: tuple[int, int, int, int, int]) -> tuple[Any, Any, Any]:
     """One GPT-OSS decoder layer for `h` [batch, t, hidden] at positions `pos` [t]: writes this chunk's
-    keys and values into the caches and attends to cache slots `kpos` (from slot 0). Returns (h, top-k
-    experts, their weights)."""
-    return _moe(_attend(h, pos, kpos, 0, k_cache, v_cache, cos, sin, w, lora, dims), w, lora, dims)
+    keys and values into the caches and attends to cache slots `kpos` (see `_attend`). Returns (h,
+    top-k experts, their weights)."""
+    return _moe(_attend(h, pos, kpos, first, k_cache, v_cache, cos, sin, w, lora, dims), w, lora, dims)
 
 
-def _attend(h: Any, pos: Any, kpos: Any, first: int, k_cache: Any, v_cache: Any, cos: Any, sin: Any, w: dict,
-            lora: dict | None, dims: tuple[int, int, int, int, int]) -> Any:
+def _attend(h: Any, pos: Any, kpos: Any, first: int | None, k_cache: Any, v_cache: Any, cos: Any, sin: Any,
+            w: dict, lora: dict | None, dims: tuple[int, int, int, int, int]) -> Any:
     """The attention half of a layer (residual added): writes the keys and values of positions `pos` into
-    the caches and attends to slots `kpos`, which start at slot `first`."""
+    the caches and attends to slots `kpos`: a range starting at slot `first`, or (`first` None: a step
+    on a sliding layer, whose graph cannot slice at its position) gathered, those below 0 masked."""
     import torch
     import torch.nn.functional as F
 
@@ -533,8 +539,12 @@ def _attend(h: Any, pos: Any, kpos: Any, first: int, k_cache: Any, v_cache: Any,
     k_cache.index_copy_(2, pos, k)
     v_cache.index_copy_(2, pos, v)
     span = kpos.shape[0]
-    keys, values = k_cache[:, :, first:first + span], v_cache[:, :, first:first + span]
-    allowed = kpos[None, :] <= pos[:, None]
+    if first is None:
+        slots = kpos.clamp(min=0)
+        keys, values = k_cache.index_select(2, slots), v_cache.index_select(2, slots)
+    else:
+        keys, values = k_cache[:, :, first:first + span], v_cache[:, :, first:first + span]
+    allowed = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] >= 0)
     if w["window"]:
         allowed = allowed & (kpos[None, :] > pos[:, None] - w["window"])
     scores = (q.reshape(b, kv_heads, g * t, hd) @ keys.transpose(-1, -2)).float() * w["scaling"]
