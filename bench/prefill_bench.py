@@ -12,6 +12,8 @@ specialist active, the process capped as a 24 GB card would hold it.
    renderer does), then the next turn. Time to first token of turns 2, 5 and 20, with prefix reuse on
    (the cache keeps the conversation so far) and off (every turn prefills the whole history).
 3. Peak memory with three specialists resident after the full-context prefill.
+4. Decode b1 tok/s with the specialist and without (the steps these prefills lead into), and the bytes a
+   step reads (serve_bench.py's count) with the bf16 lm_head's share.
 
 Builds a GPT-OSS-20B-shaped model with random weights (bench/shapes.py), like serve_bench.py. Without a
 GPU it runs a tiny model on the CPU, to check the script itself.
@@ -77,7 +79,7 @@ def main() -> None:
     ap.add_argument("--reply", type=int, default=80)
     a = ap.parse_args()
 
-    from bench.serve_bench import free
+    from bench.serve_bench import bytes_per_token, decode_rate, free
     from bench.shapes import gpt_oss_20b_config, random_adapter, random_mxfp4_model
     from engine.serve import fast_decode
     from engine.serve.fast_decode import FastDecoder
@@ -144,6 +146,18 @@ def main() -> None:
             f"without prefix reuse {ttft[False][t - 1] * 1e3:.0f} ms")
     last = picks[-1]
     row(f"turn {last} / turn 2, with reuse", f"{ttft[True][last - 1] / ttft[True][1]:.2f}x", "target <= 1.5x")
+
+    # 4. decode after these prefills, and what a step reads
+    prompt = torch.randint(0, cfg.vocab_size // 2, (1, 32), device=dev)
+    for name in ("math", None):
+        dec.select(name)
+        rate, _ = decode_rate(dec, prompt, 128 if gpu else 8)
+        step_bytes = bytes_per_token(dec, name is not None)
+        head = dec.hf.lm_head.weight
+        head_bytes = head.numel() * head.element_size()
+        row(f"decode b1, {'specialist' if name else 'no adapter'}", f"{rate:.1f} tok/s",
+            f"{step_bytes / 1e9:.2f} GB a step, lm_head {head_bytes / 1e9:.2f} GB of it "
+            f"({head_bytes / step_bytes * 100:.0f}%)")
     model = dec = None
     free()
 
