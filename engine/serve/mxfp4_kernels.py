@@ -17,6 +17,10 @@ here needs FP8, TMA or wgmma, so it runs on Ampere (sm_80/86) as on Hopper.
 Each is a torch custom op (opaque to torch.compile, capturable in CUDA graphs) whose CPU version is the
 exact dequantizing path, the one the tests check (the kernels are tested against it on a GPU, and in
 Triton's interpreter on the CPU).
+
+Prefill is different: hundreds of pairs share each expert, so `dequantized` writes a layer's experts
+once into a transient bf16 copy (one Triton pass, exact: every MXFP4 value is a bf16 number) for
+torch's grouped GEMM (fast_decode.py), which reads each expert's weights per tile of rows, not per pair.
 """
 
 from __future__ import annotations
