@@ -148,3 +148,40 @@ def test_second_turn_of_a_chat_reports_its_reused_tokens(demo_model_dir):
     second = complete(dec, lm.tokenizer, ids, sampling)
     assert 0 < second.stats.tokens_reused < ids.shape[1]
     assert first.stats.tokens_reused < second.stats.tokens_reused
+
+
+@pytest.mark.parametrize("kind", ["fast", "reference"])
+def test_a_forward_that_fails_midway_leaves_nothing_to_reuse(model, kind, monkeypatch):
+    """A prefill or step that raises (out of memory, say) may have written part of the cache: the next
+    prompt must not trust any of it."""
+    import torch
+
+    from engine.serve import fast_decode
+
+    dec = _decoder(kind, model)
+    dec.select("math")
+    ids = torch.randint(0, 1000, (1, 80), generator=torch.Generator().manual_seed(6))
+    _turn(dec, ids[:, :50], 2)
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):  # in the second layer: the first has already written its keys and values
+        calls["n"] += 1
+        if calls["n"] == (2 if kind == "fast" else 1):
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)
+
+    if kind == "fast":  # every layer's attention
+        real = fast_decode._attend
+        monkeypatch.setattr(fast_decode, "_attend", failing)
+    else:  # the second layer's attention
+        layer = model.get_base_model().model.layers[1].self_attn
+        real = layer.forward
+        monkeypatch.setattr(layer, "forward", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _forced(dec, ids, [])
+    monkeypatch.undo()
+    got = _forced(dec, ids, [7])
+    assert dec.reused == 0
+    fresh_dec = _decoder(kind, model)
+    fresh_dec.select("math")
+    assert _close(got, _forced(fresh_dec, ids, [7]))

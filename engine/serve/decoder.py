@@ -103,10 +103,10 @@ class ReferenceDecoder:
 
         rows = ids.tolist()
         kept = self._reusable(rows)
-        if kept < self._length:
-            self._past.crop(kept - self._length)  # a negative count: drop that many from the end
         if not kept:  # every layer keeps every position, so that it can be cropped back to any prefix (the
             self._past = DynamicCache()  # model's own keeps only the window on sliding layers); masks apply it
+        elif kept < self._length:
+            self._past.crop(kept - self._length)  # a negative count: drop that many from the end
         self._length, self._tokens, self._owner = kept, [r[:kept] for r in rows], self.selected
         self.reused = kept
         return self._forward(ids[:, kept:])
