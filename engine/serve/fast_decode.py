@@ -289,7 +289,8 @@ class FastDecoder:
     def forget(self, name: str) -> None:
         """Drop the packed copy of `name` and its graphs (unloaded or replaced on disk), and the cache it
         filled: its keys and values are that adapter's."""
-        if self._owner is not None and self._owner is self.packs.pop(name, None):
+        pack = self.packs.pop(name, None)
+        if pack is not None and self._owner is pack:
             self._valid, self._owner = False, None
         for key in [k for k in self._graphs if k[1] == name]:
             del self._graphs[key]
