@@ -328,7 +328,6 @@ class FastDecoder:
         """How many of prompt `ids`' first tokens the cache already holds for the selected adapter: the
         longest prefix every row shares with what was fed since the last prefill, the prompt's last token
         excepted (its logits are needed)."""
-
         b, t = ids.shape
         if not (self.reuse and self._valid) or b != self.batch or self._owner is not self.active or self.length == 0:
             return 0
@@ -392,7 +391,7 @@ class FastDecoder:
                 flat[:, r:r + MOE_ROWS], top_i, top_w = _moe(flat[:, r:r + MOE_ROWS], w, lora, self.dims, dense)
                 layer_i.append(top_i)
                 layer_w.append(top_w)
-            dense = None
+            dense = None  # freed before the next layer's copy is made
             routes_i.append(torch.cat(layer_i))
             routes_w.append(torch.cat(layer_w))
         norm = self.hf.model.norm
@@ -426,7 +425,7 @@ class FastDecoder:
                 pos = self.arange[self.length:self.length + 1]
                 logits, *routes = self._forward(tokens.view(-1, 1).to(self.device), pos,
                                                 self._span(self.length + 1), self.active)
-            else:  # a graph reads the whole cache (masked): ~8 MB a layer, one graph for every position
+            else:  # a graph reads the whole cache (masked) on full-attention layers: one graph for every position
                 logits, *routes = self._replay(tokens)
             self.history[:, self.length] = tokens.view(-1)
         self.length += 1
