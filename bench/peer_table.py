@@ -1,0 +1,89 @@
+"""One table: our fast decoder beside llama.cpp on the same GPU and checkpoint (bench/peer_llamacpp.sh).
+
+    python bench/peer_table.py DIR
+
+DIR holds what the run wrote: llama-bench.json (`llama-bench -o json`), batched.jsonl and
+batched-lora.jsonl (`llama-batched-bench --output-format jsonl`, without and with --lora), ours.json
+(bench/peer_ours.py; absent when only the peer ran). llama-bench gives llama.cpp's figures without an
+adapter (tg at an empty context, each the mean of its repetitions); llama-bench takes no LoRA, so the
+LoRA figures are llama-batched-bench's (one run each, tg following the pp512 prompt), shown beside its own
+run without one.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def llama_bench(path: Path) -> tuple[dict[str, float], dict]:
+    """{"tg128": tok/s, "pp512": ...} and the first record (build, GPU, model)."""
+    records = json.loads(path.read_text()) if path.exists() else []
+    rates = {}
+    for r in records:
+        test = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
+        rates[test] = float(r["avg_ts"])
+    return rates, (records[0] if records else {})
+
+
+def batched_bench(path: Path) -> dict[str, float]:
+    """{"ppN": speed_pp, ...} for each prompt length, and "tgM" from the run after the shortest prompt."""
+    if not path.exists():
+        return {}
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+    rates = {f"pp{r['pp']}": float(r["speed_pp"]) for r in runs}
+    if runs:
+        first = min(runs, key=lambda r: r["pp"])
+        rates[f"tg{first['tg']}"] = float(first["speed_tg"])
+    return rates
+
+
+def fmt(v: float | None) -> str:
+    return "—" if v is None else f"{v:,.1f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "—" if a is None or b is None or not b else f"{a / b:.2f}×"
+
+
+def main() -> None:
+    if len(sys.argv) != 2 or not Path(sys.argv[1]).is_dir():
+        raise SystemExit("usage: peer_table.py DIR (the folder bench/peer_llamacpp.sh bench wrote)")
+    out = Path(sys.argv[1])
+    theirs, info = llama_bench(out / "llama-bench.json")
+    base, lora = batched_bench(out / "batched.jsonl"), batched_bench(out / "batched-lora.jsonl")
+    ours_file = out / "ours.json"
+    ours = json.loads(ours_file.read_text()) if ours_file.exists() else {"rows": {}}
+    mine = ours["rows"]
+    tests = sorted({*theirs, *base, *mine.get("none", {})}, key=lambda t: (t[:2] != "tg", int(t[2:])))
+    head = ("test", "ours", "llama-bench", "ours/llama", "ours attn-LoRA", "batched", "batched --lora",
+            "ours/llama LoRA", "ours specialist")
+    rows = [head]
+    for t in tests:
+        o, a, s = (mine.get(k, {}).get(t) for k in ("none", "attn_lora", "specialist"))
+        rows.append((t, fmt(o), fmt(theirs.get(t)), ratio(o, theirs.get(t)), fmt(a), fmt(base.get(t)),
+                     fmt(lora.get(t)), ratio(a, lora.get(t)), fmt(s)))
+    width = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    print()
+    for r in rows:
+        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, width, strict=True))]
+        print("| " + " | ".join(cells) + " |")
+        if r is head:
+            print("|" + "|".join("-" * (w + 2) for w in width) + "|")
+    gpu = info.get("gpu_info") or ours.get("device", "?")
+    print(f"\ntok/s. GPU: {gpu}. llama.cpp {info.get('build_commit', '?')} ({info.get('backends', '?')}), "
+          f"model {info.get('model_type', '?')}, {info.get('model_size', 0) / 2**30:.2f} GiB, flash-attn "
+          f"{info.get('flash_attn', '?')}, n_ubatch {info.get('n_ubatch', '?')}, {info.get('n_gpu_layers', '?')} "
+          f"GPU layers, llama-bench mean of {len(info.get('samples_ts', []))} runs.")
+    if mine:
+        print(f"ours: fast decoder, MXFP4 experts, cache {ours['context']} tokens (a graph step reads all of it), "
+              f"capped at {ours['cap_gb']:g} GiB, peak {ours['peak_gib']:.1f} GiB allocated"
+              + (f"; {ours['note']}" if ours.get("note") else "") + ". attn-LoRA: the same rank-16 LoRA on "
+              "q/k/v/o both sides; specialist: rank 16 on attention + all experts (llama.cpp: no converter).")
+    else:
+        print("ours: not run (PEER_OURS=0).")
+
+
+if __name__ == "__main__":
+    main()
