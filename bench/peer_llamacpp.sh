@@ -7,19 +7,20 @@
 #
 # The steps of `all`, each callable on its own:
 #   build [cpu]     unpack .peer/llama.cpp.tar.xz into $PEER_WORK and build llama-bench and
-#                   llama-batched-bench (CUDA; `cpu`: CPU only, to prove the pipeline without a GPU)
+#                   llama-completion (CUDA; `cpu`: CPU only, to prove the pipeline without a GPU)
 #   build-bg [cpu]  the same in its own process session (setsid), returning at once; `wait` waits for it
 #   model           write the random $PEER_LAYERS-layer GPT-OSS-20B-shaped slice as an official-layout MXFP4
 #                   checkpoint, with a 201,088-token tokenizer and an attention-only LoRA, and convert both
 #                   with llama.cpp's own converters (bench/peer_model.py, bench/peer_convert.py)
-#   bench [OUT]     llama-bench tg/pp, llama-batched-bench with and without --lora, and ours over the same
-#                   checkpoint (bench/peer_ours.py); prints one table (bench/peer_table.py)
+#   bench [OUT]     llama-bench tg/pp; llama-completion without and with --lora (llama-bench takes no
+#                   LoRA); ours over the same checkpoint (bench/peer_ours.py); one table (bench/peer_table.py)
 #
 # llama.cpp's source is the one vendored in the `llama-cpp-python` sdist (PyPI), never committed here.
 # Knobs (environment): PEER_LAYERS (24), PEER_WORK (/tmp/peer), PEER_JOBS (nproc), PEER_ARCHS (CUDA
 # architectures; default: the present GPU's, e.g. 90 on an H100; "86;90" covers an RTX 3090 too),
 # PEER_TG (128), PEER_PP (512,8192), PEER_REPS (3), PEER_CAP_GB (24: ours is capped as a 24 GB card),
 # PEER_OURS (1; 0: llama.cpp alone), PEER_BUILD (cuda; cpu for `all` without a GPU), PYTHON (python3),
+# PEER_CMAKE_ARGS (more CMake arguments, split on spaces),
 # PEER_VERSION (the llama-cpp-python sdist prep fetches; 0.3.36).
 set -euo pipefail
 
@@ -39,7 +40,7 @@ die() { echo "peer_llamacpp: $*" >&2; exit 1; }
 log() { echo "[peer $(date +%H:%M:%S)] $*" >&2; }
 
 prep() {
-    # Only what the build of llama-bench/llama-batched-bench and the HF->GGUF converters need.
+    # Only what the build of llama-bench/llama-completion and the HF->GGUF converters need.
     local tmp
     tmp=$(mktemp -d)
     "$PY" -m pip download --quiet --no-binary :all: --no-deps "llama-cpp-python==$VERSION" -d "$tmp"
@@ -53,8 +54,8 @@ prep() {
     # ggml: the core, the CPU backend (always built) and CUDA; the others are configured only when on
     find "$src/ggml/src" -maxdepth 1 -type f -exec cp {} "$keep/ggml/src/" \;
     cp -r "$src"/ggml/src/{ggml-cpu,ggml-cuda} "$keep/ggml/src/"
-    cp -r "$src"/tools/{llama-bench,batched-bench} "$keep/tools/"
-    printf 'find_package(Threads REQUIRED)\nllama_add_compile_flags()\nadd_subdirectory(llama-bench)\nadd_subdirectory(batched-bench)\n' \
+    cp -r "$src"/tools/{llama-bench,completion} "$keep/tools/"
+    printf 'find_package(Threads REQUIRED)\nllama_add_compile_flags()\nadd_subdirectory(llama-bench)\nadd_subdirectory(completion)\n' \
         > "$keep/tools/CMakeLists.txt"
     find "$keep" \( -name '*.md' -o -name tests -o -name '__pycache__' \) -prune -exec rm -rf {} +
     echo "llama-cpp-python $VERSION (vendor/llama.cpp), stripped by bench/peer_llamacpp.sh prep" > "$keep/PEER_SOURCE"
@@ -63,6 +64,32 @@ prep() {
     mv "$PACK.part" "$PACK"
     rm -rf "$tmp"
     log "wrote $PACK ($(du -h "$PACK" | cut -f1))"
+}
+
+cuda_hints() {
+    # Where the CUDA toolkit is assembled from pip wheels (this image's is), cuBLAS and the driver library
+    # may live outside it: cuBLAS in torch's nvidia-cublas wheel (only libcublas.so.13, which CMake does
+    # not look for), libcuda.so.1 with the driver. Print the CMake arguments that point at them.
+    local nvcc_dir inc lib extra=$WORK/cuda-extra
+    nvcc_dir=$(dirname "$(readlink -f "$(command -v nvcc)")")/..
+    if ! ls "$nvcc_dir"/include/cublas_v2.h "$nvcc_dir"/targets/*/include/cublas_v2.h >/dev/null 2>&1; then
+        inc=$("$PY" -c 'import nvidia, pathlib; print(*[p.parent for d in nvidia.__path__
+                        for p in pathlib.Path(d).glob("*/include/cublas_v2.h")][:1])' 2>/dev/null || true)
+        [ -n "$inc" ] || die "cuBLAS not found: neither in the CUDA toolkit nor in an nvidia-cublas wheel"
+        lib=$inc/../lib
+        rm -rf "$extra" && mkdir -p "$extra/include" "$extra/lib"
+        ln -s "$inc"/cublas*.h "$extra/include/"
+        for so in "$lib"/libcublas.so.* "$lib"/libcublasLt.so.*; do
+            ln -s "$so" "$extra/lib/"
+            ln -sf "$so" "$extra/lib/$(basename "$so" | sed 's/\.so\..*/.so/')"
+        done
+        echo "-DCUDA_cublas_LIBRARY=$extra/lib/libcublas.so" "-DCUDA_cublasLt_LIBRARY=$extra/lib/libcublasLt.so" \
+             "-DCMAKE_CUDA_FLAGS=-I$extra/include"
+    fi
+    if ! ls "$nvcc_dir"/lib64/libcuda.so "$nvcc_dir"/lib64/stubs/libcuda.so >/dev/null 2>&1; then
+        lib=$(ldconfig -p 2>/dev/null | awk '/libcuda\.so\.1 /{print $NF; exit}')
+        [ -z "$lib" ] || echo "-DCUDA_cuda_driver_LIBRARY=$lib"
+    fi
 }
 
 build() {
@@ -81,7 +108,10 @@ build() {
             archs=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d ' .')
         fi
         [ -n "$archs" ] || die "no GPU found: set PEER_ARCHS, or build cpu"
-        flags=(-DGGML_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=$archs")
+        local hints
+        hints=$(cuda_hints)
+        # shellcheck disable=SC2206  # the hints hold no spaces inside one argument
+        flags=(-DGGML_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=$archs" $hints)
         log "CUDA architectures: $archs"
     fi
     local t0=$SECONDS generator=()
@@ -89,8 +119,8 @@ build() {
     cmake -S "$SRC" -B "$SRC/build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release "${flags[@]}" \
         -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
         -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
-        -DLLAMA_SUBPROCESS=OFF -DBUILD_SHARED_LIBS=OFF >"$WORK/build.log" 2>&1
-    cmake --build "$SRC/build" -j "$JOBS" --target llama-bench llama-batched-bench >>"$WORK/build.log" 2>&1
+        -DLLAMA_SUBPROCESS=OFF -DBUILD_SHARED_LIBS=OFF ${PEER_CMAKE_ARGS:-} >"$WORK/build.log" 2>&1
+    cmake --build "$SRC/build" -j "$JOBS" --target llama-bench llama-completion >>"$WORK/build.log" 2>&1
     echo "$((SECONDS - t0))" > "$WORK/build.done"
     log "built $mode in $((SECONDS - t0)) s: $SRC/build/bin"
 }
@@ -121,7 +151,7 @@ model() {
     [ -f "$SRC/convert_hf_to_gguf.py" ] || tar -xJf "$PACK" -C "$WORK"
     local t0=$SECONDS
     rm -rf "$WORK/hf"
-    "$PY" "$ROOT/bench/peer_model.py" "$WORK/hf" --layers "$LAYERS"
+    "$PY" "$ROOT/bench/peer_model.py" "$WORK/hf" --layers "$LAYERS" --prompts "$PP"
     log "checkpoint written in $((SECONDS - t0)) s"
     "$PY" "$ROOT/bench/peer_convert.py" "$SRC" convert_hf_to_gguf.py "$WORK/hf/model" \
         --outfile "$WORK/model.gguf" >"$WORK/convert.log" 2>&1 || { tail -n 30 "$WORK/convert.log"; exit 1; }
@@ -137,17 +167,20 @@ bench() {
     [ -x "$bin/llama-bench" ] || die "no $bin/llama-bench: build first"
     [ -f "$WORK/model.gguf" ] || die "no $WORK/model.gguf: run '$0 model' first"
     max_pp=$(tr ',' '\n' <<<"$PP" | sort -n | tail -1)
-    ctx=$((max_pp + TG))
+    ctx=$((max_pp + TG + 16))
     log "llama-bench -p $PP -n $TG -r $REPS"
-    "$bin/llama-bench" -m "$WORK/model.gguf" -p "$PP" -n "$TG" -r "$REPS" -o json >"$out/llama-bench.json" \
+    "$bin/llama-bench" -m "$WORK/model.gguf" -p "$PP" -n "$TG" -r "$REPS" -ngl 99 -o json >"$out/llama-bench.json" \
         2>"$out/llama-bench.log" || { tail -n 30 "$out/llama-bench.log"; die "llama-bench failed"; }
-    for lora in "" "--lora $WORK/lora.gguf"; do
-        local name=batched${lora:+-lora}
-        log "llama-batched-bench -npp $PP -ntg $TG ${lora:+(with --lora)}"
-        # shellcheck disable=SC2086  # $lora: the flag and its file, or nothing
-        "$bin/llama-batched-bench" -m "$WORK/model.gguf" -c "$ctx" -b 2048 -ub 512 -npp "$PP" -ntg "$TG" -npl 1 \
-            -ngl 999 $lora --output-format jsonl >"$out/$name.jsonl" 2>"$out/$name.log" \
-            || { tail -n 30 "$out/$name.log"; die "llama-batched-bench failed"; }
+    # llama-bench takes no LoRA: llama-completion does, and prints its prompt and generation timings.
+    # Without and with the LoRA, one run per prompt length, TG tokens generated after each prompt.
+    for lora in "" "$WORK/lora.gguf"; do
+        for n in ${PP//,/ }; do
+            local name=completion${lora:+-lora}-$n
+            log "llama-completion, a $n-token prompt + $TG tokens${lora:+, with --lora}"
+            "$bin/llama-completion" -m "$WORK/model.gguf" -f "$WORK/hf/prompt-$n.txt" -n $((TG + 1)) -c "$ctx" \
+                -ngl 999 -no-cnv --ignore-eos --temp 0 ${lora:+--lora "$lora"} </dev/null >/dev/null 2>"$out/$name.log" \
+                || { tail -n 30 "$out/$name.log"; die "llama-completion failed"; }
+        done
     done
     if [ "${PEER_OURS:-1}" != 0 ]; then
         log "ours: bench/peer_ours.py --tg $TG --pp $PP --reps $REPS"
@@ -155,6 +188,7 @@ bench() {
             --reps "$REPS" --cap-gb "${PEER_CAP_GB:-24}" 2>&1 | grep -v Warning || true
         [ -f "$out/ours.json" ] || die "bench/peer_ours.py wrote no $out/ours.json"
     fi
+    cp "$SRC/PEER_SOURCE" "$out/"
     "$PY" "$ROOT/bench/peer_table.py" "$out" | tee "$out/table.md"
 }
 

@@ -2,11 +2,12 @@
 MXFP4 checkpoint, the way openai/gpt-oss-20b ships it, so llama.cpp's own converter takes it and our
 engine loads the very same files (engine/serve/mxfp4_load.py).
 
-    python bench/peer_model.py OUT [--layers 24] [--rank 16]
+    python bench/peer_model.py OUT [--layers 24] [--rank 16] [--prompts 512,8192]
 
 OUT/model: config.json (quantization_config mxfp4), one safetensors shard per layer with the experts'
 `*_blocks`/`*_scales` as they are, and a tokenizer of the full 201,088-token vocabulary; OUT/lora: an
-attention-only PEFT LoRA (llama.cpp's LoRA converter takes plain Linear targets, not the fused experts).
+attention-only PEFT LoRA (llama.cpp's LoRA converter takes plain Linear targets, not the fused experts);
+OUT/prompt-N.txt: texts of exactly N tokens, for llama.cpp's tools that take text (llama-completion).
 
 The tokenizer: llama.cpp's converter wants a byte-level BPE vocabulary (its runtime looks up the 256 byte
 tokens), which the engine's word-level test tokenizer is not. The real o200k merges are not on this
@@ -69,7 +70,21 @@ def byte_level_tokenizer(vocab_size: int = VOCAB):
                                    pad_token="<|endoftext|>")
 
 
-def write_checkpoint(folder: Path, layers: int, device: str) -> Path:
+def write_prompts(folder: Path, counts: list[int], tokenizer) -> None:
+    """prompt-N.txt of exactly N tokens for llama.cpp's text tools: random one-letter words, each " x" one
+    byte-pair token under o200k's split, checked against the tokenizer."""
+    import random
+
+    rng = random.Random(0)
+    for n in counts:
+        text = " ".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(n))
+        got = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if got != n:
+            raise RuntimeError(f"prompt-{n}.txt came out as {got} tokens")
+        (folder / f"prompt-{n}.txt").write_text(text)
+
+
+def write_checkpoint(folder: Path, layers: int, device: str, tokenizer) -> Path:
     """The random MXFP4 slice (bench/shapes.random_mxfp4_model, seed 0) as safetensors shards, one per
     layer plus one for embeddings, final norm and lm_head, with an index and an mxfp4 config."""
     import torch
@@ -97,7 +112,7 @@ def write_checkpoint(folder: Path, layers: int, device: str) -> Path:
     cfg.quantization_config, cfg.architectures = MXFP4_CONFIG, ["GptOssForCausalLM"]
     cfg.eos_token_id, cfg.pad_token_id = SPECIAL_IDS["<|return|>"], SPECIAL_IDS["<|endoftext|>"]
     cfg.save_pretrained(folder)
-    byte_level_tokenizer().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -122,15 +137,25 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--prompts", default="512,8192", help="prompt lengths to write as prompt-N.txt")
     a = ap.parse_args()
     if a.layers < 1:
         raise SystemExit(f"--layers: expected a positive number of layers, got {a.layers}")
+    try:
+        prompts = [int(n) for n in a.prompts.split(",")]
+    except ValueError:
+        prompts = [0]
+    if min(prompts) < 1:
+        raise SystemExit(f"--prompts: expected comma-separated positive token counts, got {a.prompts!r}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = write_checkpoint(a.out / "model", a.layers, device)
+    tokenizer = byte_level_tokenizer()
+    a.out.mkdir(parents=True, exist_ok=True)
+    write_prompts(a.out, prompts, tokenizer)
+    model = write_checkpoint(a.out / "model", a.layers, device, tokenizer)
     if device == "cuda":
         torch.cuda.empty_cache()
     write_lora(a.out / "lora", model, a.rank, device)
-    print(f"wrote {model} and {a.out / 'lora'} ({a.layers} layers)")
+    print(f"wrote {model}, {a.out / 'lora'} ({a.layers} layers) and prompts of {a.prompts} tokens")
 
 
 if __name__ == "__main__":

@@ -2,19 +2,23 @@
 
     python bench/peer_table.py DIR
 
-DIR holds what the run wrote: llama-bench.json (`llama-bench -o json`), batched.jsonl and
-batched-lora.jsonl (`llama-batched-bench --output-format jsonl`, without and with --lora), ours.json
-(bench/peer_ours.py; absent when only the peer ran). llama-bench gives llama.cpp's figures without an
-adapter (tg at an empty context, each the mean of its repetitions); llama-bench takes no LoRA, so the
-LoRA figures are llama-batched-bench's (one run each, tg following the pp512 prompt), shown beside its own
-run without one.
+DIR holds what the run wrote: llama-bench.json (`llama-bench -o json`), completion[-lora]-N.log
+(llama-completion's timings after an N-token prompt, without and with --lora), ours.json
+(bench/peer_ours.py; absent when only the peer ran), PEER_SOURCE (which llama.cpp). llama-bench gives
+llama.cpp's figures without an adapter (tg from an empty context, each the mean of its repetitions);
+llama-bench takes no LoRA, so the LoRA figures are llama-completion's (one run each, tg following the
+shortest prompt, greedy sampling included), shown beside its own run without the LoRA.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
+
+PROMPT = re.compile(r"prompt eval time =\s*[\d.]+ ms /\s*(?P<n>\d+) tokens .*?(?P<rate>[\d.]+) tokens per second")
+GEN = re.compile(r"\beval time =\s*[\d.]+ ms /\s*(?P<n>\d+) runs .*?(?P<rate>[\d.]+) tokens per second")
 
 
 def llama_bench(path: Path) -> tuple[dict[str, float], dict]:
@@ -27,15 +31,20 @@ def llama_bench(path: Path) -> tuple[dict[str, float], dict]:
     return rates, (records[0] if records else {})
 
 
-def batched_bench(path: Path) -> dict[str, float]:
-    """{"ppN": speed_pp, ...} for each prompt length, and "tgM" from the run after the shortest prompt."""
-    if not path.exists():
-        return {}
-    runs = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
-    rates = {f"pp{r['pp']}": float(r["speed_pp"]) for r in runs}
+def completion(out: Path, lora: bool) -> dict[str, float]:
+    """{"ppN": prompt tok/s, ...} from llama-completion's timings, one run per prompt length, and "tgM"
+    (M tokens generated) from the run after the shortest prompt."""
+    rates: dict[str, float] = {}
+    runs = []
+    for log in out.glob(f"completion{'-lora' if lora else ''}-[0-9]*.log"):
+        text = log.read_text(errors="replace")
+        prompt, gen = PROMPT.search(text), GEN.search(text)
+        if prompt and gen:
+            rates[f"pp{prompt['n']}"] = float(prompt["rate"])
+            runs.append((int(prompt["n"]), int(gen["n"]), float(gen["rate"])))
     if runs:
-        first = min(runs, key=lambda r: r["pp"])
-        rates[f"tg{first['tg']}"] = float(first["speed_tg"])
+        _, n, rate = min(runs)
+        rates[f"tg{n}"] = rate
     return rates
 
 
@@ -52,12 +61,12 @@ def main() -> None:
         raise SystemExit("usage: peer_table.py DIR (the folder bench/peer_llamacpp.sh bench wrote)")
     out = Path(sys.argv[1])
     theirs, info = llama_bench(out / "llama-bench.json")
-    base, lora = batched_bench(out / "batched.jsonl"), batched_bench(out / "batched-lora.jsonl")
+    base, lora = completion(out, lora=False), completion(out, lora=True)
     ours_file = out / "ours.json"
     ours = json.loads(ours_file.read_text()) if ours_file.exists() else {"rows": {}}
     mine = ours["rows"]
     tests = sorted({*theirs, *base, *mine.get("none", {})}, key=lambda t: (t[:2] != "tg", int(t[2:])))
-    head = ("test", "ours", "llama-bench", "ours/llama", "ours attn-LoRA", "batched", "batched --lora",
+    head = ("test", "ours", "llama-bench", "ours/llama", "ours attn-LoRA", "completion", "completion --lora",
             "ours/llama LoRA", "ours specialist")
     rows = [head]
     for t in tests:
@@ -72,7 +81,8 @@ def main() -> None:
         if r is head:
             print("|" + "|".join("-" * (w + 2) for w in width) + "|")
     gpu = info.get("gpu_info") or ours.get("device", "?")
-    print(f"\ntok/s. GPU: {gpu}. llama.cpp {info.get('build_commit', '?')} ({info.get('backends', '?')}), "
+    source = (out / "PEER_SOURCE").read_text().split(",")[0] if (out / "PEER_SOURCE").exists() else "llama.cpp"
+    print(f"\ntok/s. GPU: {gpu}. {source} ({info.get('backends', '?')}), "
           f"model {info.get('model_type', '?')}, {info.get('model_size', 0) / 2**30:.2f} GiB, flash-attn "
           f"{info.get('flash_attn', '?')}, n_ubatch {info.get('n_ubatch', '?')}, {info.get('n_gpu_layers', '?')} "
           f"GPU layers, llama-bench mean of {len(info.get('samples_ts', []))} runs.")
