@@ -71,7 +71,8 @@ cuda_hints() {
     # may live outside it: cuBLAS in torch's nvidia-cublas wheel (only libcublas.so.13, which CMake does
     # not look for), libcuda.so.1 with the driver. Print the CMake arguments that point at them.
     local nvcc_dir inc lib extra=$WORK/cuda-extra
-    nvcc_dir=$(dirname "$(readlink -f "$(command -v nvcc)")")/..
+    nvcc_dir=$(nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
+    [ -n "$nvcc_dir" ] || die "nvcc not found (CUDA's compiler): build cpu, or put it on PATH"
     if ! ls "$nvcc_dir"/include/cublas_v2.h "$nvcc_dir"/targets/*/include/cublas_v2.h >/dev/null 2>&1; then
         inc=$("$PY" -c 'import nvidia, pathlib; print(*[p.parent for d in nvidia.__path__
                         for p in pathlib.Path(d).glob("*/include/cublas_v2.h")][:1])' 2>/dev/null || true)

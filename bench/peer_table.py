@@ -80,17 +80,20 @@ def main() -> None:
         print("| " + " | ".join(cells) + " |")
         if r is head:
             print("|" + "|".join("-" * (w + 2) for w in width) + "|")
-    gpu = info.get("gpu_info") or ours.get("device", "?")
+    gpu = info.get("gpu_info") or ours.get("device") or info.get("cpu_info", "?")
     source = (out / "PEER_SOURCE").read_text().split(",")[0] if (out / "PEER_SOURCE").exists() else "llama.cpp"
-    print(f"\ntok/s. GPU: {gpu}. {source} ({info.get('backends', '?')}), "
-          f"model {info.get('model_type', '?')}, {info.get('model_size', 0) / 2**30:.2f} GiB, flash-attn "
-          f"{info.get('flash_attn', '?')}, n_ubatch {info.get('n_ubatch', '?')}, {info.get('n_gpu_layers', '?')} "
-          f"GPU layers, llama-bench mean of {len(info.get('samples_ts', []))} runs.")
+    print(f"\ntok/s on {gpu}. {source} ({info.get('backends', '?')}): model {info.get('model_type', '?')}, "
+          f"{info.get('model_size', 0) / 2**30:.2f} GiB, flash-attn {info.get('flash_attn', '?')} (-1: auto), "
+          f"n_ubatch {info.get('n_ubatch', '?')}; llama-bench: mean of {len(info.get('samples_ts', []))} runs, tg "
+          "from an empty context; llama-completion: one run per prompt, tg after the shortest prompt.")
     if mine:
-        print(f"ours: fast decoder, MXFP4 experts, cache {ours['context']} tokens (a graph step reads all of it), "
-              f"capped at {ours['cap_gb']:g} GiB, peak {ours['peak_gib']:.1f} GiB allocated"
-              + (f"; {ours['note']}" if ours.get("note") else "") + ". attn-LoRA: the same rank-16 LoRA on "
-              "q/k/v/o both sides; specialist: rank 16 on attention + all experts (llama.cpp: no converter).")
+        cap = "uncapped"
+        if ours["cap_gb"]:
+            cap = f"capped at {ours['cap_gb']:g} GiB, peak {ours['peak_gib']:.1f} GiB allocated"
+        print(f"ours: fast decoder, MXFP4 experts, a {ours['context']}-token cache (a GPU graph step reads all of "
+              f"it), {cap}" + (f"; {ours['note']}" if ours.get("note") else "") + ". attn-LoRA: the same rank-16 "
+              "LoRA on q/k/v/o both sides; specialist: rank 16 on attention + all experts (no llama.cpp converter "
+              "takes LoRA on fused experts).")
     else:
         print("ours: not run (PEER_OURS=0).")
 
