@@ -89,7 +89,14 @@ cuda_hints() {
     fi
     if ! ls "$nvcc_dir"/lib64/libcuda.so "$nvcc_dir"/lib64/stubs/libcuda.so >/dev/null 2>&1; then
         lib=$(ldconfig -p 2>/dev/null | awk '/libcuda\.so\.1 /{print $NF; exit}')
-        [ -z "$lib" ] || echo "-DCUDA_cuda_driver_LIBRARY=$lib"
+        [ -n "$lib" ] || lib=$(ls /usr/local/nvidia/lib64/libcuda.so.1 /usr/lib/x86_64-linux-gnu/libcuda.so.1 \
+                                  2>/dev/null | head -n 1)
+        if [ -n "$lib" ]; then
+            echo "-DCUDA_cuda_driver_LIBRARY=$lib"
+        else  # no driver library to link: ggml's legacy memory pool instead of its VMM one
+            log "libcuda.so not found: building with GGML_CUDA_NO_VMM=ON"
+            echo "-DGGML_CUDA_NO_VMM=ON"
+        fi
     fi
 }
 
@@ -215,4 +222,4 @@ main() {
     esac
 }
 
-main "$@"
+main "$@"; exit  # exit on the same line: an edit of this file during a run is never read
