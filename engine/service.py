@@ -8,6 +8,7 @@ the app calls them from worker threads.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
@@ -182,7 +183,16 @@ class Workstation:
         return Learner(self.settings, self.history).check()
 
     def prefer(self, prompt: str, a: str, b: str, reply_a: str, reply_b: str, winner: str) -> None:
-        self.history.prefer(prompt, a, b, reply_a, reply_b, winner)
+        """Store an A/B pick with what it teaches: the task of the specialist on either side (the other is
+        usually the base), and the reasoning level and instructions both replies were asked with
+        (`answer_with` answers under the chat settings), so its preference pair renders as served."""
+        task = None
+        for name in (a, b):
+            if name != "base" and task is None:
+                with contextlib.suppress(AdapterError):  # removed since: the pick still counts, without a task
+                    task = AdapterStore(self.settings.adapters_dir).get(name).manifest.task
+        chat = self.settings.chat
+        self.history.prefer(prompt, a, b, reply_a, reply_b, winner, task, chat.reasoning, chat.instructions)
 
     def report(self) -> dict[str, Any]:
         return report(self.history)

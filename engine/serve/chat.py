@@ -235,7 +235,7 @@ class Engine:
             if conversation.id is None:
                 conversation.id = history.new_conversation(prompt[:60])
             turn_id = history.start_turn(conversation.id, prompt, adapter, decision.as_dict(),
-                                         asdict(request.sampling))
+                                         asdict(request.sampling), request.reasoning, request.instructions)
         yield Routed(decision, adapter, turn_id, started.dropped)
         reply: Reply | None = None
         last_save = time.monotonic()

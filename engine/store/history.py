@@ -49,6 +49,15 @@ MIGRATIONS = [
         choice TEXT NOT NULL
     );
     """,
+    # What shaped each reply, so a learned example is rendered as it was served (engine.train.learning),
+    # and the task an A/B pick teaches (a preference pair for that specialist).
+    """
+    ALTER TABLE turns ADD COLUMN reasoning TEXT NOT NULL DEFAULT 'low';
+    ALTER TABLE turns ADD COLUMN instructions TEXT NOT NULL DEFAULT '';
+    ALTER TABLE preferences ADD COLUMN task TEXT;
+    ALTER TABLE preferences ADD COLUMN reasoning TEXT NOT NULL DEFAULT 'low';
+    ALTER TABLE preferences ADD COLUMN instructions TEXT NOT NULL DEFAULT '';
+    """,
 ]
 
 
@@ -68,6 +77,9 @@ class TurnRow:
     correction: str | None
     good_example: bool
     task: str | None
+    raw: str = ""  # the reply as generated, control tokens included (what the chat keeps when final is empty)
+    reasoning: str = "low"  # the reasoning level the reply was asked with
+    instructions: str = ""  # the developer instructions in force for it
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -145,12 +157,13 @@ class History:
     def new_conversation(self, title: str = "") -> int:
         return self._exec("INSERT INTO conversations(created, title) VALUES (?, ?)", (time.time(), title)).lastrowid
 
-    def start_turn(self, conversation_id: int, prompt: str, adapter: str, route: dict, sampling: dict) -> int:
+    def start_turn(self, conversation_id: int, prompt: str, adapter: str, route: dict, sampling: dict,
+                   reasoning: str = "low", instructions: str = "") -> int:
         return self._exec(
-            "INSERT INTO turns(conversation_id, created, prompt, adapter, route, sampling, task) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO turns(conversation_id, created, prompt, adapter, route, sampling, task, reasoning, "
+            "instructions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (conversation_id, time.time(), prompt, adapter, json.dumps(route), json.dumps(sampling),
-             adapter if adapter != "base" else None),
+             adapter if adapter != "base" else None, reasoning, instructions),
         ).lastrowid
 
     def save_partial(self, turn_id: int, raw: str) -> None:
@@ -175,19 +188,22 @@ class History:
         names.check(task, "task name")
         self._exec("UPDATE turns SET task=? WHERE id=?", (task, turn_id))
 
-    def prefer(self, prompt: str, a: str, b: str, reply_a: str, reply_b: str, choice: str) -> int:
+    def prefer(self, prompt: str, a: str, b: str, reply_a: str, reply_b: str, choice: str,
+               task: str | None = None, reasoning: str = "low", instructions: str = "") -> int:
+        """An A/B pick: `choice` is a, b (the winning adapter's name) or "tie"; `task` the specialist it teaches."""
         return self._exec(
-            "INSERT INTO preferences(created, prompt, adapter_a, adapter_b, reply_a, reply_b, choice) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)", (time.time(), prompt, a, b, reply_a, reply_b, choice)).lastrowid
+            "INSERT INTO preferences(created, prompt, adapter_a, adapter_b, reply_a, reply_b, choice, task, "
+            "reasoning, instructions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (time.time(), prompt, a, b, reply_a, reply_b, choice, task, reasoning, instructions)).lastrowid
 
     # ----- reading
     _COLS = ("id, conversation_id, created, prompt, final, analysis, adapter, route, stats, status, rating, "
-             "correction, good_example, task")
+             "correction, good_example, task, raw, reasoning, instructions")
 
     def _rows(self, where: str = "1", args: tuple = (), limit: int = 1000) -> list[TurnRow]:
         cur = self._exec(f"SELECT {self._COLS} FROM turns WHERE {where} ORDER BY id LIMIT ?", (*args, limit))
         return [TurnRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], _object(r[7]), _object(r[8]), r[9],
-                        r[10], r[11], bool(r[12]), r[13]) for r in cur.fetchall()]
+                        r[10], r[11], bool(r[12]), r[13], r[14], r[15], r[16]) for r in cur.fetchall()]
 
     def turn(self, turn_id: int) -> TurnRow:
         rows = self._rows("id=?", (turn_id,))
@@ -218,11 +234,24 @@ class History:
             "(correction IS NOT NULL OR (status='complete' AND (rating >= 4 OR (good_example=1 AND rating IS NULL))))",
             (task,), limit=1_000_000)
 
+    def context(self, turn: TurnRow) -> list[TurnRow]:
+        """The earlier turns of `turn`'s conversation that the chat showed the model with it: those that
+        ended with a reply (complete or cancelled), oldest first. A failed turn never entered the chat's
+        conversation (`engine.serve.chat.Engine.ask`), so it is not context either."""
+        return self._rows("conversation_id=? AND id<? AND status IN ('complete','cancelled')",
+                          (turn.conversation_id, turn.id), limit=1_000_000)
+
     def tasks(self) -> list[str]:
         """Every task some turn is labelled with."""
         cur = self._exec("SELECT DISTINCT task FROM turns WHERE task IS NOT NULL ORDER BY task")
         return [r[0] for r in cur.fetchall()]
 
     def preferences(self) -> list[dict[str, Any]]:
-        cur = self._exec("SELECT prompt, adapter_a, adapter_b, choice, created FROM preferences ORDER BY id")
-        return [{"prompt": r[0], "a": r[1], "b": r[2], "choice": r[3], "created": r[4]} for r in cur.fetchall()]
+        cur = self._exec("SELECT prompt, adapter_a, adapter_b, choice, created, reply_a, reply_b, task, reasoning, "
+                         "instructions FROM preferences ORDER BY id")
+        return [{"prompt": r[0], "a": r[1], "b": r[2], "choice": r[3], "created": r[4], "reply_a": r[5],
+                 "reply_b": r[6], "task": r[7], "reasoning": r[8], "instructions": r[9]} for r in cur.fetchall()]
+
+    def corrected(self, task: str) -> list[TurnRow]:
+        """Turns of `task` with a correction that differs from the reply: each is a preference pair."""
+        return self._rows("task=? AND correction IS NOT NULL AND correction != final", (task,), limit=1_000_000)
