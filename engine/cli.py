@@ -204,6 +204,69 @@ def cmd_runs(s: settings_mod.Settings, a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(s: settings_mod.Settings, a: argparse.Namespace) -> int:
+    from engine.store.history import History
+    from engine.train.experiments import Experiments, parse_vary
+
+    exps = Experiments(s, History(s.history_db))
+    exp = exps.create(a.task, parse_vary(a.vary or []), a.data, a.profile, start=not a.when_idle)
+    print(exp.id)
+    how = "waiting for the training GPU to idle" if a.when_idle else "queued behind your own runs"
+    print(f"{len(exp.variants)} variants {how}; follow them with: tandem experiments show {exp.id}", file=sys.stderr)
+    if not a.wait:
+        return 0
+    deadline = time.monotonic() + a.wait
+    while (exp := exps.get(exp.id)).status != "done":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"experiment {exp.id} still {exp.status} after {a.wait:.0f} s")
+        from engine.train.runs import RunQueue
+
+        RunQueue(s).runs()  # finds a dead trainer and starts what waited behind it
+        time.sleep(1.0)
+    _print_experiment(exps, exp, a.json)
+    return 0
+
+
+def _print_experiment(exps, exp, as_json: bool) -> None:
+    from dataclasses import asdict
+
+    rows = exps.table(exp)
+    if as_json:
+        print(json_text({**asdict(exp), "table": rows}))
+        return
+    print(f"experiment {exp.id} · {line(exp.task)} · {exp.profile} · {exp.status}")
+    print(f"{'variant':28} {'status':9} {'held-out':>8} {'current':>8} {'time':>7} {'peak mem':>9}  loss curve")
+    sparks = "▁▂▃▄▅▆▇█"
+    losses = [v for r in rows for _, v in r["curve"]]
+    top, bottom = (max(losses), min(losses)) if losses else (1.0, 0.0)
+
+    def num(v, fmt):
+        return format(v, fmt) if v is not None else "-"
+
+    for r in rows:  # one shared scale, so the curves compare as if overlaid
+        curve = "".join(sparks[min(7, int((v - bottom) / ((top - bottom) or 1) * 7.999))] for _, v in r["curve"][-40:])
+        print(f"{line(r['label'])[:28]:28} {r['status']:9} {num(r['heldout_loss'], '.4f'):>8} "
+              f"{num(r['current_loss'], '.4f'):>8} {num(r['seconds'], '.0f'):>6}s "
+              f"{num(r['peak_mem_gb'], '.2f'):>6} GB  {curve}")
+    if exp.outcome:
+        print(line(exp.outcome))
+
+
+def cmd_experiments(s: settings_mod.Settings, a: argparse.Namespace) -> int:
+    from engine.train.experiments import Experiments
+
+    exps = Experiments(s)
+    if a.action == "list":
+        items = exps.list()
+        if a.json:
+            print(json_text([{"id": e.id, "task": e.task, "status": e.status, "outcome": e.outcome} for e in items]))
+        for e in [] if a.json else items:
+            print(line(f"{e.id:24} {e.task:12} {e.status:8} {len(e.variants)} variants  {e.outcome}"))
+        return 0
+    _print_experiment(exps, exps.get(a.id), a.json)
+    return 0
+
+
 def cmd_experts(s: settings_mod.Settings, a: argparse.Namespace) -> int:
     from engine.serve.experts import usage_shift
 
@@ -400,6 +463,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--wait", type=float, metavar="SECONDS", help="wait for the run to end")
     t.set_defaults(fn=cmd_train)
 
+    x = sub.add_parser("experiment", help="train variants of a specialist on the training GPU; the best is promoted")
+    x.add_argument("--task", required=True)
+    x.add_argument("--vary", action="append", metavar="NAME=V1,V2",
+                   help="a profile value to try several of: r, alpha, lr, steps, batch_size (repeatable)")
+    x.add_argument("--data", action="append", metavar="PATH",
+                   help="training data; give several to compare data mixes (default: the task's learned examples)")
+    x.add_argument("--profile", help="the profile the variants start from (default: training.default_profile)")
+    x.add_argument("--when-idle", action="store_true", help="wait for the idle scheduler instead of queueing now")
+    x.add_argument("--wait", type=float, metavar="SECONDS", help="wait for the outcome and print the comparison")
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(fn=cmd_experiment)
+
+    x = sub.add_parser("experiments", help="experiments: list, or show one's comparison table")
+    xsub = x.add_subparsers(dest="action", required=True)
+    xsub.add_parser("list").add_argument("--json", action="store_true")
+    y = xsub.add_parser("show")
+    y.add_argument("id")
+    y.add_argument("--json", action="store_true")
+    x.set_defaults(fn=cmd_experiments)
+
     rn = sub.add_parser("runs", help="training runs: list, show, stop, resume")
     rsub = rn.add_subparsers(dest="action", required=True)
     rsub.add_parser("list").add_argument("--json", action="store_true")
@@ -417,9 +500,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from engine.store.adapters import AdapterError
     from engine.store.history import HistoryError
     from engine.train.dataset import DatasetError
+    from engine.train.experiments import ExperimentError
     from engine.train.runs import RunError
 
-    return (AdapterError, DatasetError, HistoryError, InvalidName, ModelLoadError, PromptTooLong, RunError,
+    return (AdapterError, DatasetError, ExperimentError, HistoryError, InvalidName, ModelLoadError, PromptTooLong,
+            RunError,
             settings_mod.SettingsError, KeyError, OSError, TimeoutError)
 
 

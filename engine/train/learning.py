@@ -29,6 +29,7 @@ from engine.settings import Settings, nightly_window
 from engine.store.adapters import AdapterStore
 from engine.store.history import History, TurnRow
 from engine.train.dataset import Example
+from engine.train.preference import pair_counts, pairs_from_history
 from engine.train.runs import ACTIVE, DONE, Request, Run, RunError, RunQueue
 
 RETRY_BASE_S = 300.0
@@ -130,7 +131,7 @@ class Learner:
         tmp.write_text(json.dumps(state, indent=1))
         tmp.replace(self.state_path)
 
-    def _in_window(self) -> bool:
+    def in_window(self) -> bool:
         window = nightly_window(self.settings)
         if window is None:
             return False
@@ -198,7 +199,7 @@ class Learner:
                     out.append((task, f"new task with {usable} examples{again}"))
             elif new >= self.settings.learning.retrain_every:
                 out.append((task, f"{new} new examples since the last retrain{again}"))
-            elif new > 0 and self._in_window():
+            elif new > 0 and self.in_window():
                 out.append((task, f"nightly window, {new} new examples{again}"))
         return out
 
@@ -237,6 +238,67 @@ class Learner:
             started.append(run.id)
         return started
 
+    def preference_due(self) -> list[tuple[str, str, int]]:
+        """[(task, specialist, pairs)] for every specialist with `min_pairs` preference pairs more than at
+        its last preference run (A/B picks and corrections of its task)."""
+        state = self._state()
+        out = []
+        for a in AdapterStore(self.settings.adapters_dir).scan()[0]:
+            entry = state.get(f"{a.manifest.task}/preference", {})
+            if isinstance(entry.get("pending"), dict):
+                continue
+            n = len(pairs_from_history(self.history, a.manifest.task))
+            last = entry.get("examples", 0) if isinstance(entry.get("examples", 0), int) else 0  # pairs then
+            if n - last >= self.settings.learning.min_pairs:
+                out.append((a.manifest.task, a.name, n))
+        return out
+
+    def check_preferences(self, profile: str = "preference", why_prefix: str = "") -> list[str]:
+        """Submit a preference (dpo) run on each specialist with enough new pairs, if the GPU is free."""
+        queue = RunQueue(self.settings)
+        if self.busy(queue):
+            return []
+        self.settings.profile(profile)
+        self._settle(self._state())
+        state = self._state()
+        started = []
+        for task, adapter, n in self.preference_due():
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.now()))
+            built = build_pairs(self.history, task, self.dir / task / stamp, self.settings.learning.holdout_fraction)
+            if not (built.n_train and built.n_holdout):
+                self.skipped.append((task, f"{n} preference pair(s) of {task}: the gate needs at least 2"))
+                continue
+            why = f"{why_prefix}{n} preference pairs"
+            run = queue.submit(Request(
+                task=task, data=str(built.train), profile=profile, gpu=self.settings.gpus.training,
+                settings=str(self.settings.source), from_adapter=adapter, name=adapter,
+                gate={"holdout": str(built.holdout), "current": adapter, "why": why},
+                origin="learning", why=f"preferences: {why}"))
+            entry = state.setdefault(f"{task}/preference", {})
+            entry.update(pending={"run": run.id, "examples": n}, run=run.id, time=self.now(), why=why)
+            self._save(state)
+            started.append(run.id)
+        return started
+
+
+@dataclass
+class BuiltPairs:
+    task: str
+    train: Path
+    holdout: Path
+    n_train: int
+    n_holdout: int
+
+
+def build_pairs(history: History, task: str, out_dir: Path, holdout_fraction: float) -> BuiltPairs:
+    """The task's preference pairs as train / held-out .jsonl files, split by prompt as examples are."""
+    train, holdout = split_holdout(pairs_from_history(history, task), holdout_fraction)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = out_dir / "pairs-train.jsonl", out_dir / "pairs-holdout.jsonl"
+    for path, rows in zip(paths, (train, holdout), strict=True):
+        write_jsonl(path, [pair.to_chat_row() for pair in rows])
+    return BuiltPairs(task, paths[0], paths[1], len(train), len(holdout))
+
 
 def report(history: History) -> dict:
     """Ratings trend, corrections rate, response time, per-specialist usage, router confidence over time."""
@@ -267,4 +329,4 @@ def report(history: History) -> dict:
     return {"turns": len(turns), "mean_rating": mean(rated), "rated": len(rated),
             "correction_rate": round(sum(t.correction is not None for t in turns) / len(turns), 3) if turns else None,
             "usage": dict(sorted(usage.items(), key=lambda kv: -kv[1])), "days": days,
-            "preferences": len(history.preferences())}
+            "preferences": len(history.preferences()), "pairs": pair_counts(history)}

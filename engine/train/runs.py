@@ -174,6 +174,13 @@ class Run:
                 "created": r.created, "origin": r.origin, "why": r.why or "started by you"}
 
 
+def next_queued(runs: list[Run]) -> Run | None:
+    """The run a free GPU takes next: the person's own runs first, then learning and experiments; each
+    oldest first (`runs` come oldest first)."""
+    queued = [r for r in runs if r.state.status == "queued"]
+    return min(queued, key=lambda r: r.request.origin != "user") if queued else None
+
+
 class RunQueue:
     def __init__(self, settings: Settings, gpus: Any = gpu_count):
         """`gpus()` says how many GPUs this machine has (0: none, training falls back to the CPU)."""
@@ -243,8 +250,9 @@ class RunQueue:
         folder = self.root / run_id
         folder.mkdir()
         write_json_atomic(folder / "request.json", asdict(req))
+        # a fresh queued state: `set_state` on a new folder would carry the "missing state.json" it reads
+        write_json_atomic(folder / "state.json", asdict(RunState()))
         run = Run(folder)
-        run.set_state(status="queued")
         self.start_next(req.gpu)
         return run
 
@@ -254,11 +262,9 @@ class RunQueue:
             runs = [r for r in self._scan() if r.request.gpu == gpu]
             if any(r.state.status in ACTIVE for r in runs):
                 return None
-            queued = [r for r in runs if r.state.status == "queued"]
-            if not queued:
+            run = next_queued(runs)
+            if run is None:
                 return None
-            # the person's own runs first; then learning and experiments, oldest first
-            run = min(queued, key=lambda r: r.request.origin != "user")
             self._spawn(run)
             return run
 

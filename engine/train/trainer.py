@@ -464,7 +464,20 @@ def main(run_dir: str) -> int:
     finally:
         if queue is not None:
             queue.start_next(run.request.gpu)  # hand the GPU to the next queued run
+            _conclude_experiment(run, queue.settings)
     return 1
+
+
+def _conclude_experiment(run: Run, settings: Settings) -> None:
+    """The last variant of an experiment to end decides it (`Experiments.conclude` does it only once)."""
+    exp_id = run.request.gate.get("experiment")
+    if isinstance(exp_id, str) and exp_id:
+        from engine.train.experiments import ExperimentError, Experiments
+
+        try:
+            print(Experiments(settings).conclude(exp_id).outcome or "experiment still running", flush=True)
+        except (ExperimentError, ValueError, OSError) as e:
+            print(f"experiment {exp_id}: {e}", flush=True)
 
 
 if __name__ == "__main__":
