@@ -185,7 +185,7 @@ def cmd_runs(s: settings_mod.Settings, a: argparse.Namespace) -> int:
             print(json_text(rows))
         for r in [] if a.json else rows:
             print(line(f"{r['id']:24} {r['task']:12} {r['profile']:12} GPU {r['gpu']}  {r['status']:9} "
-                       f"{r['step']}/{r['total']}  {r['outcome'] or r['error']}"))
+                       f"{r['step']}/{r['total']}  {r['outcome'] or r['error']}  ({r['why']})"))
         for folder, why in queue.broken:
             print(f"broken: {line(folder)}: {line(why)}", file=sys.stderr)
         return 0
@@ -361,6 +361,13 @@ def cmd_learn(s: settings_mod.Settings, a: argparse.Namespace) -> int:
         print("nothing due", file=sys.stderr)
     for run_id in [] if a.dry_run else learner.check(a.profile):
         print(run_id)
+    if not a.dry_run:  # and what the idle scheduler would start now (settings [learning])
+        from engine.train.idle import IdleScheduler
+
+        tick = IdleScheduler(s, learner.history).tick()
+        print(line(tick.status), file=sys.stderr)
+        for run_id in tick.started:
+            print(run_id)
     return 0
 
 
@@ -375,6 +382,8 @@ def cmd_report(s: settings_mod.Settings, a: argparse.Namespace) -> int:
     print(f"{r['turns']} turns · mean rating {r['mean_rating']} ({r['rated']} rated) · "
           f"corrections {r['correction_rate']} · {r['preferences']} A/B picks")
     print("usage: " + line(", ".join(f"{k} {v}" for k, v in r["usage"].items())))
+    print("preference pairs (A/B picks + corrections): " + (line(", ".join(
+        f"{k} {v['picks']} + {v['corrections']}" for k, v in r["pairs"].items())) or "none yet"))
     print(f"{'day':10} {'turns':>5} {'rating':>6} {'corr.':>6} {'tok/s':>7} {'router':>6}")
     for d in r["days"]:
         print(f"{d['day']:10} {d['turns']:>5} {d['mean_rating'] or '-':>6} {d['correction_rate']:>6} "

@@ -23,7 +23,10 @@ from engine.settings import Settings
 from engine.store.adapters import AdapterError, AdapterStore
 from engine.store.history import History
 from engine.train.dataset import LoadReport
+from engine.train.experiments import Experiment, Experiments, parse_vary
+from engine.train.idle import IdleScheduler, Tick
 from engine.train.learning import Learner, report
+from engine.train.preference import PairReport
 from engine.train.runs import Run, RunQueue
 
 # Settings read once, at load: a change needs a restart (the rest apply at once).
@@ -163,8 +166,32 @@ class Workstation:
     def runs(self, last: int = 20) -> list[Run]:
         return RunQueue(self.settings).runs()[-last:]
 
-    def submit_run(self, task: str, data: str, profile: str | None) -> tuple[Run, LoadReport]:
-        return RunQueue(self.settings).submit_checked(task, data, profile)
+    def submit_run(self, task: str, data: str, profile: str | None,
+                   from_adapter: str = "") -> tuple[Run, LoadReport | PairReport]:
+        return RunQueue(self.settings).submit_checked(task, data, profile, from_adapter=from_adapter)
+
+    def experiment(self, task: str, vary: list[str], data: list[str], profile: str | None,
+                   when_idle: bool = False) -> Experiment:
+        """Variants of a specialist (`--vary r=8,16` etc.), queued now or left for the idle scheduler."""
+        return Experiments(self.settings, self.history).create(task, parse_vary(vary), data or None, profile,
+                                                               start=not when_idle)
+
+    def experiments(self) -> list[tuple[Experiment, list[dict[str, Any]]]]:
+        """Every experiment with its comparison table, newest first."""
+        exps = Experiments(self.settings, self.history)
+        return [(e, exps.table(e)) for e in reversed(exps.list())]
+
+    def newly_decided(self) -> list[Experiment]:
+        """Experiments decided since the last call: the app notifies each once."""
+        exps = Experiments(self.settings, self.history)
+        out = [e for e in exps.list() if e.status == "done" and not e.notified]
+        for e in out:
+            exps.mark_notified(e.id)
+        return out
+
+    def idle_tick(self) -> Tick:
+        """Let the idle scheduler start pending work if the training GPU may take it; what it does, and why."""
+        return IdleScheduler(self.settings, self.history).tick()
 
     def change_run(self, action: str, run_id: str) -> Run:
         queue = RunQueue(self.settings)

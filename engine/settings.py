@@ -101,7 +101,9 @@ def default_profiles() -> dict[str, Profile]:
         "full": Profile(max_steps=500, max_samples=5000),
         "max_quality": Profile(max_steps=500, max_samples=10000, rank=16, alpha=32),
         "conservative": Profile(max_steps=100, max_samples=1000, rank=8, alpha=8),
-        "preference": Profile(max_steps=100, max_samples=2000, learning_rate=5e-5, method="dpo"),
+        # batch 1: a DPO step holds chosen and rejected (two sequences per pair) and the reference's forward
+        "preference": Profile(max_steps=100, max_samples=2000, batch_size=1, grad_accum=8, learning_rate=5e-5,
+                              method="dpo"),
     }
 
 
@@ -123,7 +125,7 @@ class LearningSettings:
     nightly_window: str = ""  # "HH:MM-HH:MM" local time, or empty for no nightly retrain
     min_examples_new_task: int = 50
     holdout_fraction: float = 0.2
-    idle_after_minutes: int = 0  # the training GPU idle this long takes pending work by itself; 0 = never
+    idle_after_minutes: int = 30  # the training GPU idle this long takes pending work by itself; 0 = never
     min_pairs: int = 20  # preference pairs (A/B picks, corrections) a specialist needs for a preference run
 
 

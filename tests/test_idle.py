@@ -76,7 +76,7 @@ def test_idle_work_waits_for_the_idle_time_and_for_the_persons_run(settings):
 
 def test_the_nightly_window_starts_a_waiting_experiment_at_once(settings):
     at_night = datetime(2026, 11, 24, 2, 30).timestamp()
-    s = updated(settings, "learning.nightly_window", "02:00-05:00")  # idle_after_minutes stays 0 (off)
+    s = updated(updated(settings, "learning.nightly_window", "02:00-05:00"), "learning.idle_after_minutes", 0)
     h = History(s.history_db)
     exp = Experiments(s, h).create("math", parse_vary(["r=4,8"]), [MATH], "quick_test", start=False)
     assert exp.status == "waiting" and RunQueue(s).runs() == []

@@ -61,7 +61,7 @@ class IdleScheduler:
             return Tick([], f"training GPU {gpu}: {active.request.why or 'your run'}"
                             + (f" · {waiting} queued" if waiting else ""))
         ended = max((r.state.ended or 0.0 for r in runs), default=0.0)
-        since = max(self._since() or self.now(), ended)
+        since = max(self._since() or 0.0, ended) or self.now()  # never seen idle, never ran: from now
         self._remember(since)
         learner = Learner(self.settings, self.history, now=self.now)
         idle_min = (self.now() - since) / 60
