@@ -207,11 +207,10 @@ def _peft(model: Any, profile: Profile, from_adapter: Path | None, seed: int, mo
     )
 
 
-def sft_config(profile: Profile, output_dir: Path, on_gpu: bool, seed: int, keep: int = 2, with_eval: bool = False):
-    """The recipe's TRL settings, shared with bench/train_bench.py so the benchmark measures this recipe."""
-    from trl import SFTConfig
-
-    return SFTConfig(
+def _common_config(profile: Profile, output_dir: Path, on_gpu: bool, seed: int, keep: int,
+                   with_eval: bool) -> dict[str, Any]:
+    """The recipe's schedule, batch, optimizer and saving, shared by the SFT and DPO configs."""
+    return dict(
         output_dir=str(output_dir),
         max_steps=profile.max_steps,
         per_device_train_batch_size=profile.batch_size,
@@ -222,7 +221,6 @@ def sft_config(profile: Profile, output_dir: Path, on_gpu: bool, seed: int, keep
         optim="adamw_8bit" if on_gpu else "adamw_torch",
         weight_decay=0.01,
         seed=seed,
-        train_sampling_strategy="group_by_length",
         logging_steps=profile.logging_steps,
         save_steps=profile.save_steps,
         save_total_limit=keep,
@@ -230,8 +228,6 @@ def sft_config(profile: Profile, output_dir: Path, on_gpu: bool, seed: int, keep
         eval_steps=profile.save_steps if with_eval else None,
         per_device_eval_batch_size=profile.batch_size,
         max_length=profile.max_seq_length,
-        completion_only_loss=True,
-        packing=False,
         report_to="none",
         use_cpu=not on_gpu,
         dataloader_num_workers=0,
@@ -241,24 +237,29 @@ def sft_config(profile: Profile, output_dir: Path, on_gpu: bool, seed: int, keep
     )
 
 
+def sft_config(profile: Profile, output_dir: Path, on_gpu: bool, seed: int, keep: int = 2, with_eval: bool = False):
+    """The recipe's TRL settings, shared with bench/train_bench.py so the benchmark measures this recipe."""
+    from trl import SFTConfig
+
+    return SFTConfig(**_common_config(profile, output_dir, on_gpu, seed, keep, with_eval),
+                     train_sampling_strategy="group_by_length", completion_only_loss=True, packing=False)
+
+
+def dpo_config(profile: Profile, output_dir: Path, on_gpu: bool, seed: int, keep: int = 2,
+               with_eval: bool = False):
+    """The preference recipe's TRL settings: the SFT recipe's schedule and batch, DPO's loss with `beta`; a
+    long pair keeps its end (the replies), as the chat drops the oldest turns first."""
+    from trl import DPOConfig
+
+    return DPOConfig(**_common_config(profile, output_dir, on_gpu, seed, keep, with_eval), beta=profile.beta,
+                     truncation_mode="keep_end", precompute_ref_log_probs=False)
+
+
 def evaluate_loss(trainer: Any, rows: list[dict[str, str]]) -> float:
     """Mean completion-token loss of the current model on `rows` (for the promotion gate)."""
     ds = trainer._prepare_dataset(tokenized(rows, trainer.processing_class), trainer.processing_class, trainer.args,
                                   packing=False, formatting_func=None, dataset_name="gate")
     return float(trainer.evaluate(eval_dataset=ds, metric_key_prefix="gate")["gate_loss"])
-
-
-def dpo_config(profile: Profile, output_dir: Path, on_gpu: bool, seed: int, keep: int = 2,
-               with_eval: bool = False):
-    """The preference recipe's TRL settings: the SFT recipe's schedule and batch, DPO's loss with `beta`."""
-    from trl import DPOConfig
-
-    sft = sft_config(profile, output_dir, on_gpu, seed, keep, with_eval).to_dict()
-    shared = {k: v for k, v in sft.items() if k in DPOConfig.__dataclass_fields__ and not k.startswith("_")
-              and k not in ("completion_only_loss", "packing", "dataset_text_field", "push_to_hub_token")}
-    return DPOConfig(**{**shared, "output_dir": str(output_dir), "beta": profile.beta,
-                        "max_length": profile.max_seq_length, "truncation_mode": "keep_end",
-                        "precompute_ref_log_probs": False})
 
 
 def preference_trainer(**kwargs: Any):
