@@ -106,7 +106,7 @@ def run_profile(profile: str, gpu: int, cap_gb: float, folder: Path, steps: int)
     if p.method == "dpo":  # the specialist it improves: one quick_test step on the same shape, not measured
         s = updated(s, "training.profiles.quick_test.max_steps", 1)
         save(s, work / "settings.toml")
-        rows = long_rows(tokenizer, work / "specialist.jsonl", 8, 256)
+        rows = long_rows(tokenizer, work / "specialist.jsonl", 8, 512)
         first = queue.submit(Request(task="memory", data=str(rows), profile="quick_test", gpu=gpu,
                                      settings=str(s.source), name="memory-specialist"))
         if queue.wait(first, timeout=1200).status != "finished":

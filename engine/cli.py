@@ -338,7 +338,8 @@ def cmd_history(s: settings_mod.Settings, a: argparse.Namespace) -> int:
             print(f"[{t.id}] conv {t.conversation_id} · {line(t.adapter)}: {line(repr(t.prompt[:60]))} -> "
                   f"{line(repr(t.final[:60]))}")
     elif a.action == "export":
-        rows = [example_of(t) for t in h.usable_for(a.task)] if a.task else [t.as_dict() for t in h.turns()]
+        rows = ([example_of(t, h.context(t)).to_chat_row() for t in h.usable_for(a.task)] if a.task
+                else [t.as_dict() for t in h.turns()])
         sys.stdout.write("".join(json_text(r) + "\n" for r in rows))
     elif a.action == "label":
         h.turn(a.turn)  # KeyError (one line) when there is no such turn

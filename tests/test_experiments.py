@@ -11,7 +11,7 @@ from engine.cli import main
 from engine.settings import load
 from engine.store.adapters import AdapterStore
 from engine.train.experiments import ExperimentError, Experiments, parse_vary
-from engine.train.runs import Request, Run, RunQueue, next_queued, write_json_atomic
+from engine.train.runs import Run, RunQueue, next_queued, write_json_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MATH = os.path.join(ROOT, "data/samples/math.jsonl")
@@ -93,3 +93,28 @@ def test_an_experiment_of_two_variants_promotes_the_better(settings_path, make_a
     assert exp.outcome in capsys.readouterr().out
     assert Experiments(s).conclude(exp.id).outcome == exp.outcome
     assert time.time() - published.created < 900
+
+
+async def test_an_experiment_from_the_training_panel(settings, demo_model_dir):
+    from tests.test_tui import app_for, until
+    from tui.screens.experiments import ExperimentsScreen
+
+    app = app_for(settings)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("f4", "e")
+        await pilot.press(*"math")
+        app.screen.query_one("#exp-vary").value = "r=4,8"
+        app.screen.query_one("#exp-data").value = MATH
+        app.screen.query_one("#exp-profile").value = "quick_test"
+        app.screen.query_one("#exp-idle").value = True  # left for idle time: nothing trains in this test
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: Experiments(settings).list(), timeout=60)
+        [exp] = Experiments(settings).list()
+        assert exp.status == "waiting" and [v.label for v in exp.variants] == ["r=4", "r=8"]
+        assert RunQueue(settings).runs() == []
+        await until(pilot, lambda: "idle work after 30 min" in str(app.query_one("#gpu-work").render()), 30)
+        await pilot.press("f4", "x")
+        await until(pilot, lambda: isinstance(app.screen, ExperimentsScreen), timeout=30)
+        assert exp.id in str(app.screen.query_one("#exp-list").get_row_at(0)[0])
+        assert "waiting" in str(app.screen.query_one("#exp-outcome").render())
+        assert app.screen.query_one("#exp-table").row_count == 2

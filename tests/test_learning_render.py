@@ -15,6 +15,7 @@ from engine.settings import updated
 from engine.store.history import History
 from engine.train.dataset import load_examples
 from engine.train.learning import Learner, build_dataset
+from engine.train.preference import pairs_from_history
 from engine.train.runs import RunQueue
 
 
@@ -54,6 +55,9 @@ def test_a_learned_example_is_the_prompt_the_chat_served(settings, demo_model_di
             prompt_ids, completion_ids = ex.encode_parts(tok)
             assert prompt_ids == served[i]  # token for token what the chat fed the model
             assert completion_ids and completion_ids[-1] == tok.convert_tokens_to_ids("<|return|>")
+            # a correction is also a preference pair (the corrected answer over the reply): same prompt
+            pair = pairs_from_history(h, "chat")[prompt.lower()]
+            assert pair.source == "correction" and pair.encode(tok)["prompt_ids"] == served[i]
     finally:
         engine.close()
         engine.history.close()
@@ -117,3 +121,16 @@ def test_a_failed_retrain_is_retried_after_a_backoff(settings):
     assert learner.due() == [("poetry", "new task with 3 examples (retry 1)")]
     state = json.loads((s.logs_dir / "learning" / "state.json").read_text())["poetry"]
     assert state["failures"] == 1 and "examples" not in state  # nothing was counted as learned
+
+
+def test_exported_examples_read_back_as_training_data(settings, capsys, tmp_path):
+    from engine.cli import main
+
+    _history_with(settings, "poetry", 3).close()
+    assert main(["history", "export", "--task", "poetry"]) == 0
+    path = tmp_path / "export.jsonl"
+    path.write_text(capsys.readouterr().out)
+    examples = load_examples(str(path)).examples
+    assert [ex.user_prompt for ex in examples] == ["question 0", "question 1", "question 2"]
+    assert all(ex.reasoning == "high" and ex.instructions == "Be brief." for ex in examples)
+    assert [len(ex.turns) for ex in examples] == [2, 4, 6]  # each after the conversation before it

@@ -3,6 +3,7 @@ trains from recorded picks on top of the specialist, and its gate decides on hel
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -96,7 +97,7 @@ def test_a_dpo_run_trains_from_recorded_picks_and_its_gate_decides(settings_path
     assert state.status == "finished", (run.dir / "output.log").read_text()[-3000:]
     assert "held-out win rate" in state.outcome and "reward margin" in state.outcome
     gate = json.loads((run.dir / "result.json").read_text())["gate"]
-    held = sum(1 for _ in open(run.request.gate["holdout"]))
+    held = len(Path(run.request.gate["holdout"]).read_text().splitlines())
     assert gate["pairs"] == held > 0 and "margin" in gate and 0 <= gate["win_rate"] <= 1
     # the gate decided, and the store agrees with what it decided
     published = AdapterStore(s.adapters_dir).get("math").manifest

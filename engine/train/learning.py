@@ -5,11 +5,18 @@ What counts as an example: a corrected turn (the correction is the target), or a
 de-duplicated by prompt (the latest wins) and split into train / held-out by a hash of the prompt, so
 an example never moves between the two as the set grows; the held-out part feeds the promotion gate.
 
+An example is rendered as the chat served it: the earlier turns of its conversation (as the chat kept
+them), the reasoning level and the developer instructions stored with the turn, through the same
+`engine.harmony` code the inference worker uses.
+
 Triggers (settings [learning]): a task retrains once it has `retrain_every` usable examples more than
 at its last retrain, or in the nightly window when anything new arrived; a task with no specialist yet
 gets one at `min_examples_new_task`. Jobs go through the training queue and only when the training GPU
-has nothing running or queued. A task label that is not a valid name (`engine.names`; written by an older
-Tandem) is skipped with its reason, never used as a folder or run name.
+has nothing running or queued. A task whose examples are too few for a held-out set is refused before
+anything trains. A submitted retrain is pending until its run ends: finished, its examples count as
+learned; failed or stopped, it is due again after a backoff (5 min, doubling, at most 6 h). A task label
+that is not a valid name (`engine.names`; written by an older Tandem) is skipped with its reason, never
+used as a folder or run name. Preference runs (`check_preferences`) follow the same rules for pairs.
 """
 
 from __future__ import annotations

@@ -329,8 +329,7 @@ def train(run: Run) -> None:
     train_rows, eval_rows = to_rows(train_ex), to_rows(eval_ex)
     train_ds = tokenized(train_rows, tokenizer, profile.max_seq_length, kind)
     eval_ds = tokenized(eval_rows, tokenizer, profile.max_seq_length, kind) if eval_rows else None
-    tokens_per_sample = sum(len(v) for row in train_ds for k, v in row.items() if k.endswith("ids")) / max(
-        1, len(train_ds))
+    tokens_per_sample = sum(map(_tokens, train_ds)) / max(1, len(train_ds))
     metrics = _Metrics(run, settings, profile, tokens_per_sample)
     make_config, make_trainer = (dpo_config, preference_trainer) if kind is Pair else (sft_config, _sft_trainer)
     config = make_config(profile, run.dir / "checkpoints", on_gpu, settings.training.seed,
@@ -392,6 +391,13 @@ def train(run: Run) -> None:
         run.set_state(status="finished", ended=time.time(), model_dir=str(model_dir),
                       outcome=f"kept as candidate in {model_dir.name}: {gate['reason']}")
     print(run.state.outcome, flush=True)
+
+
+def _tokens(row: dict[str, list[int]]) -> int:
+    """Tokens a step runs through for one row: a pair's prompt goes through twice (chosen, rejected)."""
+    if "prompt_ids" in row:
+        return 2 * len(row["prompt_ids"]) + len(row["chosen_ids"]) + len(row["rejected_ids"])
+    return len(row["input_ids"])
 
 
 def _sft_trainer(**kwargs: Any):
