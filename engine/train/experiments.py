@@ -143,8 +143,7 @@ class Experiments:
                 with_overrides(base, overrides, f"--vary ({_label(overrides, None)})")
             except SettingsError as e:
                 raise ExperimentError(str(e)) from None
-        store = AdapterStore(self.settings.adapters_dir)
-        current = next((a.name for a in store.scan()[0] if a.manifest.task == task), "")
+        current = self._current(task)
         RunQueue(self.settings).check_gpu(self.settings.gpus.training)
         exp_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
         folder = self.root / exp_id
@@ -164,6 +163,10 @@ class Experiments:
         if start:
             self.start(exp)
         return exp
+
+    def _current(self, task: str) -> str:
+        """The task's specialist now ("" when it has none yet)."""
+        return next((a.name for a in AdapterStore(self.settings.adapters_dir).scan()[0] if a.manifest.task == task), "")
 
     def _data(self, task: str, sources: list[str | None], folder: Path,
               limit: int) -> tuple[dict[str | None, str], Path]:
@@ -197,12 +200,14 @@ class Experiments:
         return trains, holdout
 
     def start(self, exp: Experiment) -> Experiment:
-        """Queue the variants as runs on the training GPU (behind the person's own runs)."""
+        """Queue the variants as runs on the training GPU (behind the person's own runs), to beat the task's
+        specialist as it is now (one may have been published since a waiting experiment was made)."""
         queue = RunQueue(self.settings)
+        exp.current = self._current(exp.task)
         for v in exp.variants:
             run = queue.submit(Request(
                 task=exp.task, data=v.data, profile=exp.profile, gpu=self.settings.gpus.training,
-                settings=str(self.settings.source), name=exp.task, overrides=v.overrides,
+                settings=str(self.settings.source), name=exp.current or exp.task, overrides=v.overrides,
                 gate={"holdout": exp.holdout, "current": exp.current, "experiment": exp.id},
                 origin="experiment", why=f"experiment {exp.id}: {v.label}"))
             v.run_id = run.id

@@ -247,12 +247,12 @@ def sft_config(profile: Profile, output_dir: Path, on_gpu: bool, seed: int, keep
 
 def dpo_config(profile: Profile, output_dir: Path, on_gpu: bool, seed: int, keep: int = 2,
                with_eval: bool = False):
-    """The preference recipe's TRL settings: the SFT recipe's schedule and batch, DPO's loss with `beta`; a
-    long pair keeps its end (the replies), as the chat drops the oldest turns first."""
+    """The preference recipe's TRL settings: the SFT recipe's schedule and batch, DPO's loss with `beta`. A
+    long pair was already fitted by dropping its oldest turns (`Pair.encode`), so the replies stay whole."""
     from trl import DPOConfig
 
     return DPOConfig(**_common_config(profile, output_dir, on_gpu, seed, keep, with_eval), beta=profile.beta,
-                     truncation_mode="keep_end", precompute_ref_log_probs=False)
+                     precompute_ref_log_probs=False)
 
 
 def evaluate_loss(trainer: Any, rows: list[dict[str, str]]) -> float:
