@@ -32,7 +32,8 @@ max_seq_length = 256
 def test_vary_is_parsed_and_checked():
     assert parse_vary(["r=8,16", "lr=1e-4,2e-4"]) == {"rank": [8, 16], "learning_rate": [1e-4, 2e-4]}
     for bad, says in (("r=8.5", "whole number"), ("depth=3", "expected NAME=V1,V2"), ("lr=fast", "not a number"),
-                      ("r", "expected NAME=V1,V2")):
+                      ("r", "expected NAME=V1,V2"), ("r=1e400", "not a number"), ("lr=nan", "not a number"),
+                      ("r=8,", "not a number")):
         with pytest.raises(ExperimentError, match=says):
             parse_vary([bad])
 
@@ -118,3 +119,13 @@ async def test_an_experiment_from_the_training_panel(settings, demo_model_dir):
         assert exp.id in str(app.screen.query_one("#exp-list").get_row_at(0)[0])
         assert "waiting" in str(app.screen.query_one("#exp-outcome").render())
         assert app.screen.query_one("#exp-table").row_count == 2
+
+
+@pytest.mark.parametrize("args", [["--task", "../x", "--vary", "r=4,8"], ["--task", "math", "--vary", "r=1e400"],
+                                  ["--task", "math", "--vary", "r=4,8", "--data", "/nonexistent.jsonl"],
+                                  ["--task", "math", "--vary", "r=4,8", "--profile", "nope"]])
+def test_the_cli_refuses_a_bad_experiment_in_one_line(settings, capsys, args):
+    assert main(["experiment", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert RunQueue(settings).runs() == [] and Experiments(settings).list() == []

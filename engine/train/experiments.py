@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import itertools
+import math
 import time
 import uuid
 from collections.abc import Iterator
@@ -86,7 +87,9 @@ def parse_vary(specs: list[str]) -> dict[str, list[float | int]]:
             try:
                 number = float(text)
             except ValueError:
-                raise ExperimentError(f"--vary {key}: {names.shown(text.strip())} is not a number") from None
+                number = math.nan
+            if not math.isfinite(number):
+                raise ExperimentError(f"--vary {key}: {names.shown(text.strip())} is not a number")
             is_int = field_name in ("rank", "alpha", "max_steps", "batch_size")
             if is_int and number != int(number):
                 raise ExperimentError(f"--vary {key}: {text.strip()} must be a whole number")
