@@ -120,7 +120,7 @@ def row_to_example(row: Any) -> Example:
     if level not in REASONING:
         raise ValueError("bad reasoning_effort")
     if "messages" in row:
-        return _from_messages(row["messages"], level)
+        return from_messages(row["messages"], level)
     prompt = _text(row.get("prompt")) or _text(row.get("instruction"))
     response = next((_text(row.get(k)) for k in RESPONSE_KEYS if _text(row.get(k))), None)
     if prompt is None or response is None:
@@ -130,7 +130,8 @@ def row_to_example(row: Any) -> Example:
     return Example(turns, level, _text(row.get("system")) or "")
 
 
-def _from_messages(messages: Any, level: str) -> Example:
+def from_messages(messages: Any, level: str) -> Example:
+    """A chat (`messages`) -> Example; ValueError with a short reason (preference pairs read theirs here too)."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages is not a non-empty list")
     turns, instructions = [], ""

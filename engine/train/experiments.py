@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import itertools
 import math
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from engine.files import read_json
 from engine.settings import VARY_KEYS, Settings, SettingsError, with_overrides
 from engine.store.adapters import AdapterError, AdapterStore, Manifest
 from engine.store.history import History
-from engine.train.dataset import DatasetError, Example, load_examples
+from engine.train.dataset import Example, load_examples
 from engine.train.learning import Built, build_dataset, split_holdout, too_few, write_jsonl
 from engine.train.runs import DONE, Request, Run, RunError, RunQueue, write_json_atomic
 
@@ -153,10 +154,8 @@ class Experiments:
         folder.mkdir()
         try:
             trains, holdout = self._data(task, sources, folder, base.max_samples)
-        except (DatasetError, ExperimentError):
-            for f in folder.iterdir():
-                f.unlink()
-            folder.rmdir()
+        except BaseException:  # a bad source: no half-made experiment is left behind
+            shutil.rmtree(folder, ignore_errors=True)
             raise
         variants = [Variant(_label(o, src if len(sources) > 1 else None), o, trains[src])
                     for src in sources for o in grid]

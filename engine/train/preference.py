@@ -25,7 +25,7 @@ from typing import Any
 
 from engine.harmony import REASONING, PromptTooLong, Turn, completion_pieces, encode, fit_turns, prompt_pieces
 from engine.store.history import History
-from engine.train.dataset import DatasetError, _from_messages
+from engine.train.dataset import DatasetError, from_messages
 
 MIN_MARGIN = 1e-3  # held-out reward margin a preference run must reach to replace the current specialist
 
@@ -85,9 +85,9 @@ def pair_from_row(row: Any) -> Pair:
     messages = row.get("messages")
     if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
         # read through the SFT reader, with the chosen reply standing in as the last turn
-        ex = _from_messages([*messages, {"role": "assistant", "content": chosen}], level)
+        ex = from_messages([*messages, {"role": "assistant", "content": chosen}], level)
     elif isinstance(row.get("prompt"), str) and row["prompt"].strip():
-        ex = _from_messages([{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": chosen}],
+        ex = from_messages([{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": chosen}],
                             level)
     else:
         raise ValueError("no prompt or messages")
