@@ -66,6 +66,7 @@ def test_the_persons_own_runs_go_first(settings):
     assert next_queued(made).id == "run-0"
 
 
+@pytest.mark.slow
 def test_an_experiment_of_two_variants_promotes_the_better(settings_path, make_adapter_factory, capsys):
     settings_path.write_text(settings_path.read_text() + EXP_PROFILE)
     s = load(settings_path)

@@ -79,6 +79,7 @@ def test_a_preference_run_needs_the_specialist_it_improves(settings_path):
         RunQueue(s).submit_checked("math", os.path.join(ROOT, "data/samples/math.jsonl"), "tiny_pref")
 
 
+@pytest.mark.slow
 def test_a_dpo_run_trains_from_recorded_picks_and_its_gate_decides(settings_path, make_adapter_factory):
     settings_path.write_text(settings_path.read_text() + PREF_PROFILE)
     s = updated(load(settings_path), "learning.min_pairs", 10)
