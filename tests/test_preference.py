@@ -106,3 +106,21 @@ def test_a_dpo_run_trains_from_recorded_picks_and_its_gate_decides(settings_path
     margins = [m for m in run.metrics() if "margin" in m]
     assert len(margins) == 4 and all("accuracy" in m for m in margins)  # live in the training panel
     assert learner.preference_due() == []  # the pairs are counted as learned once the run finished
+
+
+def test_the_gates_log_probs_are_the_replies_log_probs(demo_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.harmony import Turn
+    from engine.train.preference import Pair, sequence_logps
+
+    model = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32)
+    row = Pair([Turn("user", "What is 2+2?")], "4", "I do not know.").encode(AutoTokenizer.from_pretrained(
+        demo_model_dir))
+    [got] = sequence_logps(model, [row])
+    for key, value in zip(("chosen_ids", "rejected_ids"), got, strict=True):  # against log-softmax, token by token
+        ids = torch.tensor([row["prompt_ids"] + row[key]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])
+        assert value == pytest.approx(float(logp[len(row["prompt_ids"]) - 1 :].sum()), rel=1e-4)

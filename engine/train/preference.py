@@ -178,7 +178,9 @@ def pair_counts(history: History) -> dict[str, dict[str, int]]:
 
 
 def sequence_logps(model: Any, rows: list[dict[str, list[int]]]) -> list[tuple[float, float]]:
-    """(log p(chosen | prompt), log p(rejected | prompt)) under the model's active adapter, per pair."""
+    """(log p(chosen | prompt), log p(rejected | prompt)) under the model's active adapter, per pair.
+    Read from the model's own loss on the reply tokens (mean NLL times their count): the loss path is the
+    one every backend computes (unsloth's fused cross-entropy returns no logits while training)."""
     import torch
 
     out = []
@@ -189,10 +191,10 @@ def sequence_logps(model: Any, rows: list[dict[str, list[int]]]) -> list[tuple[f
             pair = []
             for key in ("chosen_ids", "rejected_ids"):
                 ids = torch.tensor([row["prompt_ids"] + row[key]], device=device)
-                logits = model(input_ids=ids).logits[0, :-1].float()
-                targets = ids[0, 1:]
-                logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
-                pair.append(float(logp[len(row["prompt_ids"]) - 1 :].sum()))
+                labels = ids.clone()
+                labels[0, : len(row["prompt_ids"])] = -100  # only the reply is scored
+                loss = model(input_ids=ids, labels=labels).loss
+                pair.append(-float(loss) * len(row[key]))
             out.append((pair[0], pair[1]))
     return out
 
