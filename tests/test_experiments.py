@@ -130,3 +130,22 @@ def test_the_cli_refuses_a_bad_experiment_in_one_line(settings, capsys, args):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert RunQueue(settings).runs() == [] and Experiments(settings).list() == []
+
+
+def test_what_an_experiment_found_is_announced_once(settings):
+    from engine.service import Workstation
+    from engine.train.experiments import Experiment, Variant
+
+    exps = Experiments(settings)
+    (exps.root / "20261128-010000-aaaa").mkdir()
+    exps._save(Experiment("20261128-010000-aaaa", "math", "quick_test", "h.jsonl", "", [Variant("r=4", {}, "t")],
+                          status="done", outcome="r=4 is best: published as math"))
+    (exps.root / "20261128-010001-bbbb").mkdir()
+    (exps.root / "20261128-010001-bbbb" / "experiment.json").write_text('{"id": 3}')  # damaged: skipped
+    ws = Workstation(settings)
+    try:
+        assert [e.outcome for e in ws.newly_decided()] == ["r=4 is best: published as math"]
+        assert ws.newly_decided() == []
+        assert [e.id for e, _ in ws.experiments()] == ["20261128-010000-aaaa"]
+    finally:
+        ws.close()
