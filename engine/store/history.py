@@ -49,6 +49,8 @@ MIGRATIONS = [
         choice TEXT NOT NULL
     );
     """,
+    # Where a turn came from: the app or CLI ('app') or an OpenAI-compatible API client ('api').
+    "ALTER TABLE turns ADD COLUMN source TEXT NOT NULL DEFAULT 'app';",
     # What shaped each reply, so a learned example is rendered as it was served (engine.train.learning),
     # and the task an A/B pick teaches (a preference pair for that specialist).
     """
@@ -59,6 +61,7 @@ MIGRATIONS = [
     ALTER TABLE preferences ADD COLUMN instructions TEXT NOT NULL DEFAULT '';
     """,
 ]
+SOURCES = ("app", "api")
 
 
 @dataclass
@@ -77,6 +80,7 @@ class TurnRow:
     correction: str | None
     good_example: bool
     task: str | None
+    source: str = "app"  # app (the app or CLI) or api (an API client)
     raw: str = ""  # the reply as generated, control tokens included (what the chat keeps when final is empty)
     reasoning: str = "low"  # the reasoning level the reply was asked with
     instructions: str = ""  # the developer instructions in force for it
@@ -158,12 +162,14 @@ class History:
         return self._exec("INSERT INTO conversations(created, title) VALUES (?, ?)", (time.time(), title)).lastrowid
 
     def start_turn(self, conversation_id: int, prompt: str, adapter: str, route: dict, sampling: dict,
-                   reasoning: str = "low", instructions: str = "") -> int:
+                   reasoning: str = "low", instructions: str = "", source: str = "app") -> int:
+        if source not in SOURCES:
+            raise ValueError(f"a turn's source is one of {SOURCES}, got {source!r}")
         return self._exec(
             "INSERT INTO turns(conversation_id, created, prompt, adapter, route, sampling, task, reasoning, "
-            "instructions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "instructions, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (conversation_id, time.time(), prompt, adapter, json.dumps(route), json.dumps(sampling),
-             adapter if adapter != "base" else None, reasoning, instructions),
+             adapter if adapter != "base" else None, reasoning, instructions, source),
         ).lastrowid
 
     def save_partial(self, turn_id: int, raw: str) -> None:
@@ -198,12 +204,12 @@ class History:
 
     # ----- reading
     _COLS = ("id, conversation_id, created, prompt, final, analysis, adapter, route, stats, status, rating, "
-             "correction, good_example, task, raw, reasoning, instructions")
+             "correction, good_example, task, source, raw, reasoning, instructions")
 
     def _rows(self, where: str = "1", args: tuple = (), limit: int = 1000) -> list[TurnRow]:
         cur = self._exec(f"SELECT {self._COLS} FROM turns WHERE {where} ORDER BY id LIMIT ?", (*args, limit))
         return [TurnRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], _object(r[7]), _object(r[8]), r[9],
-                        r[10], r[11], bool(r[12]), r[13], r[14], r[15], r[16]) for r in cur.fetchall()]
+                        r[10], r[11], bool(r[12]), r[13], r[14], r[15], r[16], r[17]) for r in cur.fetchall()]
 
     def turn(self, turn_id: int) -> TurnRow:
         rows = self._rows("id=?", (turn_id,))
