@@ -9,6 +9,7 @@ import time
 
 import engine.harmony as harmony
 import engine.serve.worker as worker
+from engine.harmony import Turn
 from engine.serve.chat import Conversation, Engine, Finished
 from engine.serve.generate import Sampling
 from engine.settings import updated
@@ -39,19 +40,26 @@ def test_a_learned_example_is_the_prompt_the_chat_served(settings, demo_model_di
             for ev in engine.ask(conv, prompt, mode="base", sampling=Sampling(greedy=True, max_new_tokens=12)):
                 if isinstance(ev, Finished):
                     turns.append(ev.turn_id)
+        # an API client sends its whole conversation with each prompt: none of it is a turn of the history
+        api = Conversation([Turn("user", "Earlier question."), Turn("assistant", "Earlier answer.")])
+        for ev in engine.ask(api, "A client's question.", mode="base", source="api",
+                             sampling=Sampling(greedy=True, max_new_tokens=12)):
+            if isinstance(ev, Finished):
+                turns.append(ev.turn_id)
         h = engine.history
         for turn_id in turns[1:]:  # the second and third turns teach "chat"; each has context before it
             h.set_task(turn_id, "chat")
             h.correct(turn_id, f"The answer to turn {turn_id}.")
         built = build_dataset(h, "chat", tmp_path / "built", holdout_fraction=0.5)
-        assert built.n_train + built.n_holdout == 2
+        assert built.n_train + built.n_holdout == 3
         examples = load_examples(str(built.train)).examples + load_examples(str(built.holdout)).examples
         by_prompt = {ex.user_prompt: ex for ex in examples}
         tok = engine.lm.tokenizer
-        for i, prompt in ((1, "What is 2 plus 2?"), (2, "And 3 plus 3?")):
+        for i, prompt, n_turns in ((1, "What is 2 plus 2?", 4), (2, "And 3 plus 3?", 6),
+                                   (3, "A client's question.", 4)):
             ex = by_prompt[prompt]
             assert ex.reasoning == "medium" and ex.instructions == "Answer in one line."
-            assert len(ex.turns) == 2 * i + 2  # the earlier exchanges, then this prompt and its reply
+            assert len(ex.turns) == n_turns  # the earlier exchanges, then this prompt and its reply
             prompt_ids, completion_ids = ex.encode_parts(tok)
             assert prompt_ids == served[i]  # token for token what the chat fed the model
             assert completion_ids and completion_ids[-1] == tok.convert_tokens_to_ids("<|return|>")

@@ -250,11 +250,13 @@ class Engine:
         history = self.history if store else None
         turn_id = None
         if history:
+            # turns the conversation came with (an API client's messages) are not turns of this history
+            given = [(t.role, t.content) for t in conversation.turns] if conversation.id is None else []
             if conversation.id is None:
                 conversation.id = history.new_conversation(prompt[:60])
             turn_id = history.start_turn(conversation.id, prompt, adapter, decision.as_dict(),
                                          asdict(request.sampling), request.reasoning, request.instructions,
-                                         source)
+                                         source, given)
         yield Routed(decision, adapter, turn_id, started.dropped)
         reply: Reply | None = None
         last_save = time.monotonic()

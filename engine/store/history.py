@@ -15,7 +15,7 @@ import os
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ MIGRATIONS = [
     ALTER TABLE preferences ADD COLUMN task TEXT;
     ALTER TABLE preferences ADD COLUMN reasoning TEXT NOT NULL DEFAULT 'low';
     ALTER TABLE preferences ADD COLUMN instructions TEXT NOT NULL DEFAULT '';
+    ALTER TABLE turns ADD COLUMN context TEXT NOT NULL DEFAULT '[]';
     """,
 ]
 SOURCES = ("app", "api")
@@ -84,6 +85,7 @@ class TurnRow:
     raw: str = ""  # the reply as generated, control tokens included (what the chat keeps when final is empty)
     reasoning: str = "low"  # the reasoning level the reply was asked with
     instructions: str = ""  # the developer instructions in force for it
+    context: list = field(default_factory=list)  # [role, text] turns sent with the prompt, not stored as turns
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -101,6 +103,17 @@ def _statements(script: str) -> list[str]:
             out.append(buf.strip())
             buf = ""
     return out
+
+
+def _pairs(text: Any) -> list[tuple[str, str]]:
+    """The stored `context` column: [role, text] pairs; anything damaged or foreign reads as none."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return []
+    ok = isinstance(value, list) and all(isinstance(v, list) and len(v) == 2 and v[0] in ("user", "assistant")
+                                         and isinstance(v[1], str) for v in value)
+    return [(v[0], v[1]) for v in value] if ok else []
 
 
 def _object(text: Any) -> dict[str, Any]:
@@ -162,14 +175,18 @@ class History:
         return self._exec("INSERT INTO conversations(created, title) VALUES (?, ?)", (time.time(), title)).lastrowid
 
     def start_turn(self, conversation_id: int, prompt: str, adapter: str, route: dict, sampling: dict,
-                   reasoning: str = "low", instructions: str = "", source: str = "app") -> int:
+                   reasoning: str = "low", instructions: str = "", source: str = "app",
+                   context: list[tuple[str, str]] = ()) -> int:
+        """A new turn, before generation. `context`: earlier turns the prompt came with that are not turns of
+        this history (an API client sends its whole conversation), kept so it can be rendered as served."""
         if source not in SOURCES:
             raise ValueError(f"a turn's source is one of {SOURCES}, got {source!r}")
         return self._exec(
             "INSERT INTO turns(conversation_id, created, prompt, adapter, route, sampling, task, reasoning, "
-            "instructions, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "instructions, source, context) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (conversation_id, time.time(), prompt, adapter, json.dumps(route), json.dumps(sampling),
-             adapter if adapter != "base" else None, reasoning, instructions, source),
+             adapter if adapter != "base" else None, reasoning, instructions, source,
+             json.dumps([[role, text] for role, text in context])),
         ).lastrowid
 
     def save_partial(self, turn_id: int, raw: str) -> None:
@@ -204,12 +221,13 @@ class History:
 
     # ----- reading
     _COLS = ("id, conversation_id, created, prompt, final, analysis, adapter, route, stats, status, rating, "
-             "correction, good_example, task, source, raw, reasoning, instructions")
+             "correction, good_example, task, source, raw, reasoning, instructions, context")
 
     def _rows(self, where: str = "1", args: tuple = (), limit: int = 1000) -> list[TurnRow]:
         cur = self._exec(f"SELECT {self._COLS} FROM turns WHERE {where} ORDER BY id LIMIT ?", (*args, limit))
         return [TurnRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], _object(r[7]), _object(r[8]), r[9],
-                        r[10], r[11], bool(r[12]), r[13], r[14], r[15], r[16], r[17]) for r in cur.fetchall()]
+                        r[10], r[11], bool(r[12]), r[13], r[14], r[15], r[16], r[17],
+                        _pairs(r[18])) for r in cur.fetchall()]
 
     def turn(self, turn_id: int) -> TurnRow:
         rows = self._rows("id=?", (turn_id,))
@@ -240,12 +258,14 @@ class History:
             "(correction IS NOT NULL OR (status='complete' AND (rating >= 4 OR (good_example=1 AND rating IS NULL))))",
             (task,), limit=1_000_000)
 
-    def context(self, turn: TurnRow) -> list[TurnRow]:
-        """The earlier turns of `turn`'s conversation that the chat showed the model with it: those that
-        ended with a reply (complete or cancelled), oldest first. A failed turn never entered the chat's
+    def context(self, turn: TurnRow) -> list[tuple[str, str]]:
+        """(role, text) of the turns the chat showed the model before `turn`'s prompt, oldest first: those it
+        came with (`TurnRow.context`), then the earlier turns of its conversation that ended with a reply
+        (complete or cancelled), each reply as the chat kept it. A failed turn never entered the chat's
         conversation (`engine.serve.chat.Engine.ask`), so it is not context either."""
-        return self._rows("conversation_id=? AND id<? AND status IN ('complete','cancelled')",
-                          (turn.conversation_id, turn.id), limit=1_000_000)
+        earlier = self._rows("conversation_id=? AND id<? AND status IN ('complete','cancelled')",
+                             (turn.conversation_id, turn.id), limit=1_000_000)
+        return [*turn.context, *[p for t in earlier for p in (("user", t.prompt), ("assistant", t.final or t.raw))]]
 
     def tasks(self) -> list[str]:
         """Every task some turn is labelled with."""

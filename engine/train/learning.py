@@ -53,13 +53,11 @@ class Built:
     n_usable: int
 
 
-def example_of(turn: TurnRow, context: list[TurnRow] | None = None) -> Example:
-    """A stored turn as the training example it teaches, rendered as the chat served it: the earlier
-    turns of its conversation (each reply as the chat kept it), the reasoning level and the developer
-    instructions in force. The target is the correction, if any, else the reply."""
-    turns = []
-    for t in context or []:
-        turns += [Turn("user", t.prompt), Turn("assistant", t.final or t.raw)]
+def example_of(turn: TurnRow, context: list[tuple[str, str]] | None = None) -> Example:
+    """A stored turn as the training example it teaches, rendered as the chat served it: the turns before
+    its prompt (`History.context`), the reasoning level and the developer instructions in force. The
+    target is the correction, if any, else the reply."""
+    turns = [Turn(role, text) for role, text in context or []]
     target = turn.correction or turn.final
     analysis = "" if turn.correction else turn.analysis  # a corrected answer has no reasoning of its own
     turns += [Turn("user", turn.prompt), Turn("assistant", target, analysis)]

@@ -149,7 +149,7 @@ def pairs_from_history(history: History, task: str) -> dict[str, Pair]:
     """The task's pairs keyed by prompt, oldest first so a later pick on the same prompt wins."""
     out: dict[str, Pair] = {}
     for t in history.corrected(task):
-        turns = [p for c in history.context(t) for p in (Turn("user", c.prompt), Turn("assistant", c.final or c.raw))]
+        turns = [Turn(role, text) for role, text in history.context(t)]
         out[t.prompt.strip().lower()] = Pair([*turns, Turn("user", t.prompt)], t.correction or "", t.final,
                                              t.reasoning if t.reasoning in REASONING else "low", t.instructions,
                                              "correction")
