@@ -175,6 +175,12 @@ def test_no_network_says_so_in_one_line_with_both_ways_forward(tmp_path):
     assert "local folder" in message and "HF_HUB_OFFLINE=1" in message
 
 
+@pytest.mark.parametrize("bad", ["a/b/c", "no spaces/here", "x" * 200 + "/y", "-dash/x"])
+def test_a_name_that_is_no_hub_id_is_refused_before_any_request(tmp_path, bad):
+    with pytest.raises(download.DownloadError, match="neither a folder that exists nor a hub id"):
+        download.fetch(bad, cache_dir=tmp_path, endpoint="http://127.0.0.1:9")
+
+
 def test_an_unknown_repository_is_named(tmp_path):
     with FakeHub("acme/tiny", repo_files(1024)) as hub, pytest.raises(download.DownloadError) as e:
         download.fetch("acme/other", cache_dir=tmp_path, endpoint=hub.endpoint)

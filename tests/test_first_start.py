@@ -238,3 +238,20 @@ def test_a_changed_template_is_named_in_the_log_and_the_header(demo_model_dir, s
         assert any(m.startswith("chat template: one question: line 2, column 22") for m in logs)
     finally:
         ws.close()
+
+
+# ----- the CLI's load line
+def test_the_cli_rewrites_a_repeating_step_on_a_terminal_and_thins_it_in_a_pipe(capsys, monkeypatch):
+    from engine.cli import _Progress
+
+    lines = ["downloading a/b: 1.0 of 9.0 GB · 100 MB/s · ~80 s left",
+             "downloading a/b: 2.0 of 9.0 GB · 100 MB/s · ~70 s left", "loading a/b (mxfp4: auto) on GPU"]
+    piped = _Progress()
+    for text in lines:
+        piped(text, 0.1)
+    assert capsys.readouterr().err.splitlines() == [f"… {lines[0]}", f"… {lines[2]}"]  # the repeat waits 30 s
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    shown = _Progress()
+    for text in lines:
+        shown(text, 0.1)
+    assert capsys.readouterr().err.splitlines() == [f"… {lines[0]}", f"\x1b[1A\x1b[2K… {lines[1]}", f"… {lines[2]}"]

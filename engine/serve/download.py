@@ -94,8 +94,12 @@ def fetch(repo_id: str, progress: Progress | None = None, fraction: float = 0.1,
           endpoint: str | None = None) -> Path:
     """The local snapshot folder of `repo_id`'s served files: from the cache when whole, else downloaded
     (disk space checked first). Raises DownloadError with a one-line reason."""
-    from huggingface_hub.utils import disable_progress_bars
+    from huggingface_hub.utils import disable_progress_bars, validate_repo_id
 
+    try:
+        validate_repo_id(repo_id)
+    except ValueError:
+        raise DownloadError(f"{repo_id!r} is neither a folder that exists nor a hub id (owner/name)") from None
     disable_progress_bars()  # the hub's bars would print over the app; the load line shows progress instead
     say = progress or (lambda _m, _f: None)
     folder = cached_folder(repo_id, cache_dir)
@@ -277,7 +281,7 @@ class _Meter:
             self.samples.popleft()
         (t0, d0), (t1, d1) = self.samples[0], self.samples[-1]
         speed = (d1 - d0) / (t1 - t0) if t1 > t0 else 0.0
-        text = f"downloading {self.repo_id}: {gb(done)} of {gb(self.total)}"
+        text = f"downloading {self.repo_id}: {done / 1e9:.1f} of {gb(self.total)}"
         if speed <= 0:
             return text + " · waiting for data"
         left = max(self.total - done, 0) / speed
