@@ -110,6 +110,17 @@ def test_a_part_left_by_an_interrupted_start_is_resumed_with_a_range_request(tmp
     assert not list(blob_dir.glob("*.tandem-part"))
 
 
+def test_a_part_longer_than_the_file_is_started_over(tmp_path):
+    files = repo_files()
+    with FakeHub("acme/tiny", files) as hub:
+        blob_dir = tmp_path / "models--acme--tiny" / "blobs"
+        blob_dir.mkdir(parents=True)
+        (blob_dir / f"{hub.etag(SHARD)}.tandem-part").write_bytes(os.urandom(len(files[SHARD]) + 10))
+        folder = download.fetch("acme/tiny", cache_dir=tmp_path, endpoint=hub.endpoint)
+    assert [r for m, p, r in hub.requests if m == "GET" and p.endswith(SHARD)] == [None]
+    assert (folder / SHARD).read_bytes() == files[SHARD]
+
+
 def test_a_connection_lost_mid_file_is_retried_and_the_file_is_whole(tmp_path):
     files = repo_files()
     with FakeHub("acme/tiny", files) as hub:

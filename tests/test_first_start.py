@@ -255,3 +255,35 @@ def test_the_cli_rewrites_a_repeating_step_on_a_terminal_and_thins_it_in_a_pipe(
     for text in lines:
         shown(text, 0.1)
     assert capsys.readouterr().err.splitlines() == [f"… {lines[0]}", f"\x1b[1A\x1b[2K… {lines[1]}", f"… {lines[2]}"]
+
+
+# ----- a hub id, end to end through `tandem chat` (the hub on the loopback interface)
+def cli_with_hub(settings_path: Path, tmp_path: Path, name: str, endpoint: str) -> subprocess.CompletedProcess:
+    from engine.settings import load, save
+
+    save(updated(load(settings_path), "model.name", name), settings_path)
+    env = {**os.environ, "TANDEM_SETTINGS": str(settings_path), "HF_ENDPOINT": endpoint,
+           "HF_HUB_CACHE": str(tmp_path / "hub")}
+    env.pop("HF_HUB_OFFLINE", None)
+    return subprocess.run([sys.executable, "-m", "engine.cli", "chat", "--once", "hi"], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=180)
+
+
+def test_a_hub_adapter_repo_as_the_model_is_fetched_and_named(settings_path, tmp_path):
+    from tests.fake_hub import FakeHub
+
+    files = {"adapter_config.json": json.dumps({"base_model_name_or_path": "unsloth/gpt-oss-20b"}).encode(),
+             "adapter_model.safetensors": os.urandom(2048), "README.md": b"# my lora"}
+    with FakeHub("me/my-lora", files) as hub:
+        out = cli_with_hub(settings_path, tmp_path, "me/my-lora", hub.endpoint)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "is a LoRA adapter" in last and "'unsloth/gpt-oss-20b'" in last and "tandem adapters import" in last
+    assert any(line.startswith("… downloading me/my-lora") for line in out.stderr.splitlines())
+
+
+def test_no_network_on_the_first_start_is_one_line_from_the_cli(settings_path, tmp_path):
+    out = cli_with_hub(settings_path, tmp_path, "openai/gpt-oss-20b", "http://127.0.0.1:9")  # nothing listens
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert "cannot be reached" in last and "local folder" in last and "HF_HUB_OFFLINE=1" in last

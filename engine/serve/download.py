@@ -116,9 +116,12 @@ def fetch(repo_id: str, progress: Progress | None = None, fraction: float = 0.1,
             if f.size is None or f.size >= LARGE:
                 _fetch_blob(repo_id, commit, f, storage, endpoint, meter)
         folder = Path(_snapshot(repo_id, cache, endpoint))
+    except OSError as e:  # a read-only or full cache folder (network errors arrive as DownloadError)
+        raise DownloadError(f"{repo_id}: cannot write to {cache} ({e.strerror or e}): free space there or set "
+                            "HF_HUB_CACHE to a folder of yours, or set [model] name to a local folder") from e
     finally:
         meter.stop()
-    if not complete(folder):
+    if not complete(folder) and not (folder / "adapter_config.json").is_file():  # an adapter: the caller says so
         raise DownloadError(f"{repo_id}: the download ended without a config.json and every shard in {folder}")
     say(f"downloaded {repo_id}: {gb(meter.total)} in {meter.elapsed():.0f} s", fraction)
     return folder
@@ -177,11 +180,14 @@ def _snapshot(repo_id: str, cache: Path, endpoint: str | None) -> str:
     """The hub's snapshot of the served files: links the blobs fetched here, downloads the small files."""
     import httpx
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:  # the default revision, not `commit`: only then does the hub write refs/main for offline starts
         return snapshot_download(repo_id, allow_patterns=SERVED, ignore_patterns=TOP_LEVEL_ONLY,
                                  cache_dir=cache, endpoint=endpoint)
-    except (httpx.HTTPError, OSError) as e:
+    except HfHubHTTPError as e:  # before HTTPError, which it also is
+        raise DownloadError(f"{repo_id}: the hub answered {str(e).splitlines()[0]}") from e
+    except (httpx.HTTPError, LocalEntryNotFoundError) as e:  # the network went between the plan and now
         raise _offline(repo_id, cache, e) from e
 
 
@@ -192,6 +198,7 @@ def _fetch_blob(repo_id: str, commit: str, f: Needed, storage: Path, endpoint: s
 
     import httpx
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
     from huggingface_hub.file_download import http_get
 
     url = hf_hub_url(repo_id, f.path, revision=commit, endpoint=endpoint)
@@ -213,13 +220,21 @@ def _fetch_blob(repo_id: str, commit: str, f: Needed, storage: Path, endpoint: s
             raise DownloadError(f"{repo_id}: another process is downloading {f.path} into {part}") from None
         if meta.size is not None and out.tell() > meta.size:  # not a prefix of this file: start it over
             out.truncate(0)
+            out.seek(0)  # truncate leaves the position where it was
         meter.watch(part, blob)
         try:
             http_get(url, out, resume_size=out.tell(), expected_size=meta.size, displayed_filename=f.path)
-        except (httpx.HTTPError, OSError) as e:
-            if "Consistency check failed" in str(e):  # the bytes do not add up: that file starts over next time
-                out.truncate(0)
+        except HfHubHTTPError as e:  # before HTTPError and OSError, which it also is
+            raise DownloadError(f"{repo_id}: the hub answered {str(e).splitlines()[0]} for {f.path}") from e
+        except httpx.HTTPError as e:
             raise _offline(repo_id, storage.parent, e) from e
+        except OSError as e:
+            if "Consistency check failed" in str(e):  # the bytes do not add up: that file starts over
+                out.truncate(0)
+                raise DownloadError(f"{repo_id}: {f.path} arrived with the wrong size; start again to fetch it "
+                                    "anew") from e
+            raise DownloadError(f"{repo_id}: could not write {part}: {e.strerror or e} (the download resumes "
+                                "from there at the next start)") from e
         out.flush()
         part.replace(blob)
 
