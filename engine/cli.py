@@ -50,10 +50,10 @@ _progress = _Progress()
 
 
 def _engine(s: settings_mod.Settings, history: bool = True):
-    from engine.serve.chat import Engine
+    from engine.serve.chat import engine_for
     from engine.store.history import History
 
-    eng = Engine(s, history=History(s.history_db) if history else None)
+    eng = engine_for(s, history=History(s.history_db) if history else None)
     atexit.register(eng.close)  # stops the inference worker before the interpreter tears threads down
     eng.on_log(_progress.note)
     eng.load(_progress)
@@ -113,6 +113,27 @@ def cmd_chat(s: settings_mod.Settings, a: argparse.Namespace) -> int:
             continue
         one(prompt, live=True)
         print()
+
+
+def cmd_serve(s: settings_mod.Settings, a: argparse.Namespace) -> int:
+    from engine.api.server import check_exposure
+    from engine.service import Workstation
+
+    for key, value in (("api.host", a.host), ("api.port", a.port)):
+        if value is not None:
+            s = settings_mod.updated(s, key, value)
+    check_exposure(s.api)  # before the model loads: a refusal should not take a minute
+    station = Workstation(s)
+    atexit.register(station.close)
+    station.load(_progress, lambda m: print(f"… {line(m)}", file=sys.stderr), lambda _c: None)
+    for name, why in station.broken_adapters():
+        print(f"warning: adapter folder {line(name)!r} skipped: {line(why)}", file=sys.stderr)
+    url = station.start_api()
+    print(url, flush=True)
+    print(f"serving the OpenAI-compatible API at {url} (models: auto, base, "
+          f"{', '.join(station.engine.specialists()) or 'no specialists yet'}); Ctrl-C stops", file=sys.stderr)
+    station.wait_api()
+    return 0
 
 
 def cmd_route(s: settings_mod.Settings, a: argparse.Namespace) -> int:
@@ -177,9 +198,29 @@ def cmd_adapters(s: settings_mod.Settings, a: argparse.Namespace) -> int:
     elif a.action == "rollback":
         x = store.rollback(a.name)
         print(f"{a.name} rolled back to the version created {x.manifest.created:.0f}")
+    elif a.action == "export":
+        return _export(s, a)
     elif a.action == "import":
         x = store.import_folder(Path(a.path), a.name, a.task)
         print(f"imported {x.name} ({x.size_bytes / 2**20:.1f} MB)")
+    return 0
+
+
+def _export(s: settings_mod.Settings, a: argparse.Namespace) -> int:
+    from engine.serve.model import base_identity, resolve_model_name
+    from engine.store.adapters import AdapterStore
+    from engine.store.vllm_export import export, serve_command
+
+    if not 1 <= a.tensor_parallel_size <= 64:
+        print("error: --tensor-parallel-size must be 1 to 64", file=sys.stderr)
+        return 2
+    name, is_demo = resolve_model_name(s, _progress)
+    done = export(AdapterStore(s.adapters_dir, base_model=base_identity(name, is_demo)), a.name, Path(a.dir), name)
+    print(f"exported {done.name} (rank {done.rank}) to {line(done.path)}"
+          + (" (expert LoRA reordered for vLLM)" if done.reordered else ""), file=sys.stderr)
+    if is_demo:
+        print("note: this is the demo model; vLLM serves the real GPT-OSS checkpoints", file=sys.stderr)
+    print(serve_command(name, done.path.parent, a.tensor_parallel_size))
     return 0
 
 
@@ -292,7 +333,8 @@ def cmd_history(s: settings_mod.Settings, a: argparse.Namespace) -> int:
             print(json_text([t.as_dict() for t in turns]))
         for t in [] if a.json else turns:
             extra = "".join([f" · rated {t.rating}" if t.rating else "", " · corrected" if t.correction else "",
-                             f" · {line(t.status)}" if t.status != "complete" else ""])
+                             f" · {line(t.status)}" if t.status != "complete" else "",
+                             f" · via {line(t.source)}" if t.source != "app" else ""])
             print(f"[{t.id}] you: {plain(t.prompt)}\n      {line(t.adapter)}{extra}: {plain(t.final)}")
     elif a.action == "search":
         for t in h.search(a.text):
@@ -356,6 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--adapter", help="NAME, base or auto (default: adapters.mode from settings)")
     c.set_defaults(fn=cmd_chat)
 
+    sv = sub.add_parser("serve", help="serve the OpenAI-compatible API (routed specialists) until Ctrl-C")
+    sv.add_argument("--host", help="address to bind (default: api.host); not loopback needs api.token")
+    sv.add_argument("--port", type=int, help="port (default: api.port; 0 = any free port)")
+    sv.set_defaults(fn=cmd_serve)
+
     r = sub.add_parser("route", help="which specialist the router picks for a prompt, and why")
     r.add_argument("prompt")
     r.add_argument("--json", action="store_true")
@@ -375,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("name")
     x.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     asub.add_parser("rollback", help="make the previous version current again").add_argument("name")
+    x = asub.add_parser("export", help="write NAME as a PEFT folder DIR/NAME for vLLM; print the vllm serve command")
+    x.add_argument("name")
+    x.add_argument("dir")
+    x.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs vLLM splits the model over (default 1)")
     x = asub.add_parser("import")
     x.add_argument("path")
     x.add_argument("--name")
@@ -435,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is meant for the user: printed as one line, no traceback."""
+    from engine.api.server import ApiConfigError
     from engine.harmony import PromptTooLong
     from engine.names import InvalidName
     from engine.serve.model import ModelLoadError
@@ -443,7 +495,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from engine.train.dataset import DatasetError
     from engine.train.runs import RunError
 
-    return (AdapterError, DatasetError, HistoryError, InvalidName, ModelLoadError, PromptTooLong, RunError,
+    return (ApiConfigError, AdapterError, DatasetError, HistoryError, InvalidName, ModelLoadError, PromptTooLong,
+            RunError,
             settings_mod.SettingsError, KeyError, OSError, TimeoutError)
 
 
@@ -478,7 +531,7 @@ def main(argv: list[str] | None = None, ui: Command | None = None) -> int:
         s = settings_mod.load(args.settings, must_exist=bool(args.settings))
         for warning in s.warnings:
             print(f"warning: {line(warning)}", file=sys.stderr)
-        if args.command in (None, "chat", "experts"):
+        if args.command in (None, "chat", "experts", "serve"):
             from engine.serve.model import pin_gpu
             from engine.telemetry import gpu_count
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
-from engine.serve.chat import Conversation, Engine, Event
+from engine.serve.chat import Conversation, Engine, Event, engine_for
 from engine.serve.experts import usage_shift
 from engine.serve.generate import Sampling
 from engine.serve.model import Progress
@@ -58,19 +58,20 @@ class Applied:
 def changed_keys(old: Settings, new: Settings) -> list[str]:
     """Dotted keys whose values differ (training profiles count as one key each)."""
     keys = []
-    for section in ("model", "gpus", "chat", "adapters", "paths", "training", "learning"):
+    for section in ("model", "gpus", "chat", "adapters", "api", "paths", "training", "learning"):
         a, b = getattr(old, section), getattr(new, section)
         keys += [f"{section}.{f.name}" for f in fields(a) if getattr(a, f.name) != getattr(b, f.name)]
     return keys
 
 
 class Workstation:
-    def __init__(self, settings: Settings, engine_factory: Callable[..., Engine] = Engine):
+    def __init__(self, settings: Settings, engine_factory: Callable[..., Engine] = engine_for):
         self.settings = settings
         self.history = History(settings.history_db)
         self.engine: Engine | None = None
         self._engine_factory = engine_factory
         self._closed = False
+        self._api: Any = None  # the running ApiServer, if any
 
     # ----- lifecycle
     def load(self, progress: Progress, on_log: Callable[[str], None],
@@ -91,15 +92,18 @@ class Workstation:
         return self.engine is not None
 
     def model_info(self) -> ModelInfo | None:
-        if self.engine is None or self.engine.lm is None:
+        if self.engine is None or not self.engine.ready:
             return None
         lm = self.engine.lm
+        if lm is None:  # [model] backend: a remote server answers
+            return ModelInfo(self.settings.model.backend, "remote", False, "served remotely", "remote", 0.0)
         precision = lm.quant if lm.quant != "bf16" else str(lm.model.dtype).removeprefix("torch.")
         decoder = f"reference ({self.engine.fast_note})" if self.engine.fast_note else "fast"
         return ModelInfo(lm.name, lm.device, lm.is_demo, precision, decoder, lm.load_seconds, lm.template_note)
 
     def close(self) -> None:
         self._closed = True
+        self.stop_api()
         if self.engine is not None:
             self.engine.close()
         self.history.close()
@@ -119,6 +123,35 @@ class Workstation:
             if "adapters.mode" in keys:
                 e.set_mode(new.adapters.mode)
         return Applied([k for k in keys if k not in restart], restart)
+
+    # ----- the OpenAI-compatible API (engine/api): clients share this process's inference worker
+    @property
+    def api_url(self) -> str:
+        """Where the API listens ("" when it is off)."""
+        return self._api.url if self._api is not None and self._api.running else ""
+
+    def start_api(self) -> str:
+        """Serve the API with the [api] settings; returns its URL. Raises ApiConfigError (one line) when the
+        settings would expose it without a token or the address cannot be bound."""
+        assert self.engine is not None, "the model is still loading"
+        if self.api_url:
+            return self.api_url
+        from engine.api.server import ApiServer
+
+        server = ApiServer(lambda: self.engine, self.settings.api)
+        url = server.start()
+        self._api = server
+        return url
+
+    def wait_api(self) -> None:
+        """Block while the API serves (headless `tandem serve`); Ctrl-C ends it."""
+        if self._api is not None:
+            self._api.wait()
+
+    def stop_api(self) -> None:
+        if self._api is not None:
+            self._api.stop()
+            self._api = None
 
     # ----- chat
     def new_conversation(self) -> Conversation:

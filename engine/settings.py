@@ -39,6 +39,8 @@ class ModelSettings:
     record_experts: bool = True  # keep each reply's expert routing for the expert view
     fast_decode: bool = True  # static cache, routed-expert LoRA, CUDA graphs; off = transformers+PEFT forward
     chat_template: str = "tandem"  # chat prompts rendered by: tandem (engine/harmony.py) | checkpoint (its jinja)
+    backend: str = ""  # "http(s)://host:port/v1" of an OpenAI-compatible server that answers instead; "" = local
+    backend_token: str = ""  # bearer token the remote backend wants, if any
 
 
 @dataclass
@@ -62,6 +64,15 @@ class AdapterSettings:
     mode: str = "auto"  # auto (router), base, or an adapter name (pinned)
     router_threshold: float = 0.4
     vram_budget_mb: int = 8192
+
+
+@dataclass
+class ApiSettings:
+    host: str = "127.0.0.1"  # loopback only; any other address needs a token
+    port: int = 8400  # 0 = any free port
+    token: str = ""  # bearer token clients must send ("" = none; refused for a non-loopback host)
+    max_request_kb: int = 1024  # larger request bodies get 413
+    max_concurrent: int = 8  # requests answered or queued at once; more get 429
 
 
 @dataclass
@@ -123,6 +134,7 @@ SECTIONS = {
     "gpus": GpuSettings,
     "chat": ChatSettings,
     "adapters": AdapterSettings,
+    "api": ApiSettings,
     "paths": PathSettings,
     "training": TrainingSettings,
     "learning": LearningSettings,
@@ -135,6 +147,7 @@ class Settings:
     gpus: GpuSettings = field(default_factory=GpuSettings)
     chat: ChatSettings = field(default_factory=ChatSettings)
     adapters: AdapterSettings = field(default_factory=AdapterSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
     paths: PathSettings = field(default_factory=PathSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     learning: LearningSettings = field(default_factory=LearningSettings)
@@ -248,6 +261,9 @@ RANGES: dict[str, Range] = {
     "chat.max_new_tokens": (1, 1 << 20, "an integer from 1 to 1048576"),
     "adapters.router_threshold": (0, 1, "a number from 0 to 1"),
     "adapters.vram_budget_mb": (1, 1 << 24, "an integer from 1 to 16777216 (MB)"),
+    "api.port": (0, 65535, "a TCP port from 0 (any free port) to 65535"),
+    "api.max_request_kb": (1, 1 << 20, "an integer from 1 to 1048576 (KB)"),
+    "api.max_concurrent": (1, 1024, "an integer from 1 to 1024"),
     "training.target_loss": (0, 100, "a number from 0 to 100"),
     "training.overfit_below": (0, 100, "a number from 0 to 100"),
     "training.underfit_above": (0, 100, "a number from 0 to 100"),
@@ -305,6 +321,14 @@ def _check(s: Settings) -> None:
             _in_range(f"{key}.{field_name}", getattr(p, field_name), rng)
         _need(p.scheduler in ("cosine", "linear", "constant"), f"{key}.scheduler", p.scheduler,
               "cosine, linear or constant")
+    _need(s.model.backend == "" or _is_url(s.model.backend), "model.backend", s.model.backend,
+          '"" (this machine) or an http:// or https:// URL of an OpenAI-compatible server')
+    host = s.api.host
+    _need(bool(host) and host.isprintable() and not any(c.isspace() or c in "/@?#" for c in host), "api.host",
+          host, "an address to bind, e.g. 127.0.0.1")
+    token = s.api.token
+    _need(token == "" or (len(token) >= 16 and token.isascii() and token.isprintable() and " " not in token),
+          "api.token", "…" if token else token, '"" or at least 16 printable ASCII characters without spaces')
     w = s.learning.nightly_window
     _need(w == "" or _parse_window(w) is not None, "learning.nightly_window", w, '"HH:MM-HH:MM" or ""')
 
@@ -322,6 +346,28 @@ def _parse_window(text: str) -> tuple[int, int] | None:
         return minutes[0], minutes[1]
     except ValueError:
         return None
+
+
+def _is_url(text: str) -> bool:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text)
+        return parts.scheme in ("http", "https") and bool(parts.hostname) and text.isprintable()
+    except ValueError:
+        return False
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` only accepts connections from this machine."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def nightly_window(s: Settings) -> tuple[int, int] | None:

@@ -94,6 +94,7 @@ class TandemApp(App):
         Binding("f7", "compare", "A/B"),
         Binding("f8", "report", "report", show=False),
         Binding("f9", "why_route", "why this route", show=False),
+        Binding("f10", "toggle_api", "API server", show=False),
     ]
 
     view: reactive[str] = reactive("chat")
@@ -450,6 +451,29 @@ class TandemApp(App):
         self.polls["gpus"] += 1
 
     # ----- screens
+    def action_toggle_api(self) -> None:
+        """Serve (or stop serving) the OpenAI-compatible API from this process: clients share the model and
+        queue behind what is typed here."""
+        if not self.service.ready:
+            self.notify("the model is still loading", title="API", severity="warning")
+            return
+        self.switch_api()
+
+    @work(thread=True, exclusive=True, group="api")
+    def switch_api(self) -> None:
+        try:
+            if self.service.api_url:
+                self.service.stop_api()
+                self._ui(self.notify, "stopped", title="API server")
+                return
+            url = self.service.start_api()
+        except Exception as e:  # the exposure rule, a port in use: one line
+            self._ui(self.notify, str(e).splitlines()[0] if str(e) else type(e).__name__, title="API not started",
+                     severity="error", timeout=10)
+            return
+        self._ui(self.notify, f"OpenAI-compatible API at {url} · models: auto, base and every specialist · "
+                              "F10 stops it", title="API server", timeout=10)
+
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
 

@@ -49,7 +49,10 @@ MIGRATIONS = [
         choice TEXT NOT NULL
     );
     """,
+    # Where a turn came from: the app or CLI ('app') or an OpenAI-compatible API client ('api').
+    "ALTER TABLE turns ADD COLUMN source TEXT NOT NULL DEFAULT 'app';",
 ]
+SOURCES = ("app", "api")
 
 
 @dataclass
@@ -68,6 +71,7 @@ class TurnRow:
     correction: str | None
     good_example: bool
     task: str | None
+    source: str = "app"  # app (the app or CLI) or api (an API client)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -145,12 +149,15 @@ class History:
     def new_conversation(self, title: str = "") -> int:
         return self._exec("INSERT INTO conversations(created, title) VALUES (?, ?)", (time.time(), title)).lastrowid
 
-    def start_turn(self, conversation_id: int, prompt: str, adapter: str, route: dict, sampling: dict) -> int:
+    def start_turn(self, conversation_id: int, prompt: str, adapter: str, route: dict, sampling: dict,
+                   source: str = "app") -> int:
+        if source not in SOURCES:
+            raise ValueError(f"a turn's source is one of {SOURCES}, got {source!r}")
         return self._exec(
-            "INSERT INTO turns(conversation_id, created, prompt, adapter, route, sampling, task) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO turns(conversation_id, created, prompt, adapter, route, sampling, task, source) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (conversation_id, time.time(), prompt, adapter, json.dumps(route), json.dumps(sampling),
-             adapter if adapter != "base" else None),
+             adapter if adapter != "base" else None, source),
         ).lastrowid
 
     def save_partial(self, turn_id: int, raw: str) -> None:
@@ -182,12 +189,12 @@ class History:
 
     # ----- reading
     _COLS = ("id, conversation_id, created, prompt, final, analysis, adapter, route, stats, status, rating, "
-             "correction, good_example, task")
+             "correction, good_example, task, source")
 
     def _rows(self, where: str = "1", args: tuple = (), limit: int = 1000) -> list[TurnRow]:
         cur = self._exec(f"SELECT {self._COLS} FROM turns WHERE {where} ORDER BY id LIMIT ?", (*args, limit))
         return [TurnRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], _object(r[7]), _object(r[8]), r[9],
-                        r[10], r[11], bool(r[12]), r[13]) for r in cur.fetchall()]
+                        r[10], r[11], bool(r[12]), r[13], r[14]) for r in cur.fetchall()]
 
     def turn(self, turn_id: int) -> TurnRow:
         rows = self._rows("id=?", (turn_id,))

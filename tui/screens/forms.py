@@ -39,6 +39,7 @@ HELP = """\
 | **F8** | learning report: ratings, corrections, speed, usage, router confidence |
 | **F9** | why the last route: top score, runner-up, nearest example; **1**-**9**/**n** correct it |
 | **F6** | expert view of the last reply: layer × expert heat map, per-token experts, **c** compare |
+| **F10** | serve the OpenAI-compatible API ([api] in settings.toml) from this app, or stop it |
 | **Ctrl+P** | command palette: every action |
 | **F1** | this help |
 | **Ctrl+Q** | quit (training runs keep going) |
