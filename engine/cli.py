@@ -22,8 +22,31 @@ from engine.text import json_text, line, plain
 Command = Callable[[settings_mod.Settings, argparse.Namespace], int]
 
 
-def _progress(message: str, _fraction: float) -> None:
-    print(f"… {message}", file=sys.stderr, flush=True)
+class _Progress:
+    """Load steps on stderr, one line each. A step that repeats itself (a download's bytes, a countdown)
+    rewrites its line on a terminal, and into a pipe or file is printed at most every REPEAT_S."""
+
+    REPEAT_S = 30.0
+
+    def __init__(self) -> None:
+        self.step, self.at = "", 0.0
+
+    def __call__(self, message: str, _fraction: float) -> None:
+        step = message.split(":")[0].split(" · ")[0]
+        again, now = step == self.step, time.monotonic()
+        if again and not sys.stderr.isatty() and now - self.at < self.REPEAT_S:
+            return
+        up = "\x1b[1A\x1b[2K" if again and sys.stderr.isatty() else ""  # back over the step's last line
+        print(f"{up}… {line(message)}", file=sys.stderr, flush=True)
+        self.step, self.at = step, now
+
+    def note(self, text: str) -> None:
+        """An engine log line (the precision chosen and why, the template check): printed, never rewritten."""
+        print(f"… {line(text)}", file=sys.stderr, flush=True)
+        self.step = ""
+
+
+_progress = _Progress()
 
 
 def _engine(s: settings_mod.Settings, history: bool = True):
@@ -32,6 +55,7 @@ def _engine(s: settings_mod.Settings, history: bool = True):
 
     eng = engine_for(s, history=History(s.history_db) if history else None)
     atexit.register(eng.close)  # stops the inference worker before the interpreter tears threads down
+    eng.on_log(_progress.note)
     eng.load(_progress)
     for name, why in eng.broken_adapters():
         print(f"warning: adapter folder {line(name)!r} skipped: {line(why)}", file=sys.stderr)

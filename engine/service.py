@@ -43,10 +43,12 @@ class ModelInfo:
     precision: str  # how the chat model's weights are held, e.g. "bf16" or "4-bit"
     decoder: str  # "fast" or why the fast decoder is off
     load_seconds: float
+    template: str = ""  # the chat template, when it needs a look (differs, or the checkpoint's is used)
 
     def line(self) -> str:
         what = "demo model" if self.is_demo else self.name
-        return f"{what} · {self.device} · {self.precision} · decoder: {self.decoder}"
+        return f"{what} · {self.device} · {self.precision} · decoder: {self.decoder}" + \
+            (f" · {self.template}" if self.template else "")
 
 
 @dataclass
@@ -101,7 +103,7 @@ class Workstation:
             return ModelInfo(self.settings.model.backend, "remote", False, "served remotely", "remote", 0.0)
         precision = lm.quant if lm.quant != "bf16" else str(lm.model.dtype).removeprefix("torch.")
         decoder = f"reference ({self.engine.fast_note})" if self.engine.fast_note else "fast"
-        return ModelInfo(lm.name, lm.device, lm.is_demo, precision, decoder, lm.load_seconds)
+        return ModelInfo(lm.name, lm.device, lm.is_demo, precision, decoder, lm.load_seconds, lm.template_note)
 
     def close(self) -> None:
         self._closed = True

@@ -22,6 +22,7 @@ from engine import names
 ENV_VAR = "TANDEM_SETTINGS"
 REASONING_LEVELS = ("low", "medium", "high")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+RENDERERS = ("tandem", "checkpoint")  # model.chat_template: who renders chat prompts
 
 
 class SettingsError(ValueError):
@@ -37,6 +38,7 @@ class ModelSettings:
     dtype: str = "auto"
     record_experts: bool = True  # keep each reply's expert routing for the expert view
     fast_decode: bool = True  # static cache, routed-expert LoRA, CUDA graphs; off = transformers+PEFT forward
+    chat_template: str = "tandem"  # chat prompts rendered by: tandem (engine/harmony.py) | checkpoint (its jinja)
     backend: str = ""  # "http(s)://host:port/v1" of an OpenAI-compatible server that answers instead; "" = local
     backend_token: str = ""  # bearer token the remote backend wants, if any
 
@@ -318,6 +320,8 @@ def _check(s: Settings) -> None:
         section, name = key.split(".")
         _in_range(key, getattr(getattr(s, section), name), rng)
     _need(s.model.dtype in DTYPES, "model.dtype", s.model.dtype, "one of " + ", ".join(DTYPES))
+    _need(s.model.chat_template in RENDERERS, "model.chat_template", s.model.chat_template,
+          "one of " + ", ".join(RENDERERS))
     _need(s.chat.reasoning in REASONING_LEVELS, "chat.reasoning", s.chat.reasoning, "low, medium or high")
     mode = s.adapters.mode
     _need(mode in ("auto", "base") or names.is_valid(mode), "adapters.mode", mode, "auto, base or an adapter name")

@@ -89,6 +89,11 @@ class Engine:
 
         def load() -> None:
             lm = load_model(self.settings, say)
+            self.log(f"serving {lm.quant}: {lm.quant_reason}")
+            if lm.template is not None and lm.template.status != "none":
+                self.log(lm.template.summary())
+                for d in lm.template.differences:
+                    self.log(f"chat template: {d.text()}")
             if lm.device.startswith("cuda") and self.settings.model.fast_decode:
                 say("compiling the fast decoder (once per model load)", 0.85)
             fast, self.fast_note = fast_decoder(lm, self.settings)

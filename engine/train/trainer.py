@@ -33,7 +33,6 @@ from engine.train.preference import Pair, judge, load_pairs, sequence_logps
 from engine.train.runs import Run, RunQueue
 
 MAX_ROUTER_PROMPTS = 2000
-MEMORY_CAP_ENV = "TANDEM_GPU_MEMORY_GB"
 MIN_IMPROVEMENT = 1e-3  # held-out loss a retrained specialist must gain to replace the current one
 GATE_ADAPTER = "gate-current"  # the current version's name while the gate evaluates it beside the new one
 
@@ -162,11 +161,9 @@ def cap_gpu_memory() -> None:
     checks the profiles fit a 24 GB card on a larger one), or to share a card with other work."""
     import torch
 
-    value = os.environ.get(MEMORY_CAP_ENV, "")
-    try:
-        cap = float(value or 0)
-    except ValueError:
-        raise ValueError(f"{MEMORY_CAP_ENV}={value!r}: expected a number of GB, e.g. 24") from None
+    from engine.startup import gpu_memory_cap_gb
+
+    cap = gpu_memory_cap_gb() or 0
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
     if 0 < cap < total:
         torch.cuda.set_per_process_memory_fraction(cap / total)
