@@ -13,10 +13,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
-from engine.serve.chat import Conversation, Engine, Event, engine_for
+from engine.serve.chat import Conversation, Engine, Event
 from engine.serve.experts import usage_shift
 from engine.serve.generate import Sampling
 from engine.serve.model import Progress
+from engine.serve.remote import engine_for
 from engine.serve.residency import Residency
 from engine.serve.router import correct
 from engine.settings import Settings
