@@ -43,6 +43,8 @@ def prefill_rate(dec, n: int, vocab: int, reps: int) -> float:
         t = time.perf_counter()
         dec.prefill(ids).argmax(-1).tolist()
         times.append(time.perf_counter() - t)
+        if getattr(dec, "reused", 0):
+            raise RuntimeError(f"the prefill reused {dec.reused} cached tokens: not a whole prompt")
     return n / statistics.median(times)
 
 
@@ -89,6 +91,7 @@ def main() -> None:
     model = random_adapter(model, "specialist", seed=1)
     context = max(pp) + 256
     dec = FastDecoder(model, max_len=context)
+    dec.reuse = False  # every prompt prefilled whole, as llama-bench's (a repeated prompt would be reused)
     dec.warm_up()
     vocab = model.get_base_model().config.vocab_size
     one = torch.randint(0, vocab // 2, (1, 1), device=dev)
