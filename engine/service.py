@@ -8,21 +8,26 @@ the app calls them from worker threads.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
-from engine.serve.chat import Conversation, Engine, Event, engine_for
+from engine.serve.chat import Conversation, Engine, Event
 from engine.serve.experts import usage_shift
 from engine.serve.generate import Sampling
 from engine.serve.model import Progress
+from engine.serve.remote import engine_for
 from engine.serve.residency import Residency
 from engine.serve.router import correct
 from engine.settings import Settings
 from engine.store.adapters import AdapterError, AdapterStore
 from engine.store.history import History
 from engine.train.dataset import LoadReport
+from engine.train.experiments import Experiment, Experiments, parse_vary
+from engine.train.idle import IdleScheduler, Tick
 from engine.train.learning import Learner, report
+from engine.train.preference import PairReport
 from engine.train.runs import Run, RunQueue
 
 # Settings read once, at load: a change needs a restart (the rest apply at once).
@@ -39,10 +44,12 @@ class ModelInfo:
     precision: str  # how the chat model's weights are held, e.g. "bf16" or "4-bit"
     decoder: str  # "fast" or why the fast decoder is off
     load_seconds: float
+    template: str = ""  # the chat template, when it needs a look (differs, or the checkpoint's is used)
 
     def line(self) -> str:
         what = "demo model" if self.is_demo else self.name
-        return f"{what} · {self.device} · {self.precision} · decoder: {self.decoder}"
+        return f"{what} · {self.device} · {self.precision} · decoder: {self.decoder}" + \
+            (f" · {self.template}" if self.template else "")
 
 
 @dataclass
@@ -97,7 +104,7 @@ class Workstation:
             return ModelInfo(self.settings.model.backend, "remote", False, "served remotely", "remote", 0.0)
         precision = lm.quant if lm.quant != "bf16" else str(lm.model.dtype).removeprefix("torch.")
         decoder = f"reference ({self.engine.fast_note})" if self.engine.fast_note else "fast"
-        return ModelInfo(lm.name, lm.device, lm.is_demo, precision, decoder, lm.load_seconds)
+        return ModelInfo(lm.name, lm.device, lm.is_demo, precision, decoder, lm.load_seconds, lm.template_note)
 
     def close(self) -> None:
         self._closed = True
@@ -195,8 +202,32 @@ class Workstation:
     def runs(self, last: int = 20) -> list[Run]:
         return RunQueue(self.settings).runs()[-last:]
 
-    def submit_run(self, task: str, data: str, profile: str | None) -> tuple[Run, LoadReport]:
-        return RunQueue(self.settings).submit_checked(task, data, profile)
+    def submit_run(self, task: str, data: str, profile: str | None,
+                   from_adapter: str = "") -> tuple[Run, LoadReport | PairReport]:
+        return RunQueue(self.settings).submit_checked(task, data, profile, from_adapter=from_adapter)
+
+    def experiment(self, task: str, vary: list[str], data: list[str], profile: str | None,
+                   when_idle: bool = False) -> Experiment:
+        """Variants of a specialist (`--vary r=8,16` etc.), queued now or left for the idle scheduler."""
+        return Experiments(self.settings, self.history).create(task, parse_vary(vary), data or None, profile,
+                                                               start=not when_idle)
+
+    def experiments(self) -> list[tuple[Experiment, list[dict[str, Any]]]]:
+        """Every experiment with its comparison table, newest first."""
+        exps = Experiments(self.settings, self.history)
+        return [(e, exps.table(e)) for e in reversed(exps.list())]
+
+    def newly_decided(self) -> list[Experiment]:
+        """Experiments decided since the last call: the app notifies each once."""
+        exps = Experiments(self.settings, self.history)
+        out = [e for e in exps.list() if e.status == "done" and not e.notified]
+        for e in out:
+            exps.mark_notified(e.id)
+        return out
+
+    def idle_tick(self) -> Tick:
+        """Let the idle scheduler start pending work if the training GPU may take it; what it does, and why."""
+        return IdleScheduler(self.settings, self.history).tick()
 
     def change_run(self, action: str, run_id: str) -> Run:
         queue = RunQueue(self.settings)
@@ -215,7 +246,16 @@ class Workstation:
         return Learner(self.settings, self.history).check()
 
     def prefer(self, prompt: str, a: str, b: str, reply_a: str, reply_b: str, winner: str) -> None:
-        self.history.prefer(prompt, a, b, reply_a, reply_b, winner)
+        """Store an A/B pick with what it teaches: the task of the specialist on either side (the other is
+        usually the base), and the reasoning level and instructions both replies were asked with
+        (`answer_with` answers under the chat settings), so its preference pair renders as served."""
+        task = None
+        for name in (a, b):
+            if name != "base" and task is None:
+                with contextlib.suppress(AdapterError):  # removed since: the pick still counts, without a task
+                    task = AdapterStore(self.settings.adapters_dir).get(name).manifest.task
+        chat = self.settings.chat
+        self.history.prefer(prompt, a, b, reply_a, reply_b, winner, task, chat.reasoning, chat.instructions)
 
     def report(self) -> dict[str, Any]:
         return report(self.history)

@@ -59,15 +59,6 @@ class Conversation:
     id: int | None = None
 
 
-def engine_for(settings: Settings, history: History | None = None) -> Engine:
-    """The engine the settings ask for: this machine's model, or a remote server's ([model] backend)."""
-    if settings.model.backend:
-        from engine.serve.remote import RemoteEngine
-
-        return RemoteEngine(settings, history)
-    return Engine(settings, history)
-
-
 class Engine:
     def __init__(self, settings: Settings, history: History | None = None):
         """`history` stores every turn (None: nothing is stored); its owner closes it."""
@@ -89,6 +80,11 @@ class Engine:
 
         def load() -> None:
             lm = load_model(self.settings, say)
+            self.log(f"serving {lm.quant}: {lm.quant_reason}")
+            if lm.template is not None and lm.template.status != "none":
+                self.log(lm.template.summary())
+                for d in lm.template.differences:
+                    self.log(f"chat template: {d.text()}")
             if lm.device.startswith("cuda") and self.settings.model.fast_decode:
                 say("compiling the fast decoder (once per model load)", 0.85)
             fast, self.fast_note = fast_decoder(lm, self.settings)
@@ -250,10 +246,13 @@ class Engine:
         history = self.history if store else None
         turn_id = None
         if history:
+            # turns the conversation came with (an API client's messages) are not turns of this history
+            given = [(t.role, t.content) for t in conversation.turns] if conversation.id is None else []
             if conversation.id is None:
                 conversation.id = history.new_conversation(prompt[:60])
             turn_id = history.start_turn(conversation.id, prompt, adapter, decision.as_dict(),
-                                         asdict(request.sampling), source)
+                                         asdict(request.sampling), request.reasoning, request.instructions,
+                                         source, given)
         yield Routed(decision, adapter, turn_id, started.dropped)
         reply: Reply | None = None
         last_save = time.monotonic()

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from engine.harmony import Turn, fit_turns
+from engine.serve import checkpoint_template
 from engine.serve.generate import Reply, Sampling, stream
 from engine.serve.residency import LiveAdapters
 
@@ -150,8 +151,8 @@ class InferenceWorker:
             assert self.live is not None, "no model loaded"
             lm = self.live.lm
             room = min(req.sampling.max_new_tokens, max(lm.max_len // 2, MIN_REPLY_ROOM))
-            ids, dropped = fit_turns(lm.tokenizer, req.turns, req.reasoning, req.instructions, lm.max_len - room,
-                                     req.prefill)
+            fit = checkpoint_template.fit_turns if lm.renderer == "checkpoint" else fit_turns  # model.chat_template
+            ids, dropped = fit(lm.tokenizer, req.turns, req.reasoning, req.instructions, lm.max_len - room, req.prefill)
             chosen = self.live.select(req.adapter)
             out.put(Started(chosen.adapter, chosen.note, dropped))
             import torch

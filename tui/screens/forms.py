@@ -46,7 +46,10 @@ HELP = """\
 
 **Specialists panel**: Enter pins the highlighted adapter, **b** base, **a** auto (router), **1–9** pin,
 **u** rolls the highlighted specialist back to its previous version.
-**Training panel**: **n** new specialist, **s** stop, **r** resume, Up/Down select a run.
+**Training panel**: **n** new specialist, **e** experiment (variants of a specialist; the best is promoted),
+**x** experiments (comparison table, loss curves overlaid), **s** stop, **r** resume, Up/Down select a run.
+The panel's first line says what the training GPU does and why (with `learning.idle_after_minutes` or
+`learning.nightly_window` it takes pending retrains and experiments by itself; your runs go first).
 """
 
 
@@ -93,6 +96,8 @@ EDITABLE = [
     ("adapters.vram_budget_mb", "adapter VRAM budget (MB)"),
     ("training.default_profile", "default training profile"),
     ("learning.retrain_every", "retrain after N examples"),
+    ("learning.idle_after_minutes", "idle minutes before background work"),
+    ("learning.nightly_window", "nightly window (HH:MM-HH:MM)"),
 ]
 
 
