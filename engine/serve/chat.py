@@ -234,8 +234,8 @@ class Engine:
         if history:
             if conversation.id is None:
                 conversation.id = history.new_conversation(prompt[:60])
-            turn_id = history.start_turn(conversation.id, prompt, adapter, decision.as_dict(),
-                                         asdict(request.sampling))
+            route = {**decision.as_dict(), **({"note": started.note} if started.note else {})}  # why not the one asked
+            turn_id = history.start_turn(conversation.id, prompt, adapter, route, asdict(request.sampling))
         yield Routed(decision, adapter, turn_id, started.dropped)
         reply: Reply | None = None
         last_save = time.monotonic()

@@ -75,9 +75,12 @@ class ReferenceDecoder:
     def select(self, name: str | None) -> bool:
         """PEFT's `set_adapter` also flips requires_grad on every LoRA tensor, which inference does not
         need and which costs milliseconds; this sets only what the forward reads: each LoRA layer's
-        active adapter and its disabled flag (the fields set_adapter sets)."""
+        active adapter and its disabled flag (the fields set_adapter sets). A name PEFT does not hold is
+        refused (PEFT's layers would skip it and the base would answer under that name)."""
         if not hasattr(getattr(self.model, "base_model", None), "disable_adapter_layers"):
             return name is None  # not PEFT-wrapped yet: only the base exists
+        if name is not None and name not in (getattr(self.model, "peft_config", None) or {}):
+            return False
         for layer in self._tuner_layers():
             layer._disable_adapters = name is None
             if name is not None:

@@ -26,6 +26,7 @@ EXPERT_PARAMS = tuple(p.rsplit(".", 1)[1] for p in FUSED_EXPERTS)  # gate_up_pro
 BUCKET = 256  # eager attention reads the cache up to the next multiple of this
 PREFILL_CHUNK = 512  # prompt tokens per eager forward: bounds the attention scores' memory
 SCORES_BYTES = 256 * 2**20  # and at long contexts fewer: one layer's fp32 scores stay under this
+NOT_ATTACHED = " is not attached to the model"
 
 
 def _unwrap(module: Any) -> Any:
@@ -212,7 +213,7 @@ class FastDecoder:
         if total != seen:
             return f"{name} adapts {total - seen} module(s) besides attention and experts"
         if not seen:
-            return f"{name} is not attached to the model"
+            return f"{name}{NOT_ATTACHED}"
         return _Pack(name, layers)
 
     def select(self, name: str | None) -> bool:
@@ -223,6 +224,8 @@ class FastDecoder:
         pack = None if name is None else self.prepare(name)
         if isinstance(pack, str):
             self.active, self.reason = None, pack
+            if pack.endswith(NOT_ATTACHED):  # not a verdict on the adapter: it may be attached later
+                self.packs.pop(name, None)
             return False
         self.active = pack
         return True
@@ -259,6 +262,33 @@ class FastDecoder:
             self.step(token[:, 0])
         finally:
             self.active = active
+
+    def pack_estimate(self, state: dict[str, Any]) -> int:
+        """Device memory the packed copy of an adapter with PEFT state dict `state` will take, before it
+        is loaded (the residency budget counts it first): each factor in the compute dtype, expert ranks
+        padded as `_pack` pads them, and q/k/v's B as the block-diagonal product of the three."""
+        import re
+
+        size = torch_size(self.dtype)
+        qkv_rank: dict[str, int] = {}
+        total = 0
+        for key, t in state.items():
+            if t.dim() != 2 or "lora_" not in key:
+                continue
+            layer = re.search(r"layers\.(\d+)\.", key)
+            if ".experts." in key:  # A [experts * r, in], B [out, r * experts]
+                rank = (t.shape[0] if ".lora_A." in key else t.shape[1]) // self.num_experts
+                padded = max(16, 1 << (rank - 1).bit_length())
+                width = t.shape[1] if ".lora_A." in key else t.shape[0]
+                total += self.num_experts * padded * width
+            elif re.search(r"\.[qkv]_proj\.lora_A\.", key) and layer:
+                qkv_rank[layer.group(1)] = qkv_rank.get(layer.group(1), 0) + t.shape[0]
+                total += t.numel()
+            elif not re.search(r"\.[qkv]_proj\.lora_B\.", key):
+                total += t.numel()
+        qkv_width = (self.heads + 2 * self.kv_heads) * self.head_dim
+        total += sum(rank * qkv_width for rank in qkv_rank.values())
+        return total * size
 
     def pack_bytes(self, name: str) -> int:
         """Device memory held by adapter `name`'s packed copy (it counts in the residency budget)."""
@@ -390,6 +420,12 @@ class FastDecoder:
         graph, outputs = self._graphs[key]
         graph.replay()
         return outputs
+
+
+def torch_size(dtype: Any) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _compile_config() -> Any:
