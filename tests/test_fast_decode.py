@@ -8,6 +8,7 @@ from engine.harmony import Turn
 from engine.serve.fast_decode import FastDecoder, unsupported
 from engine.serve.generate import Detokenizer, Sampling, complete
 from engine.train.targets import ATTENTION, FUSED_EXPERTS
+from tests.tolerance import rounding_bound
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +48,8 @@ def _reference(model, ids):
 def _max_error(model, decoder, ids, steps=6):
     """Greedy-extend `ids` through the decoder; worst logit difference from the full reference forward,
     relative to the largest reference logit. The deliberately large random adapters make fp32 itself
-    this noisy: against an fp64 reference, transformers+PEFT in fp32 and this decoder are both ~1e-5
-    off; a wrong block or scale is off by 1e-1 and more."""
+    noisy; the callers bound it by tests/tolerance.py (the fp32 reference's own distance from fp64); a
+    wrong block or scale is off by 1e-1 and more."""
     import torch
 
     def error(logits, ids):
@@ -71,7 +72,7 @@ def test_matches_reference_with_and_without_a_specialist(base):
 
     decoder = FastDecoder(base, max_len=512, prefill_chunk=40)
     ids = torch.randint(0, 1000, (2, 100))
-    assert _max_error(base, decoder, ids) < 5e-4
+    assert _max_error(base, decoder, ids) < rounding_bound(base, ids)
     model = _random_lora(base, "math", seed=1)
     with model.disable_adapter():
         plain = _reference(model, ids)
@@ -80,18 +81,18 @@ def test_matches_reference_with_and_without_a_specialist(base):
         model.set_adapter("math")
         decoder.select("math")
         assert decoder.usable and shifted > 0.1  # the adapter matters, so matching it means something
-        assert _max_error(model, decoder, ids) < 5e-4
+        assert _max_error(model, decoder, ids) < rounding_bound(model, ids)
         model = _random_lora(model, "code", seed=2)
         model.set_adapter("code")
         decoder.select("code")
-        assert _max_error(model, decoder, ids) < 5e-4
+        assert _max_error(model, decoder, ids) < rounding_bound(model, ids)
         model = _random_lora(model, "part", seed=4, modules=["q_proj", "v_proj"], rank=2)
         model.set_adapter("part")  # k not adapted: a zero block in the fused q/k/v factors
         decoder.select("part")
-        assert _max_error(model, decoder, ids) < 5e-4
+        assert _max_error(model, decoder, ids) < rounding_bound(model, ids)
         with model.disable_adapter():
             decoder.select(None)
-            assert _max_error(model, decoder, ids) < 5e-4
+            assert _max_error(model, decoder, ids) < rounding_bound(model, ids)
     finally:
         model.unload()  # give the module-scoped base model back without LoRA layers
 

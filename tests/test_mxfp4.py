@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from engine.serve.fast_decode import FastDecoder
 from engine.serve.mxfp4 import FP4_VALUES, Mxfp4Experts, dequantize, install, quantize
 from engine.train.targets import ATTENTION, FUSED_EXPERTS
+from tests.tolerance import relative, rounding_bound
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -115,7 +116,8 @@ def test_fast_decoder_over_mxfp4_experts_matches_the_reference_with_a_specialist
             if "lora_" in n:
                 p.mul_(10)
     decoder = FastDecoder(model, max_len=128, prefill_chunk=24)
-    ids = torch.randint(0, 256, (2, 40))
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    bound = rounding_bound(model, ids)  # from the arithmetic: a fixed 1e-4 failed on some machines
     for name in ("math", None):
         decoder.select(name)
         logits = decoder.prefill(ids)
@@ -124,7 +126,7 @@ def test_fast_decoder_over_mxfp4_experts_matches_the_reference_with_a_specialist
         with ctx, torch.no_grad():
             for _ in range(4):
                 ref = model(input_ids=seq).logits[:, -1]
-                assert ((logits - ref).abs().max() / ref.abs().max()).item() < 1e-4
+                assert relative(logits, ref) < bound
                 nxt = ref.argmax(-1)
                 seq = torch.cat([seq, nxt[:, None]], 1)
                 logits = decoder.step(nxt)
@@ -286,3 +288,30 @@ def test_settings_take_true_false_or_auto():
     assert updated(Settings(), "model.serve_in_4bit", "false").model.serve_in_4bit is False
     with pytest.raises(SettingsError, match="serve_in_4bit"):
         updated(Settings(), "model.serve_in_4bit", "sometimes")
+
+
+def test_reference_path_over_mxfp4_never_builds_dense_expert_weights():
+    """Regression: PEFT's checked parametrization evaluated W + ΔW once per forward, writing the whole
+    [experts, in, out] tensor (1.6 GB a layer at 20B size). Only routed experts' rows may be dequantized."""
+    from peft import LoraConfig, get_peft_model
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else [out]:
+                if isinstance(t, torch.Tensor):
+                    Largest.biggest = max(Largest.biggest, t.numel())
+            return out
+
+    model = tiny_mxfp4_model()
+    torch.manual_seed(3)
+    cfg = LoraConfig(r=4, target_modules=list(ATTENTION), target_parameters=list(FUSED_EXPERTS),
+                     init_lora_weights=False)
+    model = get_peft_model(model, cfg).eval()
+    experts = TINY["num_local_experts"] * TINY["hidden_size"] * 2 * TINY["intermediate_size"]
+    with torch.no_grad(), Largest():
+        model(input_ids=torch.randint(0, 256, (1, 8)))
+    assert 0 < Largest.biggest < experts // 4

@@ -197,6 +197,10 @@ class FastDecoder:
                     if param not in EXPERT_PARAMS or wrapper._did_swap_in_out_features:
                         return f"{name} adapts experts.{param} in a layout the fast path does not know"
                     lhs, rhs, scale = wrapper.get_delta_factors(name)
+                    seen += 1
+                    if not rhs.any():  # a weight the adapter leaves alone (adapter_format.complete_experts)
+                        wrapper = wrapper.base_layer
+                        continue
                     # grouped matmuls want 16-byte strides, the MXFP4 kernels a power of two: zero-pad the
                     # rank (exact: the padding adds 0)
                     pad = max(16, 1 << (lhs.shape[-1] - 1).bit_length()) - lhs.shape[-1]
@@ -206,7 +210,6 @@ class FastDecoder:
                         from engine.serve.mxfp4_kernels import pack_gate_up_a
 
                         parts[f"{param}.A"] = pack_gate_up_a(parts[f"{param}.A"])
-                    seen += 1
                 wrapper = wrapper.base_layer
             layers.append({k: t.to(self.dtype).contiguous() for k, t in parts.items()})
         total = sum(1 for m in self.hf.modules() if name in (getattr(m, "lora_A", None) or {}))

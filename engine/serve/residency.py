@@ -16,6 +16,7 @@ from typing import Any
 
 from engine.serve.decoder import Decoder, ReferenceDecoder
 from engine.serve.model import LoadedModel
+from engine.store.adapter_format import read_weights
 from engine.store.adapters import AdapterError, AdapterStore, StoredAdapter
 
 
@@ -95,22 +96,16 @@ class LiveAdapters:
         return a
 
     def read(self, name: str) -> tuple[StoredAdapter, Any, dict]:
-        """Adapter `name`'s config and weights from disk, on the model's device (any thread)."""
-        from peft import LoraConfig
-        from safetensors.torch import load_file
-
+        """Adapter `name`'s config and weights from disk, on the model's device, as Tandem serves them
+        (engine/store/adapter_format.py: lora_B rank-major, both expert weights). Any thread."""
         a = self.stored(name)
         try:
-            config = LoraConfig.from_pretrained(str(a.path))
-            config.inference_mode = True
-            if a.weights.suffix == ".safetensors":
-                state = load_file(str(a.weights), device=self.lm.device)
-            else:
-                import torch
-
-                state = torch.load(a.weights, map_location=self.lm.device, weights_only=True)
+            config, state = read_weights(a.path, self.lm.device, self.lm.num_experts)
+        except AdapterError as e:
+            raise AdapterError(f"{name}: {e}") from e
         except Exception as e:
             raise AdapterError(f"{name}: could not read its weights: {e}") from e
+        config.inference_mode = True
         return a, config, state
 
     def attach(self, a: StoredAdapter, config: Any, state: dict) -> None:
