@@ -20,6 +20,7 @@ match, a sane rank and target modules that exist.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -179,3 +180,122 @@ def load_state(folder: Path, device: str = "cpu") -> dict:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         raise AdapterError(f"{path.name}: unreadable or incomplete ({type(e).__name__}: {e})"[:300]) from None
+
+
+PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_projs|down_projs)\.(\d+)\.(lora_[AB])\.weight$")
+EXPERT_ALIASES = {"gate_proj", "up_proj", "down_proj", "gate_up_proj", "gate_up_projs", "down_projs"}
+
+
+def fuse_per_expert(config: dict, state: dict, num_experts: int) -> tuple[dict, dict]:
+    """An adapter of unsloth's per-expert Linear experts (its bitsandbytes GPT-OSS checkpoints:
+    `mlp.experts.gate_up_projs.<e>` / `down_projs.<e>`) as PEFT's fused-expert LoRA over the same weights:
+    A rows e * r + j = A_e[j], B columns j * experts + e = B_e[:, j] (rank-major), which is the same
+    delta per expert. The config then targets the fused parameters."""
+    import torch
+
+    groups: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
+    out = {}
+    for key, t in state.items():
+        m = PER_EXPERT.match(key)
+        if m is None:
+            out[key] = t
+            continue
+        groups.setdefault((m.group(1), m.group(2)), {}).setdefault(int(m.group(3)), {})[m.group(4)] = t
+    if not groups:
+        return config, state
+    kinds = sorted({kind for _, kind in groups}, key=lambda k: PARAMS.index(k[:-1]))
+    for (head, kind), experts in groups.items():
+        if sorted(experts) != list(range(num_experts)) or any(len(f) != 2 for f in experts.values()):
+            raise AdapterError(f"{head}.{kind}: expected lora_A and lora_B for each of {num_experts} experts")
+        a = torch.cat([experts[e]["lora_A"] for e in range(num_experts)], 0)
+        b = torch.stack([experts[e]["lora_B"] for e in range(num_experts)], -1).flatten(1)  # [out, r, E]
+        depth = "base_layer." * (len(kinds) - 1 - kinds.index(kind))  # the first of PARAMS innermost
+        out[f"{head}.{depth}lora_A.weight"], out[f"{head}.{depth}lora_B.weight"] = a, b
+    config = dict(config)
+    modules = config.get("target_modules") or []
+    if isinstance(modules, list):
+        config["target_modules"] = [m for m in modules if m not in EXPERT_ALIASES]
+    config["target_parameters"] = [f"mlp.experts.{k[:-1]}" for k in kinds]
+    return config, out
+
+
+def base_modules(base_config: Any) -> tuple[Any, set[str]]:
+    """The base model on the meta device (no memory) and its module names' last parts."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base_config = copy.deepcopy(base_config)
+    if hasattr(base_config, "quantization_config"):
+        del base_config.quantization_config  # served MXFP4 experts keep the fused weights' shapes for PEFT
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(base_config)
+    return model, {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n}
+
+
+def expected_shapes(model: Any, folder: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor PEFT expects for the adapter config in `folder` on `model` (meta), with its shape."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    config = LoraConfig.from_pretrained(str(folder))
+    try:
+        peft = get_peft_model(model, config)
+    except Exception as e:  # PEFT: target modules not found, unsupported layer…
+        raise AdapterError(f"does not fit this base model: {str(e).splitlines()[0][:300]}") from None
+    return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft).items()}
+
+
+def convert(source: Path, target: Path, base_config: Any) -> str:
+    """Check the PEFT folder `source` against the base and write it to `target` as Tandem serves it
+    (rank-major lora_B, fused experts, a config that says so). Returns what was converted ("" for
+    nothing). Raises AdapterError with a one-line reason."""
+    from safetensors.torch import save_file
+
+    raw = read_config(source)
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"adapter_config.json: peft_type {raw.get('peft_type')!r} is not LORA")
+    hidden = int(base_config.hidden_size)
+    pattern = raw.get("rank_pattern") or {}
+    for key, rank in [("r", raw.get("r")), *((f"rank_pattern.{k}", v) for k, v in pattern.items())]:
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= min(MAX_RANK, hidden):
+            raise AdapterError(f"adapter_config.json: {key} = {rank!r} must be a whole number from 1 to "
+                               f"{min(MAX_RANK, hidden)} for this base")
+    expert_layouts(raw)  # mixed or unknown layouts are refused before anything is read
+    model, leaves = base_modules(base_config)
+    modules = raw.get("target_modules") or []
+    if isinstance(modules, list):
+        missing = [m for m in modules if m not in leaves and m not in EXPERT_ALIASES]
+        if missing:
+            raise AdapterError(f"adapter_config.json: target_modules {missing} do not exist in this base model")
+    num_experts = int(getattr(base_config, "num_local_experts", 0) or 1)
+    state = load_state(source)
+    notes = []
+    fused_raw, state = fuse_per_expert(raw, state, num_experts)
+    if fused_raw is not raw:
+        notes.append("per-expert LoRA fused")
+    moved = 0
+    if fused_raw is raw:  # a fused per-expert adapter is rank-major by construction
+        state, moved = rank_major_state(state, raw, num_experts)
+    if moved:
+        notes.append(f"{moved} lora_B tensors from grouped_by_expert to rank_major")
+    config = rank_major_config(fused_raw)
+    if isinstance(config.get("target_modules"), list):  # expert aliases that matched nothing in this base
+        config["target_modules"] = [m for m in config["target_modules"] if m in leaves]
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    expected = expected_shapes(model, target)
+    absent = sorted(set(expected) - set(state))
+    if absent:
+        raise AdapterError(f"adapter_model.safetensors lacks {len(absent)} tensor(s) this config needs, "
+                           f"e.g. {absent[0]} (a lora_A without its lora_B, or the other way round)")
+    stray = sorted(set(state) - set(expected))
+    if stray:
+        raise AdapterError(f"adapter_model.safetensors has {len(stray)} tensor(s) this base and config do not "
+                           f"have, e.g. {stray[0]}")
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise AdapterError(f"adapter_model.safetensors: {key} is {list(state[key].shape)}, this base needs "
+                               f"{list(shape)}")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(target / "adapter_model.safetensors"))
+    return ", ".join(notes)
