@@ -94,3 +94,45 @@ def test_one_adapter_larger_than_the_budget_still_serves(engine, make_adapter):
     engine.refresh_adapters()
     engine.live.budget_bytes = a.size_bytes // 2
     assert answer(engine, "Hello!", "one").adapter == "one"
+
+
+def test_the_watcher_survives_any_failure(engine, make_adapter, monkeypatch):
+    """Regression: only AdapterError was caught, so an out-of-memory error in attach or an OSError from the
+    store scan ended the watcher silently and no new specialist went live until a restart."""
+    import time
+
+    live, logged, changes = engine.live, [], []
+    engine.on_log(logged.append)
+    scan, prepare = live.store.signature, live.fast.prepare
+    calls = {"scan": 0}
+
+    def flaky_scan():
+        calls["scan"] += 1
+        if calls["scan"] == 2:
+            raise OSError("disk went away (injected)")
+        return scan()
+
+    def oom_for_big(name):  # on the PEFT model already, then out of memory while packing
+        if name == "big":
+            raise MemoryError("out of memory while capturing graphs (injected)")
+        return prepare(name)
+
+    monkeypatch.setattr(live.store, "signature", flaky_scan)
+    monkeypatch.setattr(live.fast, "prepare", oom_for_big)
+    engine.watch_adapters(changes.append, interval=0.05)
+
+    def wait(cond):
+        deadline = time.monotonic() + 30
+        while not cond() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cond()
+
+    wait(lambda: calls["scan"] >= 3)
+    assert any("disk went away" in m for m in logged)
+    make_adapter("big", ["x"], seed=1)
+    wait(lambda: any("big" in str(c.get("failed")) for c in changes))
+    assert "MemoryError" in dict(engine.broken_adapters())["big"]
+    assert "big" not in live.reference.model.peft_config  # the half attach was rolled back
+    make_adapter("small", ["y"], seed=2)
+    wait(lambda: any(c.get("added") == ["small"] for c in changes))
+    assert {r.name: r.resident for r in engine.adapters()} == {"big": False, "small": True}

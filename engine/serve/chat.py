@@ -123,31 +123,49 @@ class Engine:
 
     def watch_adapters(self, on_change: Callable[[dict], None] | None = None, interval: float = 1.0) -> None:
         """Poll the store; adapters published while running (the trainer's) are read from disk on the
-        watcher's thread and attached by the worker between replies. Tells `on_change` what changed."""
+        watcher's thread and attached by the worker between replies. Tells `on_change` what changed. The
+        watcher outlives any failure: an adapter that cannot be attached is listed as broken with the
+        reason (the attach is rolled back), and an error reading the store is logged and retried."""
         assert self.live is not None
         live = self.live
 
-        def loop() -> None:
-            sig = live.store.signature()
+        def attach(name: str) -> str | None:
+            try:
+                read = live.read(name)  # disk I/O here, not on the worker
+                self.worker.call(lambda: live.attach(*read))
+                return None
+            except WorkerClosed:
+                raise
+            except Exception as e:  # AdapterError, out of memory, a CUDA error: this adapter, not the watcher
+                reason = str(e) if isinstance(e, AdapterError) else f"{type(e).__name__}: {e}"
+                live.broken(name, reason[:300])
+                return f"{name}: {reason[:300]}"
+
+        def loop(sig: tuple | None) -> None:  # None: the store could not be read; refresh once it can
             while not self._watch_stop.wait(interval):
-                if (now := live.store.signature()) == sig:
-                    continue
-                sig = now
                 try:
+                    if (now := live.store.signature()) == sig:
+                        continue
+                    sig = now
                     changes = self.refresh_adapters()
-                    for name in changes["added"] + changes["changed"]:
-                        try:
-                            read = live.read(name)  # disk I/O here, not on the worker
-                            self.worker.call(lambda read=read: live.attach(*read))
-                        except AdapterError as e:
-                            changes.setdefault("failed", []).append(f"{name}: {e}")
+                    failed = [f for n in changes["added"] + changes["changed"] if (f := attach(n))]
+                    if failed:
+                        changes["failed"] = failed
                 except WorkerClosed:  # the engine is shutting down
                     return
+                except Exception as e:  # the store unreadable for a moment (a disk error, a folder mid-move)
+                    sig = None
+                    self.log(f"adapter watcher: {type(e).__name__}: {e}; trying again")
+                    continue
                 self.log("adapters changed: " + ", ".join(f"{k} {v}" for k, v in changes.items() if v))
                 if on_change:
                     on_change(changes)
 
-        threading.Thread(target=loop, name="adapter-watcher", daemon=True).start()
+        try:
+            start: tuple | None = live.store.signature()  # the store as the engine loaded it
+        except OSError:
+            start = None
+        threading.Thread(target=loop, args=(start,), name="adapter-watcher", daemon=True).start()
 
     def close(self) -> None:
         self._watch_stop.set()
@@ -163,7 +181,7 @@ class Engine:
         return self.live.table() if self.live else []
 
     def broken_adapters(self) -> list[tuple[str, str]]:
-        return list(self.live.problems) if self.live else []
+        return self.live.broken_list() if self.live else []
 
     def check_mode(self, mode: str) -> str:
         """`mode` if it is auto, base or a known specialist's name; else a one-line error."""

@@ -52,6 +52,7 @@ class LiveAdapters:
         self.fast = fast  # FastDecoder, or None when it does not apply
         self.known: dict[str, StoredAdapter] = {}
         self.problems: list[tuple[str, str]] = []
+        self.failed: dict[str, str] = {}  # adapters that could not be attached: name -> why (until they change)
         self.resident: OrderedDict[str, tuple[float, int]] = OrderedDict()  # name -> (created, bytes), LRU order
         self.active: str | None = None
         self._state_lock = threading.Lock()
@@ -72,7 +73,17 @@ class LiveAdapters:
         removed = [n for n in before if n not in now]
         for name in removed + changed:
             self.unload(name)
+            self.failed.pop(name, None)
         return {"added": added, "changed": changed, "removed": removed}
+
+    def broken(self, name: str, reason: str) -> None:
+        """Adapter `name` could not be attached: listed with the broken ones until it changes on disk."""
+        with self._state_lock:
+            self.failed[name] = reason
+
+    def broken_list(self) -> list[tuple[str, str]]:
+        with self._state_lock:
+            return [*self.problems, *((n, f"could not be attached: {r}") for n, r in sorted(self.failed.items()))]
 
     def names(self) -> list[str]:
         return sorted(self.known)
