@@ -220,7 +220,41 @@ def _greedy(model, decoder, ids, steps=6):
     return ids
 
 
+def test_tandem_dequantization_matches_transformers_reader():
+    """An independent reader of the format: transformers' own integrations/mxfp4.py, on the same bytes
+    (every byte value, scales on both sides of 2^0)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    gen = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 64, 4, 16), dtype=torch.uint8, generator=gen)
+    blocks[0, 0, :, :].view(-1)[:] = torch.arange(64, dtype=torch.uint8)  # low and high nibbles of every code
+    scales = torch.randint(100, 150, (3, 64, 4), dtype=torch.uint8, generator=gen)
+    theirs = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # [experts, in, out]
+    assert torch.equal(dequantize(blocks, scales), theirs.transpose(1, 2))
+
+
+def _transformers_dense(folder: Path, served):
+    """GptOssForCausalLM holding `folder`'s experts as transformers' MXFP4 reader dequantizes them (the
+    rest copied from `served`): what the checkpoint means, read without Tandem's code."""
+    from safetensors.torch import load_file
+    from transformers import GptOssForCausalLM
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    dense = GptOssForCausalLM(served.config).eval()
+    dense.load_state_dict({k: v for k, v in served.state_dict().items() if ".experts." not in k}, strict=False)
+    tensors = load_file(str(folder / "model.safetensors"))
+    for i, layer in enumerate(dense.model.layers):
+        for p in ("gate_up_proj", "down_proj"):
+            key = f"model.layers.{i}.mlp.experts.{p}"
+            getattr(layer.mlp.experts, p).data = convert_moe_packed_tensors(
+                tensors[f"{key}_blocks"], tensors[f"{key}_scales"], dtype=torch.float32)
+            getattr(layer.mlp.experts, f"{p}_bias").data = tensors[f"{key}_bias"].float()
+    return dense
+
+
 def test_load_model_reads_the_official_mxfp4_layout(tmp_path, demo_model_dir):
+    """The checkpoint's bytes, loaded by Tandem and served by both decoders, give the logits of a dense
+    model whose experts transformers' own reader dequantized from the same file."""
     from engine.serve.model import load_model
     from engine.settings import Settings, updated
 
@@ -230,9 +264,14 @@ def test_load_model_reads_the_official_mxfp4_layout(tmp_path, demo_model_dir):
     assert lm.quant == "mxfp4"
     experts = lm.model.model.layers[1].mlp.experts
     assert isinstance(experts, Mxfp4Experts)
-    assert torch.equal(experts.down_proj_blocks, written.model.layers[1].mlp.experts.down_proj_blocks)
-    ids = torch.randint(0, 256, (1, 20))
-    tokens = _greedy(lm.model, FastDecoder(lm.model, max_len=64), ids)
+    dense = _transformers_dense(folder, lm.model)
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
+    bound = rounding_bound(dense, ids)
+    with torch.no_grad():
+        assert relative(lm.model(input_ids=ids).logits, dense(input_ids=ids).logits) < bound
+    decoder = FastDecoder(lm.model, max_len=64)
+    assert relative(decoder.prefill(ids), dense(input_ids=ids).logits[:, -1]) < bound
+    tokens = _greedy(lm.model, decoder, ids)
     assert tokens.shape == (1, 26)
 
 
