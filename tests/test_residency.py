@@ -68,6 +68,11 @@ def test_decoders_refuse_names_they_do_not_hold(engine, make_adapter):
         assert live.fast.select(None) and live.reference.select(None)
         live.unload("one")
         assert not live.reference.select("one") and not live.fast.select("one")
+        import torch
+
+        assert live.reference.select(None)  # the active one was unloaded: the reference still runs the base
+        assert live.reference.prefill(torch.tensor([[1, 2, 3]])).shape[-1] == engine.lm.model.config.vocab_size
+        live.reference.release()
 
     engine.worker.call(check)
 

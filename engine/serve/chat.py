@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 from engine import names
 from engine.harmony import SKIP_REASONING_PREFILL, Turn
+from engine.serve import selfcheck
 from engine.serve.generate import Reply, Sampling
 from engine.serve.model import LoadedModel, Progress, base_identity, fast_decoder, load_model
 from engine.serve.residency import LiveAdapters, Residency
@@ -85,6 +86,14 @@ class Engine:
             fast, self.fast_note = fast_decoder(lm, self.settings)
             store = AdapterStore(self.settings.adapters_dir, base_model=base_identity(lm.name, lm.is_demo))
             self.worker.live = self.live = LiveAdapters(lm, store, self.settings.adapters.vram_budget_mb, fast)
+            if fast is not None:  # the first time this checkpoint is served: the fast decoder against the reference
+                say("checking the fast decoder against transformers", 0.95)
+                verdict = selfcheck.check(lm, fast, self.live.reference)
+                self.log(f"self-check: {verdict.line()} ({verdict.top1}, worst {verdict.worst:.2g}, "
+                         f"{verdict.seconds:.1f} s when checked)")
+                if not verdict.ok:
+                    self.live.fast = None
+                    self.fast_note = f"{verdict.reason}; transformers + PEFT answers"
             self.lm = lm
             say("model ready" + (f" (fast decoder: {self.fast_note})" if self.fast_note else ""), 1.0)
 

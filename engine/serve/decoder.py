@@ -85,9 +85,22 @@ class ReferenceDecoder:
             layer._disable_adapters = name is None
             if name is not None:
                 layer._active_adapter = [name]
+        held = self.model.peft_config
+        active = name if name is not None else self.model.active_adapter
+        if active not in held and held:  # the adapter it named was unloaded: PeftModel's forward reads this
+            active = next(iter(held))
+        # PeftModel keeps its own active name beside the tuner's; its forward looks it up in peft_config
+        self.model.active_adapter = active
         if name is not None:
             self.model.base_model.active_adapter = name
         return True
+
+    def _runner(self) -> Any:
+        """The module to call: the PEFT model, or its base once every adapter is unloaded (PeftModel's
+        forward would look up the last active one, now gone)."""
+        if getattr(self.model, "peft_config", True):
+            return self.model
+        return self.model.base_model.model
 
     # ----- decoding
     def prefill(self, ids: Any) -> Any:
@@ -101,7 +114,7 @@ class ReferenceDecoder:
         import torch
 
         self._calls.clear()
-        out = self.model(input_ids=ids, past_key_values=self._past, use_cache=True)
+        out = self._runner()(input_ids=ids, past_key_values=self._past, use_cache=True)
         self._past = out.past_key_values
         self._length += ids.shape[1]
         if self._hooks and self._calls:  # per router: (indices, weights) of every position -> [layer, row, k]

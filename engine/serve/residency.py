@@ -14,6 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from engine.serve import selfcheck
 from engine.serve.decoder import Decoder, ReferenceDecoder
 from engine.serve.model import LoadedModel
 from engine.store.adapter_format import read_weights
@@ -161,7 +162,11 @@ class LiveAdapters:
         if self.fast is None:
             return 0
         self.fast.forget(a.name)
-        self.fast.prepare(a.name)  # pack and capture now, not on the first reply
+        if not isinstance(self.fast.prepare(a.name), str):  # pack and capture now, not on the first reply
+            verdict = selfcheck.check(self.lm, self.fast, self.reference, a.name, a.manifest.created)
+            if not verdict.ok:  # the fast decoder misreads this adapter: the reference serves it, saying why
+                self.fast.forget(a.name)
+                self.fast.packs[a.name] = verdict.reason
         return self.fast.pack_bytes(a.name)
 
     def _drop(self, name: str) -> None:
