@@ -196,3 +196,58 @@ def test_per_expert_lora_is_fused_into_the_same_deltas(demo):
         got = w.get_delta_weight("default")
         for e in range(E):
             torch.testing.assert_close(got[e], deltas[(w.parameter_name, e)])
+
+
+RECIPE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def recipe_adapter(demo_model_dir, folder):
+    """unsloth's 2025 GPT-OSS recipe (get_peft_model: attention and the MLP names, r=16, alpha=32, rsLoRA),
+    built by the installed unsloth on the demo model, with trained-looking (non-zero) lora_B."""
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(model_name=str(demo_model_dir), max_seq_length=256,
+                                                 load_in_4bit=False, dtype=torch.float32)
+    peft = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0, use_rslora=True,
+                                            target_modules=RECIPE, random_state=3407,
+                                            use_gradient_checkpointing=False)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    peft.save_pretrained(folder)
+    return folder
+
+
+def test_unsloth_2025_recipe_imports_and_serves_on_the_fast_path_over_mxfp4(tmp_path, demo, demo_model_dir):
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    from engine.serve import selfcheck
+    from engine.serve.decoder import ReferenceDecoder
+    from engine.serve.fast_decode import FastDecoder
+    from engine.store.adapter_format import read_weights
+    from tests.test_adapter_shapes import mxfp4_pair
+    from tests.tolerance import logits, relative, rounding_bound
+
+    dense, config = demo
+    folder = recipe_adapter(demo_model_dir, tmp_path / "recipe")
+    a = store(tmp_path, demo_model_dir).import_folder(folder, name="recipe", task="misc", base_config=config)
+    lora, state = read_weights(a.path, "cpu", E)
+    mx, deq = mxfp4_pair(dense)
+    served, truth = (get_peft_model(m, copy.deepcopy(lora), adapter_name="recipe").eval() for m in (mx, deq))
+    for m in (served, truth):
+        assert not [k for k in set_peft_model_state_dict(m, state, adapter_name="recipe").unexpected_keys
+                    if "lora_" in k]
+    fast = FastDecoder(served, max_len=256)
+    assert fast.select("recipe"), fast.reason
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(2))
+    want = logits(truth, ids)[:, -1]
+    with truth.disable_adapter():
+        assert relative(want, logits(truth, ids)[:, -1]) > 1e-3  # the adapter matters
+    assert relative(fast.prefill(ids), want) < rounding_bound(truth, ids)
+    from transformers import AutoTokenizer
+
+    verdict = selfcheck.compare(fast, ReferenceDecoder(served, 256), AutoTokenizer.from_pretrained(demo_model_dir),
+                                "recipe")
+    assert verdict.ok, verdict
