@@ -97,12 +97,15 @@ def models(demo_model_dir):
             "bf16-base": dense, "mxfp4-base": mx}
 
 
-@pytest.mark.parametrize("together", [False, True], ids=["alone", "beside-others"])
+CASES = [(shape, False) for shape in SHAPES] + [(shape, True) for shape in ("gateup", "down", "kodown", "qgateup")]
+
+
 @pytest.mark.parametrize("path", ["bf16", "mxfp4"])
-@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("shape, together", CASES, ids=[f"{s}-{'beside-others' if t else 'alone'}" for s, t in CASES])
 def test_both_decoders_match_peft_for_every_adapter_shape(models, path, shape, together):
-    """Alone: the adapter as PEFT made it, on its own. Beside others: extended to both expert weights (as
-    the residency attaches it) on a model holding every other shape too."""
+    """Alone: the adapter as PEFT made it, on its own. Beside others (the shapes that adapt one expert
+    weight): extended to both expert weights, as the residency attaches it, on a model holding every
+    other shape too."""
     shared, base = models[path]
     truth = alone(base, models["made"], shape)
     served = shared if together else alone(models[f"{path}-base"], models["made"], shape)

@@ -251,3 +251,16 @@ def test_unsloth_2025_recipe_imports_and_serves_on_the_fast_path_over_mxfp4(tmp_
     verdict = selfcheck.compare(fast, ReferenceDecoder(served, 256), AutoTokenizer.from_pretrained(demo_model_dir),
                                 "recipe")
     assert verdict.ok, verdict
+
+
+def test_the_trainer_pins_the_layout_it_writes(tmp_path, monkeypatch):
+    """Whatever UNSLOTH_MOE_LORA_B_LAYOUT the user's environment holds, the training process writes
+    rank-major expert lora_B: the layout the store, the gate and the server read."""
+    import os
+
+    from engine.train import trainer
+
+    monkeypatch.setenv("UNSLOTH_MOE_LORA_B_LAYOUT", GROUPED)
+    with pytest.raises(Exception):  # noqa: B017  (no such run: only the pin before it matters here)
+        trainer.main(str(tmp_path / "no-run"))
+    assert os.environ["UNSLOTH_MOE_LORA_B_LAYOUT"] == RANK_MAJOR
