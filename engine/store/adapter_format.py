@@ -24,9 +24,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from engine.store.adapters import AdapterError
-from engine.train.targets import FUSED_EXPERTS
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
+
+class AdapterError(ValueError):
+    """A bad adapter name or folder, with the reason (engine.store.adapters re-exports it)."""
+
+
+FUSED_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]  # GPT-OSS's fused expert weights (PEFT targets)
 LAYOUT_KEY = "lora_B_layout"
 DETAIL_KEY = "unsloth_fused_expert_lora"
 RANK_MAJOR, GROUPED = "rank_major", "grouped_by_expert"
@@ -165,8 +170,6 @@ def read_config(folder: Path) -> dict:
 
 def load_state(folder: Path, device: str = "cpu") -> dict:
     """Every tensor of the folder's weights (a truncated or corrupt file is an AdapterError)."""
-    from engine.store.adapters import WEIGHT_FILES
-
     path = next((folder / f for f in WEIGHT_FILES if (folder / f).is_file()), None)
     if path is None:
         raise AdapterError("missing adapter_model.safetensors (weights)")

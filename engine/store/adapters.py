@@ -20,12 +20,7 @@ from typing import Any
 
 from engine import names
 from engine.files import read_json
-
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-class AdapterError(ValueError):
-    """A bad adapter name or folder, with the reason."""
+from engine.store.adapter_format import WEIGHT_FILES, AdapterError, convert
 
 
 class BadAdapterName(AdapterError, names.InvalidName):
@@ -310,8 +305,6 @@ class AdapterStore:
             raise AdapterError(f"an adapter named {manifest.name!r} already exists; pass another name")
         if base_config is None:
             return self.publish(path, manifest)
-        from engine.store.adapter_format import convert
-
         staging = self.root / ".staging" / f"import-{manifest.name}-{uuid.uuid4().hex[:8]}"
         try:
             for f in path.iterdir():  # small files beside the weights (README, tokenizer notes) come along
