@@ -37,6 +37,11 @@ def test_shipped_settings_load_and_paths_are_relative_to_file(settings, settings
         ("[training.profiles.mine]\nrank = 4", "training.profiles.mine", "max_steps and max_samples"),
         ('[learning]\nnightly_window = "25:00-03:00"', "learning.nightly_window", "HH:MM-HH:MM"),
         ('[training]\ndefault_profile = "nope"', "training.default_profile", "quick_test"),
+        ("[api]\nport = 70000", "api.port", "TCP port"),
+        ('[api]\nhost = "a b"', "api.host", "address to bind"),
+        ('[api]\ntoken = "short"', "api.token", "at least 16"),
+        ("[api]\nmax_concurrent = 0", "api.max_concurrent", "1 to 1024"),
+        ('[model]\nbackend = "ftp://x"', "model.backend", "http:// or https://"),
     ],
 )
 def test_bad_values_name_key_value_and_expectation(tmp_path, toml, key, expected):
@@ -83,3 +88,16 @@ def test_custom_profile_inherits_defaults(tmp_path):
     assert (p.max_steps, p.max_samples, p.learning_rate) == (3, 8, 2e-4)
     with pytest.raises(st.SettingsError, match="known profiles"):
         s.profile("missing")
+
+
+def test_a_rejected_token_is_not_echoed(tmp_path):
+    with pytest.raises(st.SettingsError) as err:
+        st.load(write(tmp_path / "s.toml", '[api]\ntoken = "secret with space"'))
+    assert "secret" not in str(err.value)
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("::1", True), ("localhost", True),
+                                            ("127.0.0.2", True), ("0.0.0.0", False), ("192.168.1.5", False),
+                                            ("myhost", False), ("::", False)])
+def test_only_loopback_addresses_count_as_local(host, loopback):
+    assert st.is_loopback(host) is loopback

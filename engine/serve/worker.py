@@ -5,10 +5,15 @@ jobs on its queue, run one at a time. A reply request carries its adapter: selec
 happen in the same job, so nothing can switch the adapter between the choice and the reply (which is
 what history and A/B preferences record). Callers on other threads get results back through a Future
 (`call`) or an event queue (`stream`).
+
+Jobs wait in a priority queue, first in first out within a priority: the person at the keyboard
+(`KEYBOARD`, the default) goes before API clients (`API`), so API traffic never starves the app; a
+reply already running is never interrupted.
 """
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -17,10 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from engine.harmony import Turn, fit_turns
+from engine.serve import checkpoint_template
 from engine.serve.generate import Reply, Sampling, stream
 from engine.serve.residency import LiveAdapters
 
 T = TypeVar("T")
+KEYBOARD, API = 0, 1  # job priorities: lower runs first
 MIN_REPLY_ROOM = 256  # tokens kept free for the reply when old turns are trimmed to fit the context
 
 
@@ -40,6 +47,7 @@ class Request:
     prefill: str = ""  # the start of the assistant's turn, already decided (e.g. skip reasoning)
     record_experts: bool = False
     cancel: threading.Event = field(default_factory=threading.Event)
+    priority: int = KEYBOARD
 
 
 @dataclass
@@ -65,9 +73,23 @@ class Failed:
     error: Exception
 
 
+class _Jobs(queue.PriorityQueue):
+    """The worker's queue: by priority, first in first out within one; None (close) after every job."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._arrival = itertools.count()
+
+    def put(self, job: Any, block: bool = True, timeout: float | None = None, priority: int = KEYBOARD) -> None:
+        super().put((float("inf") if job is None else priority, next(self._arrival), job), block, timeout)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        return super().get(block, timeout)[2]
+
+
 class InferenceWorker:
     def __init__(self) -> None:
-        self._jobs: queue.Queue[tuple[Callable[[], Any], Future] | None] = queue.Queue()
+        self._jobs = _Jobs()
         self.live: LiveAdapters | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="inference-worker", daemon=True)
@@ -83,16 +105,21 @@ class InferenceWorker:
             except BaseException as e:  # handed to the caller, who decides
                 done.set_exception(e)
 
-    def submit(self, fn: Callable[[], T]) -> Future[T]:
+    def submit(self, fn: Callable[[], T], *, priority: int = KEYBOARD) -> Future[T]:
         done: Future[T] = Future()
         if self._closed:  # nothing would ever run it: fail now rather than leave the caller waiting
             done.set_exception(WorkerClosed("the inference worker is closed"))
             return done
-        self._jobs.put((fn, done))
+        self._jobs.put((fn, done), priority=priority)
         return done
 
+    def queued(self) -> int:
+        """Jobs waiting (the running one not counted)."""
+        return self._jobs.qsize()
+
     def call(self, fn: Callable[[], T]) -> T:
-        """Run `fn` on the worker after the jobs queued before it; its result or exception."""
+        """Run `fn` on the worker after the jobs of its priority (KEYBOARD) queued before it; its result or
+        exception."""
         if threading.current_thread() is self._thread:
             return fn()
         return self.submit(fn).result()
@@ -110,7 +137,7 @@ class InferenceWorker:
         """Events of one reply: Started, then a Step per token; the last Step's reply is final.
         Leaving the iterator early cancels the reply."""
         out: queue.Queue[Started | Step | Failed | None] = queue.Queue()
-        self.submit(lambda: self._reply(req, out))
+        self.submit(lambda: self._reply(req, out), priority=req.priority)
         try:
             while (ev := out.get()) is not None:
                 if isinstance(ev, Failed):
@@ -124,8 +151,8 @@ class InferenceWorker:
             assert self.live is not None, "no model loaded"
             lm = self.live.lm
             room = min(req.sampling.max_new_tokens, max(lm.max_len // 2, MIN_REPLY_ROOM))
-            ids, dropped = fit_turns(lm.tokenizer, req.turns, req.reasoning, req.instructions, lm.max_len - room,
-                                     req.prefill)
+            fit = checkpoint_template.fit_turns if lm.renderer == "checkpoint" else fit_turns  # model.chat_template
+            ids, dropped = fit(lm.tokenizer, req.turns, req.reasoning, req.instructions, lm.max_len - room, req.prefill)
             chosen = self.live.select(req.adapter)
             out.put(Started(chosen.adapter, chosen.note, dropped))
             import torch

@@ -57,6 +57,9 @@ class ReportScreen(Dismissable):
         lines = [f"# Learning report\n\n{r['turns']} turns · mean rating {r['mean_rating'] or '-'} "
                  f"({r['rated']} rated) · correction rate {r['correction_rate'] or 0} · {r['preferences']} A/B picks\n",
                  "**Usage:** " + (", ".join(f"{k} {v}" for k, v in r["usage"].items()) or "none yet") + "\n",
+                 "**Preference pairs** (A/B picks + corrections, what a preference run learns from): "
+                 + (", ".join(f"{k} {v['picks']} + {v['corrections']}" for k, v in r.get("pairs", {}).items())
+                    or "none yet") + "\n",
                  "| day | turns | rating | corrections | tok/s | router confidence |",
                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for d in r["days"][-14:]:
