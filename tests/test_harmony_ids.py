@@ -10,7 +10,7 @@ class Scripted:
     """A Decoder that answers a fixed token sequence (greedy picks each in turn): the generation loop and
     the parser are under test here, not a model."""
 
-    max_len, num_experts, routes, full = 4096, 0, None, False
+    max_len, num_experts, routes, full, reused = 4096, 0, None, False, 0
 
     def __init__(self, ids, vocab):
         self.ids, self.vocab, self.at = ids, vocab, 0

@@ -72,9 +72,12 @@ def store(tmp_path, demo_model_dir):
 
 
 @pytest.mark.parametrize("marker", ["flat", "nested", "auto_mapping", "none"])
-def test_grouped_expert_lora_is_converted_to_rank_major(tmp_path, demo, demo_model_dir, marker):
+def test_grouped_expert_lora_is_converted_to_rank_major(tmp_path, demo, demo_model_dir, marker, monkeypatch):
     """Regression: the layout key was never read, so a grouped adapter was served with its lora_B columns
     permuted. unsloth-zoo's own reader of the markers agrees with Tandem's on which layout each is."""
+    import unsloth  # noqa: F401  (before unsloth_zoo, as it asks)
+
+    monkeypatch.setenv("UNSLOTH_IS_PRESENT", "1")  # set by that import; a test may have reset the environment
     from unsloth_zoo.temporary_patches.moe_utils import saved_lora_b_layouts
 
     model, config = demo
@@ -163,8 +166,9 @@ def test_links_and_loops_are_refused_and_a_manifestless_folder_gets_the_engine_b
     assert a.manifest.base_model == f"demo:{demo_model_dir.name}"  # not the config's base_model_name_or_path
     with pytest.raises(AdapterError, match="inside the adapter store"):
         s.import_folder(a.path, name="again", task="x", base_config=config)
+    holding = AdapterStore(folder / "store", base_model=s.base_model)  # a store inside the source folder
     with pytest.raises(AdapterError, match="inside the adapter store"):
-        s.import_folder(tmp_path, name="whole", task="x", base_config=config)
+        holding.import_folder(folder, name="whole", task="x", base_config=config)
     with pytest.raises(AdapterError, match="base model it was trained for is unknown"):
         AdapterStore(tmp_path / "other").import_folder(folder, name="nobase", task="x")
 
