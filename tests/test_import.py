@@ -224,7 +224,8 @@ def recipe_adapter(demo_model_dir, folder):
     return folder
 
 
-def test_unsloth_2025_recipe_imports_and_serves_on_the_fast_path_over_mxfp4(tmp_path, demo, demo_model_dir):
+def test_unsloth_2025_recipe_imports_and_serves_on_the_fast_path_over_mxfp4(tmp_path, demo, demo_model_dir,
+                                                                           monkeypatch):
     from peft import get_peft_model, set_peft_model_state_dict
 
     from engine.serve import selfcheck
@@ -235,6 +236,7 @@ def test_unsloth_2025_recipe_imports_and_serves_on_the_fast_path_over_mxfp4(tmp_
     from tests.tolerance import logits, relative, rounding_bound
 
     dense, config = demo
+    monkeypatch.chdir(tmp_path)  # unsloth writes its compiled modules into the working folder
     folder = recipe_adapter(demo_model_dir, tmp_path / "recipe")
     a = store(tmp_path, demo_model_dir).import_folder(folder, name="recipe", task="misc", base_config=config)
     lora, state = read_weights(a.path, "cpu", E)
