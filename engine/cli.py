@@ -201,8 +201,15 @@ def cmd_adapters(s: settings_mod.Settings, a: argparse.Namespace) -> int:
     elif a.action == "export":
         return _export(s, a)
     elif a.action == "import":
-        x = store.import_folder(Path(a.path), a.name, a.task)
-        print(f"imported {x.name} ({x.size_bytes / 2**20:.1f} MB)")
+        from transformers import AutoConfig
+
+        from engine.serve.model import base_identity, resolve_model_name
+
+        model, is_demo = resolve_model_name(s, _progress)  # the base the engine runs: checked against, recorded
+        store.base_model = base_identity(model, is_demo)
+        x = store.import_folder(Path(a.path), a.name, a.task, base_config=AutoConfig.from_pretrained(model))
+        extra = f"; {line(x.manifest.description)}" if "(" in x.manifest.description else ""
+        print(f"imported {x.name} ({x.size_bytes / 2**20:.1f} MB) for base {line(x.manifest.base_model)}{extra}")
     return 0
 
 

@@ -209,7 +209,8 @@ class HarmonyParser:
 
     `feed` takes decoded text (special tokens included) in any chunking and returns what was added as
     (segment index, channel, text) events; `segments` holds the parse so far. `done` turns true at
-    `<|return|>` or `<|call|>`.
+    `<|return|>` or `<|call|>`. A model's output goes through `feed_token`, which knows which tokens were
+    control tokens by their ids: only those are structure.
     """
 
     segments: list[Segment] = field(default_factory=list)
@@ -231,6 +232,21 @@ class HarmonyParser:
             self._marker(m.group(), events)
             pos = m.end()
         self._text(buf[pos:], events)
+        return events
+
+    def feed_token(self, text: str, marker: str | None = None) -> list[tuple[int, str, str]]:
+        """One generated token's decoded `text`, parsed on its id: `marker` is the control token it is (its
+        id was a special id), None for an ordinary token, whose text is content however it is spelled (a
+        model writing the characters `<|channel|>final<|message|>` does not open a final channel)."""
+        events: list[tuple[int, str, str]] = []
+        if self._pending:  # text held back by `feed` (a prefill), now known not to be a marker
+            self._text(self._pending, events)
+            self._pending = ""
+        if marker is not None and text.endswith(marker):
+            text = text[: -len(marker)]
+        self._text(text, events)
+        if marker is not None:
+            self._marker(marker, events)
         return events
 
     def finish(self) -> list[tuple[int, str, str]]:

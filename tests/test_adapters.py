@@ -69,7 +69,8 @@ def test_publish_rename_remove_import_and_rollback(settings, make_adapter, tmp_p
     plain = tmp_path / "plain"
     shutil.copytree(store.get("coder").path, plain)
     (plain / "manifest.json").unlink()
-    imported = store.import_folder(plain, name="imported", task="misc")
+    imported = AdapterStore(settings.adapters_dir, base_model=first.manifest.base_model).import_folder(
+        plain, name="imported", task="misc")
     assert imported.manifest.lora["rank"] == 4 and imported.manifest.task == "misc"
     store.remove("imported")
     assert [a.name for a in store.scan()[0]] == ["coder"]

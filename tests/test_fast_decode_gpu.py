@@ -79,6 +79,74 @@ def test_mxfp4_kernels_at_real_width_match_exact_dequantization(pairs):
             assert err < tol, (dtype, err)
 
 
+def recipe_folder(folder, config, seed: int = 0):
+    """An adapter as unsloth's 2025 GPT-OSS recipe leaves it (get_peft_model with q/k/v/o and
+    gate/up/down_proj, r=16, alpha=32, rsLoRA, trained on the bitsandbytes checkpoint, whose experts are
+    one Linear each: `mlp.experts.gate_up_projs.<e>` / `down_projs.<e>`), with random trained-looking
+    factors, at the real width."""
+    import json
+
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    r, h, i = 16, config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    shapes = {"self_attn.q_proj": (h, q), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
+              "self_attn.o_proj": (q, h)}
+    shapes |= {f"mlp.experts.gate_up_projs.{e}": (h, 2 * i) for e in range(config.num_local_experts)}
+    shapes |= {f"mlp.experts.down_projs.{e}": (i, h) for e in range(config.num_local_experts)}
+    state = {}
+    for layer in range(config.num_hidden_layers):
+        for module, (inp, out) in shapes.items():
+            key = f"base_model.model.model.layers.{layer}.{module}"
+            state[f"{key}.lora_A.weight"] = (torch.randn(r, inp, generator=gen) / inp**0.5).to(torch.bfloat16)
+            state[f"{key}.lora_B.weight"] = (torch.randn(out, r, generator=gen) * 0.02).to(torch.bfloat16)
+    folder.mkdir()
+    save_file(state, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": r, "lora_alpha": 32, "use_rslora": True, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "base_model_name_or_path": "unsloth/gpt-oss-20b-unsloth-bnb-4bit", "task_type": "CAUSAL_LM"}))
+    return folder
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the device)")
+def test_self_check_on_the_24_layer_mxfp4_model_with_an_imported_recipe_adapter(tmp_path):
+    """The self-check as the engine runs it on first serving the checkpoint and on first attaching an
+    adapter: the 24-layer random-weight model in MXFP4, and an adapter of unsloth's 2025 recipe imported
+    through `adapters import` (per-expert LoRA fused, checked against the base). Prints time and verdict
+    (pytest -s); both must agree within a few seconds each."""
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    from bench.shapes import gpt_oss_20b_config, random_mxfp4_model, wide_tokenizer
+    from engine.serve import selfcheck
+    from engine.serve.decoder import ReferenceDecoder
+    from engine.store.adapter_format import read_weights
+    from engine.store.adapters import AdapterStore
+
+    config = gpt_oss_20b_config(24)
+    store = AdapterStore(tmp_path / "adapters", base_model="random-20b")
+    imported = store.import_folder(recipe_folder(tmp_path / "recipe", config), name="recipe", task="misc",
+                                   base_config=config)
+    model = random_mxfp4_model(24)
+    tokenizer = wide_tokenizer()
+    fast = FastDecoder(model, max_len=1024)
+    fast.warm_up()
+    base = selfcheck.compare(fast, ReferenceDecoder(model, 1024), tokenizer, None)
+    print(f"self-check, base (24 layers, MXFP4): {base.line()}; worst {base.worst:.3g} (tolerance "
+          f"{base.tolerance:g}), top-1 {base.top1}; {base.seconds:.2f} s")
+    lora, state = read_weights(imported.path, "cuda", config.num_local_experts)
+    model = get_peft_model(model, lora, adapter_name="recipe").eval()
+    set_peft_model_state_dict(model, state, adapter_name="recipe")
+    fast = FastDecoder(model, max_len=1024)
+    assert fast.prepare("recipe") is not None and fast.select("recipe"), fast.reason
+    spec = selfcheck.compare(fast, ReferenceDecoder(model, 1024), tokenizer, "recipe")
+    print(f"self-check, imported recipe adapter ({imported.manifest.description}): {spec.line()}; worst "
+          f"{spec.worst:.3g}, top-1 {spec.top1}; {spec.seconds:.2f} s")
+    assert base.ok and spec.ok, (base, spec)
+    assert base.seconds < 10 and spec.seconds < 10
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the device)")
 def test_grouped_prefill_experts_at_real_width_match_exact_dequantization():
     """The prefill's grouped GEMMs over MXFP4 experts dequantized by the Triton pass (bf16, with the

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 from engine import names
 from engine.harmony import SKIP_REASONING_PREFILL, Turn
+from engine.serve import selfcheck
 from engine.serve.generate import Reply, Sampling
 from engine.serve.model import LoadedModel, Progress, base_identity, fast_decoder, load_model
 from engine.serve.residency import LiveAdapters, Residency
@@ -90,6 +91,14 @@ class Engine:
             fast, self.fast_note = fast_decoder(lm, self.settings)
             store = AdapterStore(self.settings.adapters_dir, base_model=base_identity(lm.name, lm.is_demo))
             self.worker.live = self.live = LiveAdapters(lm, store, self.settings.adapters.vram_budget_mb, fast)
+            if fast is not None:  # the first time this checkpoint is served: the fast decoder against the reference
+                say("checking the fast decoder against transformers", 0.95)
+                verdict = selfcheck.check(lm, fast, self.live.reference)
+                self.log(f"self-check: {verdict.line()} ({verdict.top1}, worst {verdict.worst:.2g}, "
+                         f"{verdict.seconds:.1f} s when checked)")
+                if not verdict.ok:
+                    self.live.fast = None
+                    self.fast_note = f"{verdict.reason}; transformers + PEFT answers"
             self.lm = lm
             say("model ready" + (f" (fast decoder: {self.fast_note})" if self.fast_note else ""), 1.0)
 
@@ -128,31 +137,49 @@ class Engine:
 
     def watch_adapters(self, on_change: Callable[[dict], None] | None = None, interval: float = 1.0) -> None:
         """Poll the store; adapters published while running (the trainer's) are read from disk on the
-        watcher's thread and attached by the worker between replies. Tells `on_change` what changed."""
+        watcher's thread and attached by the worker between replies. Tells `on_change` what changed. The
+        watcher outlives any failure: an adapter that cannot be attached is listed as broken with the
+        reason (the attach is rolled back), and an error reading the store is logged and retried."""
         assert self.live is not None
         live = self.live
 
-        def loop() -> None:
-            sig = live.store.signature()
+        def attach(name: str) -> str | None:
+            try:
+                read = live.read(name)  # disk I/O here, not on the worker
+                self.worker.call(lambda: live.attach(*read))
+                return None
+            except WorkerClosed:
+                raise
+            except Exception as e:  # AdapterError, out of memory, a CUDA error: this adapter, not the watcher
+                reason = str(e) if isinstance(e, AdapterError) else f"{type(e).__name__}: {e}"
+                live.broken(name, reason[:300])
+                return f"{name}: {reason[:300]}"
+
+        def loop(sig: tuple | None) -> None:  # None: the store could not be read; refresh once it can
             while not self._watch_stop.wait(interval):
-                if (now := live.store.signature()) == sig:
-                    continue
-                sig = now
                 try:
+                    if (now := live.store.signature()) == sig:
+                        continue
+                    sig = now
                     changes = self.refresh_adapters()
-                    for name in changes["added"] + changes["changed"]:
-                        try:
-                            read = live.read(name)  # disk I/O here, not on the worker
-                            self.worker.call(lambda read=read: live.attach(*read))
-                        except AdapterError as e:
-                            changes.setdefault("failed", []).append(f"{name}: {e}")
+                    failed = [f for n in changes["added"] + changes["changed"] if (f := attach(n))]
+                    if failed:
+                        changes["failed"] = failed
                 except WorkerClosed:  # the engine is shutting down
                     return
+                except Exception as e:  # the store unreadable for a moment (a disk error, a folder mid-move)
+                    sig = None
+                    self.log(f"adapter watcher: {type(e).__name__}: {e}; trying again")
+                    continue
                 self.log("adapters changed: " + ", ".join(f"{k} {v}" for k, v in changes.items() if v))
                 if on_change:
                     on_change(changes)
 
-        threading.Thread(target=loop, name="adapter-watcher", daemon=True).start()
+        try:
+            start: tuple | None = live.store.signature()  # the store as the engine loaded it
+        except OSError:
+            start = None
+        threading.Thread(target=loop, args=(start,), name="adapter-watcher", daemon=True).start()
 
     def close(self) -> None:
         self._watch_stop.set()
@@ -168,7 +195,7 @@ class Engine:
         return self.live.table() if self.live else []
 
     def broken_adapters(self) -> list[tuple[str, str]]:
-        return list(self.live.problems) if self.live else []
+        return self.live.broken_list() if self.live else []
 
     def specialists(self) -> list[str]:
         """The specialists a request may name: every adapter in the store for this base."""
@@ -250,9 +277,9 @@ class Engine:
             given = [(t.role, t.content) for t in conversation.turns] if conversation.id is None else []
             if conversation.id is None:
                 conversation.id = history.new_conversation(prompt[:60])
-            turn_id = history.start_turn(conversation.id, prompt, adapter, decision.as_dict(),
-                                         asdict(request.sampling), request.reasoning, request.instructions,
-                                         source, given)
+            route = {**decision.as_dict(), **({"note": started.note} if started.note else {})}  # why not the one asked
+            turn_id = history.start_turn(conversation.id, prompt, adapter, route, asdict(request.sampling),
+                                         request.reasoning, request.instructions, source, given)
         yield Routed(decision, adapter, turn_id, started.dropped)
         reply: Reply | None = None
         last_save = time.monotonic()

@@ -85,17 +85,34 @@ class ReferenceDecoder:
     def select(self, name: str | None) -> bool:
         """PEFT's `set_adapter` also flips requires_grad on every LoRA tensor, which inference does not
         need and which costs milliseconds; this sets only what the forward reads: each LoRA layer's
-        active adapter and its disabled flag (the fields set_adapter sets)."""
+        active adapter and its disabled flag (the fields set_adapter sets). A name PEFT does not hold is
+        refused (PEFT's layers would skip it and the base would answer under that name)."""
+        wrapped = hasattr(getattr(self.model, "base_model", None), "disable_adapter_layers")
+        if name is not None and (not wrapped or name not in self.model.peft_config):
+            return False  # not PEFT-wrapped yet (only the base exists), or not an adapter PEFT holds
         self.selected = name
-        if not hasattr(getattr(self.model, "base_model", None), "disable_adapter_layers"):
-            return name is None  # not PEFT-wrapped yet: only the base exists
+        if not wrapped:
+            return True
         for layer in self._tuner_layers():
             layer._disable_adapters = name is None
             if name is not None:
                 layer._active_adapter = [name]
+        held = self.model.peft_config
+        active = name if name is not None else self.model.active_adapter
+        if active not in held and held:  # the adapter it named was unloaded: PeftModel's forward reads this
+            active = next(iter(held))
+        # PeftModel keeps its own active name beside the tuner's; its forward looks it up in peft_config
+        self.model.active_adapter = active
         if name is not None:
             self.model.base_model.active_adapter = name
         return True
+
+    def _runner(self) -> Any:
+        """The module to call: the PEFT model, or its base once every adapter is unloaded (PeftModel's
+        forward would look up the last active one, now gone)."""
+        if getattr(self.model, "peft_config", True):
+            return self.model
+        return self.model.base_model.model
 
     # ----- decoding
     def prefill(self, ids: Any) -> Any:
@@ -129,7 +146,7 @@ class ReferenceDecoder:
 
         self._calls.clear()
         past, self._past = self._past, None  # until the forward has written it
-        out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
+        out = self._runner()(input_ids=ids, past_key_values=past, use_cache=True)
         self._past = out.past_key_values
         self._length += ids.shape[1]
         for row, new in zip(self._tokens, ids.tolist(), strict=True):

@@ -35,6 +35,7 @@ PREFILL_CHUNK = 512  # prompt tokens per attention chunk of a prefill: bounds th
 MOE_ROWS = 4096  # prompt rows per grouped expert pass of a prefill: bounds the routed activations' memory
 GROUPED_ROWS = 64  # from this many prompt rows, a prefill dequantizes MXFP4 experts for grouped matmuls
 SCORES_BYTES = 256 * 2**20  # and at long contexts fewer: one layer's fp32 scores stay under this
+NOT_ATTACHED = " is not attached to the model"
 
 
 def _unwrap(module: Any) -> Any:
@@ -215,6 +216,10 @@ class FastDecoder:
                     if param not in EXPERT_PARAMS or wrapper._did_swap_in_out_features:
                         return f"{name} adapts experts.{param} in a layout the fast path does not know"
                     lhs, rhs, scale = wrapper.get_delta_factors(name)
+                    seen += 1
+                    if not rhs.any():  # a weight the adapter leaves alone (adapter_format.complete_experts)
+                        wrapper = wrapper.base_layer
+                        continue
                     # grouped matmuls want 16-byte strides, the MXFP4 kernels a power of two: zero-pad the
                     # rank (exact: the padding adds 0)
                     pad = max(16, 1 << (lhs.shape[-1] - 1).bit_length()) - lhs.shape[-1]
@@ -224,14 +229,13 @@ class FastDecoder:
                         from engine.serve.mxfp4_kernels import pack_gate_up_a
 
                         parts[f"{param}.A"] = pack_gate_up_a(parts[f"{param}.A"])
-                    seen += 1
                 wrapper = wrapper.base_layer
             layers.append({k: t.to(self.dtype).contiguous() for k, t in parts.items()})
         total = sum(1 for m in self.hf.modules() if name in (getattr(m, "lora_A", None) or {}))
         if total != seen:
             return f"{name} adapts {total - seen} module(s) besides attention and experts"
         if not seen:
-            return f"{name} is not attached to the model"
+            return f"{name}{NOT_ATTACHED}"
         return _Pack(name, layers)
 
     def select(self, name: str | None) -> bool:
@@ -242,6 +246,8 @@ class FastDecoder:
         pack = None if name is None else self.prepare(name)
         if isinstance(pack, str):
             self.active, self.reason = None, pack
+            if pack.endswith(NOT_ATTACHED):  # not a verdict on the adapter: it may be attached later
+                self.packs.pop(name, None)
             return False
         self.active = pack
         return True
@@ -278,6 +284,33 @@ class FastDecoder:
             self.step(token[:, 0])
         finally:
             self.active = active
+
+    def pack_estimate(self, state: dict[str, Any]) -> int:
+        """Device memory the packed copy of an adapter with PEFT state dict `state` will take, before it
+        is loaded (the residency budget counts it first): each factor in the compute dtype, expert ranks
+        padded as `_pack` pads them, and q/k/v's B as the block-diagonal product of the three."""
+        import re
+
+        size = torch_size(self.dtype)
+        qkv_rank: dict[str, int] = {}
+        total = 0
+        for key, t in state.items():
+            if t.dim() != 2 or "lora_" not in key:
+                continue
+            layer = re.search(r"layers\.(\d+)\.", key)
+            if ".experts." in key:  # A [experts * r, in], B [out, r * experts]
+                rank = (t.shape[0] if ".lora_A." in key else t.shape[1]) // self.num_experts
+                padded = max(16, 1 << (rank - 1).bit_length())
+                width = t.shape[1] if ".lora_A." in key else t.shape[0]
+                total += self.num_experts * padded * width
+            elif re.search(r"\.[qkv]_proj\.lora_A\.", key) and layer:
+                qkv_rank[layer.group(1)] = qkv_rank.get(layer.group(1), 0) + t.shape[0]
+                total += t.numel()
+            elif not re.search(r"\.[qkv]_proj\.lora_B\.", key):
+                total += t.numel()
+        qkv_width = (self.heads + 2 * self.kv_heads) * self.head_dim
+        total += sum(rank * qkv_width for rank in qkv_rank.values())
+        return total * size
 
     def pack_bytes(self, name: str) -> int:
         """Device memory held by adapter `name`'s packed copy (it counts in the residency budget)."""
@@ -477,6 +510,12 @@ class FastDecoder:
         graph, outputs = self._graphs[key]
         graph.replay()
         return outputs
+
+
+def torch_size(dtype: Any) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _compile_config() -> Any:

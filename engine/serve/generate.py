@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.harmony import END, STOP_TOKENS, HarmonyParser
+from engine.harmony import END, SPECIAL_TOKENS, STOP_TOKENS, HarmonyParser
 from engine.serve.decoder import Decoder
 from engine.serve.experts import ExpertRecorder, ExpertTrace
 
@@ -116,6 +116,8 @@ def stream(
 
     cancel = cancel or threading.Event()
     stop_ids = {tokenizer.convert_tokens_to_ids(t): t for t in (*STOP_TOKENS, END)}
+    controls = {i: t for t in SPECIAL_TOKENS  # only these ids are structure
+                if (i := tokenizer.convert_tokens_to_ids(t)) is not None and i != tokenizer.unk_token_id}
     reply = Reply(HarmonyParser(), Stats())
     reply.parser.feed(prefill)
     device = ids.device
@@ -140,8 +142,8 @@ def stream(
                 out_ids.append(nxt)
                 delta = detok.push(nxt)
                 reply.token_texts.append(delta)
-                if delta:
-                    yield reply.parser.feed(delta), reply
+                if delta or nxt in controls:
+                    yield reply.parser.feed_token(delta, controls.get(nxt)), reply
                 if nxt in stop_ids:
                     mark = stop_ids[nxt]
                     ended_final = reply.parser.segments and reply.parser.segments[-1].channel == "final"

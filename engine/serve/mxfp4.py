@@ -100,22 +100,25 @@ class Mxfp4Experts(nn.Module):
         """Expert `expert`'s `param` as [out, in], exactly dequantized."""
         return dequantize(getattr(self, f"{param}_blocks")[expert], getattr(self, f"{param}_scales")[expert], dtype)
 
-    def _project(self, x: torch.Tensor, expert: int, param: str) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, expert: int, param: str, loras: list[tuple[Any, Any, float]]) -> torch.Tensor:
         y = x @ self.dequantized(param, expert, x.dtype).T + getattr(self, f"{param}_bias")[expert].to(x.dtype)
-        for proxy in _lora_proxies(self, param):
-            if hasattr(proxy, "lhs"):  # one adapter: its factors, [experts, in, r] and [experts, r, out]
-                y = y + proxy.scaling * ((x @ proxy.lhs[expert].to(x.dtype)) @ proxy.rhs[expert].to(x.dtype))
-            else:  # several adapters at once: PEFT summed their deltas
-                y = y + x @ proxy.delta_weight[expert].to(x.dtype)
+        for lhs, rhs, scaling in loras:  # [experts, in, r] and [experts, r, out]: this expert's slices only
+            z = x @ lhs[expert].to(x.dtype)
+            y = y + scaling * (z if rhs is None else z @ rhs[expert].to(x.dtype))
         return y
 
-    def forward(self, hidden_states: torch.Tensor, router_indices: torch.Tensor,
-                routing_weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, router_indices: torch.Tensor, routing_weights: torch.Tensor,
+                loras: dict[str, list] | None = None) -> torch.Tensor:
+        """The routed experts' outputs; only the experts some row is routed to are dequantized. `loras`
+        maps each weight to the active adapters' (lhs, rhs, scaling) factors (see `active_loras`); None
+        reads what PEFT's parametrization put on the stand-ins (a ParamWrapper calling this directly)."""
+        if loras is None:
+            loras = {p: [f for proxy in _lora_proxies(self, p) for f in _factors(proxy)] for p in PARAMS}
         out = torch.zeros_like(hidden_states)
         for expert in router_indices.unique().tolist():
             token, slot = torch.where(router_indices == expert)
-            gate_up = self._project(hidden_states[token], expert, "gate_up_proj")
-            down = self._project(swiglu(gate_up, self.alpha, self.limit), expert, "down_proj")
+            gate_up = self._project(hidden_states[token], expert, "gate_up_proj", loras["gate_up_proj"])
+            down = self._project(swiglu(gate_up, self.alpha, self.limit), expert, "down_proj", loras["down_proj"])
             out.index_add_(0, token, down * routing_weights[token, slot, None].to(down.dtype))
         return out
 
@@ -133,13 +136,38 @@ def _lora_proxies(module: nn.Module, param: str) -> list[Any]:
     return list(plist[param]) if param in plist else []
 
 
+def _factors(proxy: Any) -> list[tuple[Any, Any, float]]:
+    if hasattr(proxy, "lhs"):  # one adapter: its factors
+        return [(proxy.lhs, proxy.rhs, proxy.scaling)]
+    return [(proxy.delta_weight, None, 1.0)]  # several adapters at once: PEFT summed their [experts, in, out] deltas
+
+
+def active_loras(wrapper: nn.Module) -> tuple[Mxfp4Experts, dict[str, list]]:
+    """The Mxfp4Experts under PEFT's ParamWrappers, and the active adapters' expert factors per weight,
+    read from the wrappers as PEFT's forward would apply them (active adapters, unless disabled). Read
+    directly, because PEFT's own forward registers a checked parametrization that evaluates W + ΔW once:
+    on a stand-in that writes the dense [experts, in, out] tensor, ~1.6 GB a layer at 20B size."""
+    loras: dict[str, list] = {p: [] for p in PARAMS}
+    module = wrapper
+    while hasattr(module, "base_layer"):
+        param = getattr(module, "parameter_name", None)
+        if param in loras and not module.disable_adapters and not module.merged:
+            for name in module.active_adapters:
+                if name in module.lora_A:
+                    loras[param].append(module.get_delta_factors(name))
+        module = module.base_layer
+    return module, loras
+
+
 def mlp_forward(mlp: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """GptOssMLP's forward as transformers writes it: bound to MXFP4 layers so that a patched MLP class
-    (unsloth replaces it on some GPUs) cannot reach for weights these experts do not hold."""
+    (unsloth replaces it on some GPUs) cannot reach for weights these experts do not hold, and so that an
+    adapter's expert LoRA is applied to the routed experts only (see `active_loras`)."""
     b, t, d = hidden_states.shape
     x = hidden_states.reshape(-1, d)
     _, scores, indices = mlp.router(x)
-    return mlp.experts(x, indices, scores).reshape(b, t, d), scores
+    experts, loras = active_loras(mlp.experts)
+    return experts(x, indices, scores, loras).reshape(b, t, d), scores
 
 
 def install(model: Any, dtype: torch.dtype, device: Any) -> list[Mxfp4Experts]:

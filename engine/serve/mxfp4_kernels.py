@@ -297,14 +297,16 @@ def routed_experts(x: torch.Tensor, top_i: torch.Tensor, weights: torch.Tensor, 
     rows = perm // k
     gate = weights.reshape(-1)[perm]
 
-    adapted = lora is not None and "gate_up_proj.A" in lora
+    # an adapter may adapt either expert weight alone: each is decided on its own
+    up_lora = lora is not None and "gate_up_proj.A" in lora
+    down_lora = lora is not None and "down_proj.A" in lora
     # every expert's x·A at once: one dense product (A packed as [experts * rank, hidden]) beats a routed one
-    xa = torch.nn.functional.linear(x, lora["gate_up_proj.A"]) if adapted else None
+    xa = torch.nn.functional.linear(x, lora["gate_up_proj.A"]) if up_lora else None
     act = gate_up(x, rows, experts, w["gate_up_proj_blocks"], w["gate_up_proj_scales"], w["gate_up_proj_bias"],
-                  xa, lora["gate_up_proj.B"] if adapted else None, w["alpha"], w["limit"])
-    xd = lora_a(act, torch.arange(act.shape[0], device=x.device), experts, lora["down_proj.A"]) if adapted else None
+                  xa, lora["gate_up_proj.B"] if up_lora else None, w["alpha"], w["limit"])
+    xd = lora_a(act, torch.arange(act.shape[0], device=x.device), experts, lora["down_proj.A"]) if down_lora else None
     y = down(act, experts, gate, w["down_proj_blocks"], w["down_proj_scales"], w["down_proj_bias"], xd,
-             lora["down_proj.B"] if adapted else None)
+             lora["down_proj.B"] if down_lora else None)
     return y.new_empty(y.shape).index_copy_(0, perm, y).view(n, k, -1).sum(1)
 
 

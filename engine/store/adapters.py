@@ -20,12 +20,7 @@ from typing import Any
 
 from engine import names
 from engine.files import read_json
-
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-class AdapterError(ValueError):
-    """A bad adapter name or folder, with the reason."""
+from engine.store.adapter_format import WEIGHT_FILES, AdapterError, convert
 
 
 class BadAdapterName(AdapterError, names.InvalidName):
@@ -271,15 +266,18 @@ class AdapterStore:
         os.replace(a.path, trash)  # vanish from readers at once, then delete
         shutil.rmtree(trash, ignore_errors=True)
 
-    def import_folder(self, path: Path, name: str | None = None, task: str | None = None) -> StoredAdapter:
-        """Bring in a PEFT folder from elsewhere. A manifest is made if it has none."""
+    def import_folder(self, path: Path, name: str | None = None, task: str | None = None,
+                      base_config: Any = None) -> StoredAdapter:
+        """Bring in a PEFT folder from elsewhere. A manifest is made if it has none, naming the store's base
+        model. With `base_config` (the base's transformers config) the weights are checked against it and
+        converted to the layout Tandem serves (engine/store/adapter_format.py) before they enter the store."""
         path = Path(path).expanduser()
         if name is not None:
             check_name(name)
         if task is not None:
             check_name(task, "task name")
-        if not path.is_dir():
-            raise AdapterError(f"{path}: no such folder")
+        if path.is_symlink() or not path.is_dir():
+            _check_source(path, self.root)
         if (path / "manifest.json").exists():
             try:
                 manifest = read_adapter(path).manifest
@@ -292,14 +290,49 @@ class AdapterStore:
             cfg = _read_json(path / "adapter_config.json")
             if not isinstance(cfg, dict):
                 raise AdapterError(f"{path}: adapter_config.json must be a JSON object")
+            if not self.base_model:
+                raise AdapterError(f"{path}: has no manifest.json, so the base model it was trained for is unknown; "
+                                   "import it with the engine's base model set")
             folder_name = name or check_name(path.name, "folder name (pass --name)")
-            manifest = Manifest(name=folder_name, task=task or folder_name,
-                                base_model=self.base_model or cfg.get("base_model_name_or_path", ""),
+            manifest = Manifest(name=folder_name, task=task or folder_name, base_model=self.base_model,
                                 lora={"rank": cfg.get("r"), "alpha": cfg.get("lora_alpha"),
                                       "rslora": cfg.get("use_rslora", False),
                                       "target_modules": sorted(cfg.get("target_modules") or []),
                                       "target_parameters": cfg.get("target_parameters") or []},
                                 description=f"imported from {path}")
+        _check_source(path, self.root)
         if self._path(check_name(manifest.name)).exists():
             raise AdapterError(f"an adapter named {manifest.name!r} already exists; pass another name")
-        return self.publish(path, manifest)
+        if base_config is None:
+            return self.publish(path, manifest)
+        staging = self.root / ".staging" / f"import-{manifest.name}-{uuid.uuid4().hex[:8]}"
+        try:
+            for f in path.iterdir():  # small files beside the weights (README, tokenizer notes) come along
+                if f.is_file() and f.name not in (*WEIGHT_FILES, "adapter_config.json", "manifest.json"):
+                    staging.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(f, staging / f.name)
+            try:
+                converted = convert(path, staging, base_config)
+            except AdapterError as e:
+                raise AdapterError(f"{path}: {e}") from None
+            if converted:
+                manifest.description = f"{manifest.description} ({converted})".strip()
+            return self.publish(staging, manifest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_source(path: Path, root: Path) -> None:
+    """An import source: a real folder (no symbolic links in it, which could reach anything on the disk)
+    that neither holds nor sits inside the store (a copy into itself would never end)."""
+    if path.is_symlink() or not path.is_dir():
+        raise AdapterError(f"{path}: no such folder" + (" (a symbolic link: give the real folder)"
+                                                         if path.is_symlink() else ""))
+    for dirpath, dirs, files in os.walk(path, followlinks=False):
+        for entry in (*dirs, *files):
+            if (Path(dirpath) / entry).is_symlink():
+                raise AdapterError(f"{path}: {Path(dirpath, entry).relative_to(path)} is a symbolic link; "
+                                   "copy the real file into the folder")
+    real, store = path.resolve(), root.resolve()
+    if real == store or store in real.parents or real in store.parents:
+        raise AdapterError(f"{path}: is inside the adapter store (or holds it); import from another folder")

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.store.adapter_format import FUSED_EXPERTS  # the store reads adapters by the same names
+
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-FUSED_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
 def lora_targets(model: Any) -> tuple[list[str], list[str]]:

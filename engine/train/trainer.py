@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.settings import Profile, Settings, load, with_overrides
+from engine.store.adapter_format import RANK_MAJOR
 from engine.store.adapters import AdapterStore, Manifest
 from engine.train.dataset import DatasetError, Example, load_examples
 from engine.train.loss_monitor import LossMonitor
@@ -193,10 +194,14 @@ def _peft(model: Any, profile: Profile, from_adapter: Path | None, seed: int, mo
           params: list[str]):
     from unsloth import FastLanguageModel
 
-    if from_adapter is not None:
-        from peft import PeftModel
+    if from_adapter is not None:  # read as the server reads it (rank-major lora_B), then trained further
+        from peft import get_peft_model, set_peft_model_state_dict
 
-        return PeftModel.from_pretrained(model, str(from_adapter), is_trainable=True)
+        config, state = _adapter_weights(model, from_adapter)
+        config.inference_mode = False
+        peft = get_peft_model(model, config)
+        set_peft_model_state_dict(peft, state)
+        return peft
     return FastLanguageModel.get_peft_model(
         model, r=profile.rank, lora_alpha=profile.alpha, lora_dropout=0.0, use_rslora=True,
         target_modules=modules, target_parameters=params or None,
@@ -424,7 +429,11 @@ def _preference_gate(trainer: Any, req: Any, store: AdapterStore, holdout: list[
 def _current_adapter(model: Any, store: AdapterStore, current: str) -> Iterator[None]:
     """The current version loaded beside the new weights as its own adapter, active for the block: the new
     weights are never overwritten (and were saved before this anyway)."""
-    model.load_adapter(str(store.get(current).path), adapter_name=GATE_ADAPTER, is_trainable=False)
+    from peft import set_peft_model_state_dict
+
+    config, state = _adapter_weights(model, store.get(current).path)  # the weights the server would serve
+    model.add_adapter(GATE_ADAPTER, config)
+    set_peft_model_state_dict(model, state, adapter_name=GATE_ADAPTER)
     try:
         model.set_adapter(GATE_ADAPTER)
         yield
@@ -449,7 +458,18 @@ def _gate(trainer: Any, req: Any, store: AdapterStore, holdout: list[dict[str, A
             "reason": f"held-out loss {new_loss:.4f} {verb} current {old_loss:.4f}"}
 
 
+def _adapter_weights(model: Any, folder: Path) -> tuple[Any, dict]:
+    from engine.store.adapter_format import read_weights
+
+    config = getattr(model, "config", None)
+    experts = int(getattr(config, "num_local_experts", 0) or 1)
+    return read_weights(Path(folder), str(next(model.parameters()).device), experts)
+
+
 def main(run_dir: str) -> int:
+    # The layout unsloth writes expert lora_B in is pinned to PEFT's, whatever the user's environment says:
+    # the store, the gate and the server all read rank-major (engine/store/adapter_format.py).
+    os.environ["UNSLOTH_MOE_LORA_B_LAYOUT"] = RANK_MAJOR
     run = Run(Path(run_dir))
     signal.signal(signal.SIGTERM, lambda *_: (run.dir / "stop").touch())  # graceful: finish the step, save
     queue = None

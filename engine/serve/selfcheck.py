@@ -1,0 +1,112 @@
+"""The fast decoder checked against transformers + PEFT on the checkpoint actually served.
+
+Nobody can vouch in advance that the fast decoder reads a given checkpoint and adapter right (a nibble
+order, gate/up columns, an adapter's lora_B layout): so the first time a checkpoint is served, and the
+first time each adapter version is attached, both decoders read one fixed short prompt, teacher-forced,
+and their logits at a few positions must agree to the precision of the weights and pick the same top-1
+token wherever the reference's choice is clear. The verdict is cached per checkpoint and adapter version
+under Tandem's cache folder, so it costs a second or two once. On disagreement the reference decoder
+serves (the engine says why in the header, the GPU panel and the log).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.harmony import Turn, encode_prompt
+
+PROMPT = "Name three prime numbers and explain briefly why each one is prime."
+FORCED = 6  # positions decoded one token at a time (the step path), after the prefill's last one
+TOLERANCE = {"float32": 2e-3, "float64": 2e-3}  # relative to the largest logit; others (bf16, fp16): BF16
+BF16 = 4e-2  # bf16 keeps 8 bits: a 24-layer forward summed in another order drifts by ~1% of the largest logit
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    worst: float  # largest logit difference, relative to the largest reference logit
+    tolerance: float
+    top1: str  # "agreed at n of m positions"
+    seconds: float
+    reason: str = ""  # what disagreed (empty when ok)
+
+    def line(self) -> str:
+        return "agrees" if self.ok else self.reason
+
+
+def _cache_file(identity: str) -> Path:
+    from engine.serve.demo_model import cache_root
+
+    return cache_root() / "selfcheck" / f"{hashlib.sha256(identity.encode()).hexdigest()[:24]}.json"
+
+
+def identity(lm: Any, adapter: str | None, created: float | None) -> str:
+    """What a verdict holds for: the checkpoint as served, and the adapter version (None: the base)."""
+    return json.dumps([lm.name, lm.quant, str(lm.device).split(":")[0], PROMPT, adapter, created])
+
+
+def cached(key: str) -> Verdict | None:
+    try:
+        return Verdict(**json.loads(_cache_file(key).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def remember(key: str, verdict: Verdict) -> None:
+    path = _cache_file(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(verdict)))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only cache costs a re-check next time, nothing else
+
+
+def compare(fast: Any, reference: Any, tokenizer: Any, adapter: str | None) -> Verdict:
+    """Teacher-forced logits of both decoders on PROMPT with `adapter` selected on each (None: the base).
+    Leaves both decoders released; the caller selects again before the next reply."""
+    import torch
+
+    started = time.perf_counter()
+    ids = torch.tensor([encode_prompt(tokenizer, [Turn("user", PROMPT)])], device=fast.device)
+    split = ids.shape[1] - FORCED
+    if not (fast.select(adapter) and reference.select(adapter)):
+        return Verdict(False, float("inf"), 0.0, "", 0.0, f"a decoder refused {adapter or 'the base'}")
+    with torch.inference_mode():
+        want = reference.model(input_ids=ids).logits[0, split - 1:].float()
+        got = [fast.prefill(ids[:, :split])[0].float()]
+        for j in range(split, ids.shape[1] - 1):
+            got.append(fast.step(ids[:, j])[0].float().clone())
+        fast.release()
+    got_t = torch.stack(got)
+    want = want[: got_t.shape[0]]
+    worst = ((got_t - want).abs().max() / want.abs().max()).item()
+    tolerance = TOLERANCE.get(str(fast.dtype).removeprefix("torch."), BF16)
+    top2 = want.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * tolerance * want.abs().max()  # the reference's choice is not a tie
+    agree = got_t.argmax(-1) == want.argmax(-1)
+    top1 = f"agreed at {int((agree | ~clear).sum())} of {len(agree)} positions"
+    reasons = []
+    if worst > tolerance:
+        reasons.append(f"logits differ by {worst:.3g} of the largest (tolerance {tolerance:g})")
+    if not bool((agree | ~clear).all()):
+        reasons.append(f"top-1 {top1}")
+    subject = f"adapter {adapter}" if adapter else "the base model"
+    reason = f"self-check on {subject}: " + "; ".join(reasons) if reasons else ""
+    return Verdict(not reasons, worst, tolerance, top1, time.perf_counter() - started, reason)
+
+
+def check(lm: Any, fast: Any, reference: Any, adapter: str | None = None, created: float | None = None) -> Verdict:
+    """The cached verdict for this checkpoint and adapter version, or a fresh comparison (then cached)."""
+    key = identity(lm, adapter, created)
+    verdict = cached(key)
+    if verdict is None:
+        verdict = compare(fast, reference, lm.tokenizer, adapter)
+        remember(key, verdict)
+    return verdict
