@@ -59,6 +59,15 @@ class Conversation:
     id: int | None = None
 
 
+def context_answer(reply: Reply) -> str:
+    """What the model sees of `reply` in the next turn: its final answer; for a reply that ended on its
+    own with no final channel, its unchannelled text. Never the raw completion (analysis and markup),
+    so a reply cancelled or cut short in its reasoning adds nothing."""
+    if reply.parser.final or reply.stats.stop in ("cancelled", "length"):
+        return reply.parser.final
+    return reply.parser.channel_text("raw")
+
+
 class Engine:
     def __init__(self, settings: Settings, history: History | None = None):
         """`history` stores every turn (None: nothing is stored); its owner closes it."""
@@ -260,7 +269,8 @@ class Engine:
                 else:
                     history.finish_turn(turn_id, reply.parser.final, reply.parser.analysis, reply.raw,
                                         reply.stats.as_dict(), status)
-        conversation.turns += [Turn("user", prompt), Turn("assistant", reply.parser.final or reply.raw)]
+        if answer := context_answer(reply):  # a reply with nothing to show for it is no context for the next
+            conversation.turns += [Turn("user", prompt), Turn("assistant", answer)]
         yield Finished(reply, adapter, decision, turn_id)
 
     def trace_experts(self, prompt: str, mode: str | None = None, max_new_tokens: int = 256) -> Finished:

@@ -5,6 +5,9 @@ jobs on its queue, run one at a time. A reply request carries its adapter: selec
 happen in the same job, so nothing can switch the adapter between the choice and the reply (which is
 what history and A/B preferences record). Callers on other threads get results back through a Future
 (`call`) or an event queue (`stream`).
+
+Closing is bounded: jobs still queued fail with WorkerClosed without running, a reply being decoded
+ends at its next token (its cancel flag is set), and a job submitted after close fails at once.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from engine.harmony import Turn, fit_turns
-from engine.serve.generate import Reply, Sampling, stream
+from engine.harmony import HarmonyParser, Turn, fit_turns
+from engine.serve.generate import Reply, Sampling, Stats, stream
 from engine.serve.residency import LiveAdapters
 
 T = TypeVar("T")
@@ -70,26 +73,52 @@ class InferenceWorker:
         self._jobs: queue.Queue[tuple[Callable[[], Any], Future] | None] = queue.Queue()
         self.live: LiveAdapters | None = None
         self._closed = False
+        self._lock = threading.Lock()  # `closed` and the queue change together: no job slips in after close
+        self._cancels: dict[Future, threading.Event] = {}  # replies queued or running: close cancels them
         self._thread = threading.Thread(target=self._run, name="inference-worker", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
             fn, done = job
+            if self._closed:  # queued before close: it never runs
+                self._refuse(done, "closed before the job ran")
+                continue
             if not done.set_running_or_notify_cancel():
                 continue
             try:
                 done.set_result(fn())
             except BaseException as e:  # handed to the caller, who decides
                 done.set_exception(e)
+        while True:  # anything left behind the sentinel fails rather than waits forever
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                self._refuse(job[1], "closed before the job ran")
 
-    def submit(self, fn: Callable[[], T]) -> Future[T]:
+    @staticmethod
+    def _refuse(done: Future, why: str) -> None:
+        if not done.done():
+            done.set_exception(WorkerClosed(f"the inference worker is closed ({why})"))
+
+    def submit(self, fn: Callable[[], T], cancel: threading.Event | None = None) -> Future[T]:
+        """Queue `fn`; `cancel` (a reply's flag) is set if the worker closes before `fn` ends."""
         done: Future[T] = Future()
-        if self._closed:  # nothing would ever run it: fail now rather than leave the caller waiting
-            done.set_exception(WorkerClosed("the inference worker is closed"))
-            return done
-        self._jobs.put((fn, done))
+        with self._lock:
+            if self._closed:  # nothing would ever run it: fail now rather than leave the caller waiting
+                self._refuse(done, "no new jobs")
+                return done
+            if cancel is not None:
+                self._cancels[done] = cancel
+                done.add_done_callback(self._forget)
+            self._jobs.put((fn, done))
         return done
+
+    def _forget(self, done: Future) -> None:
+        with self._lock:
+            self._cancels.pop(done, None)
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the worker after the jobs queued before it; its result or exception."""
@@ -98,10 +127,14 @@ class InferenceWorker:
         return self.submit(fn).result()
 
     def close(self, timeout: float = 10.0) -> None:
-        """Finish the queued jobs and stop. Waits for the thread: torch must not be mid-call in a
-        thread the interpreter tears down at exit (the process aborts)."""
-        self._closed = True
-        self._jobs.put(None)
+        """Stop: queued jobs fail with WorkerClosed unrun, a running reply ends at its next token. Waits
+        for the thread (at most `timeout`): torch must not be mid-call in a thread the interpreter
+        tears down at exit (the process aborts)."""
+        with self._lock:
+            self._closed = True
+            for cancel in self._cancels.values():
+                cancel.set()
+            self._jobs.put(None)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
@@ -110,7 +143,13 @@ class InferenceWorker:
         """Events of one reply: Started, then a Step per token; the last Step's reply is final.
         Leaving the iterator early cancels the reply."""
         out: queue.Queue[Started | Step | Failed | None] = queue.Queue()
-        self.submit(lambda: self._reply(req, out))
+
+        def unrun(job: Future) -> None:  # refused or dropped by close: `_reply` will never end the queue
+            if not job.cancelled() and (e := job.exception()) is not None:
+                out.put(Failed(e))
+                out.put(None)
+
+        self.submit(lambda: self._reply(req, out), req.cancel).add_done_callback(unrun)
         try:
             while (ev := out.get()) is not None:
                 if isinstance(ev, Failed):
@@ -126,6 +165,10 @@ class InferenceWorker:
             room = min(req.sampling.max_new_tokens, max(lm.max_len // 2, MIN_REPLY_ROOM))
             ids, dropped = fit_turns(lm.tokenizer, req.turns, req.reasoning, req.instructions, lm.max_len - room,
                                      req.prefill)
+            if req.cancel.is_set():  # cancelled while queued: no adapter is loaded, evicted or captured for it
+                out.put(Started(req.adapter, "cancelled before it started", dropped))
+                out.put(Step([], Reply(HarmonyParser(), Stats(tokens_in=len(ids), stop="cancelled"))))
+                return
             chosen = self.live.select(req.adapter)
             out.put(Started(chosen.adapter, chosen.note, dropped))
             import torch

@@ -96,14 +96,27 @@ def _object(text: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def private(path: Path) -> None:
+    """Create `path` readable by its owner only, or make an existing one so (with its -wal/-shm):
+    it holds everything the person typed. A file owned by someone else is left for SQLite to refuse."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for f in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            if f.stat().st_mode & 0o077:
+                os.chmod(f, 0o600)
+        except (FileNotFoundError, PermissionError):
+            continue
+
+
 class History:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))  # SQLite gives -wal/-shm the same mode
+        private(self.path)  # before SQLite opens it: it gives -wal/-shm the same mode
         # One connection shared by the app's workers; sqlite3 objects need a lock across threads.
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._lock = threading.Lock()
+        self._closed = False
         try:
             with self._lock:
                 self._db.execute("PRAGMA journal_mode=WAL")
@@ -135,10 +148,13 @@ class History:
 
     def _exec(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
         with self._lock:
+            if self._closed:
+                raise HistoryError(f"{self.path} is closed (Tandem is shutting down)")
             return self._db.execute(sql, args)
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._db.close()
 
     # ----- writing
