@@ -2,9 +2,10 @@
 
 Publishing is atomic: the folder is written under `adapters/.staging/`, fsynced, then renamed into
 place, so the live engine's watcher (or any reader) never sees half an adapter. A replaced version is
-pushed on a stack, `adapters/.versions/<name>/<created>`; each rollback pops one version back. Reading never raises for a
-broken folder: it is reported with its reason and skipped. Every name is checked by `engine.names` and
-every path resolved inside the store's root, so no name reaches a folder outside it.
+pushed on a stack, `adapters/.versions/<name>/<created>`; each rollback pops one version back.
+Reading never raises for a broken folder: it is reported with its reason and skipped. Every name is
+checked by `engine.names` and every path resolved inside the store's root, so no name reaches a folder
+outside it.
 """
 
 from __future__ import annotations

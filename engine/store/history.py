@@ -15,6 +15,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,8 +201,10 @@ class History:
     _COLS = ("id, conversation_id, created, prompt, final, analysis, adapter, route, stats, status, rating, "
              "correction, good_example, task")
 
-    def _rows(self, where: str = "1", args: tuple = (), limit: int = 1000) -> list[TurnRow]:
-        cur = self._exec(f"SELECT {self._COLS} FROM turns WHERE {where} ORDER BY id LIMIT ?", (*args, limit))
+    def _rows(self, where: str = "1", args: tuple = (), limit: int | None = None, after: int = 0) -> list[TurnRow]:
+        """Turns matching `where` with id > `after`, oldest first; `limit` None: all of them."""
+        cur = self._exec(f"SELECT {self._COLS} FROM turns WHERE ({where}) AND id > ? ORDER BY id LIMIT ?",
+                         (*args, after, -1 if limit is None else limit))
         return [TurnRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], _object(r[7]), _object(r[8]), r[9],
                         r[10], r[11], bool(r[12]), r[13]) for r in cur.fetchall()]
 
@@ -211,19 +214,42 @@ class History:
             raise KeyError(f"no turn {turn_id}")
         return rows[0]
 
-    def turns(self, conversation_id: int | None = None, limit: int = 1000) -> list[TurnRow]:
+    def turns(self, conversation_id: int | None = None, limit: int | None = None) -> list[TurnRow]:
+        """Turns oldest first, every one unless `limit` says how many."""
         if conversation_id is None:
             return self._rows(limit=limit)
         return self._rows("conversation_id=?", (conversation_id,), limit)
 
-    def search(self, text: str, limit: int = 100) -> list[TurnRow]:
-        like = f"%{text}%"
-        return self._rows("prompt LIKE ? OR final LIKE ? OR correction LIKE ?", (like, like, like), limit)
+    def each_turn(self, page: int = 500) -> Iterator[TurnRow]:
+        """Every turn, oldest first, read a page at a time (an export of any size in bounded memory)."""
+        after = 0
+        while rows := self._rows(limit=page, after=after):
+            yield from rows
+            after = rows[-1].id
 
-    def conversations(self, limit: int = 100) -> list[dict[str, Any]]:
+    _MATCH = "prompt LIKE ? ESCAPE '\\' OR final LIKE ? ESCAPE '\\' OR correction LIKE ? ESCAPE '\\'"
+
+    @staticmethod
+    def _like(text: str) -> tuple[str, str, str]:
+        """`text` as a literal substring pattern: % and _ typed by the user are characters, not wildcards."""
+        like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        return like, like, like
+
+    def search(self, text: str, limit: int | None = None) -> list[TurnRow]:
+        return self._rows(self._MATCH, self._like(text), limit)
+
+    def count_matches(self, text: str) -> int:
+        return self._exec(f"SELECT COUNT(*) FROM turns WHERE {self._MATCH}", self._like(text)).fetchone()[0]
+
+    def count_conversations(self) -> int:
+        return self._exec("SELECT COUNT(*) FROM conversations").fetchone()[0]
+
+    def conversations(self, limit: int | None = 100) -> list[dict[str, Any]]:
+        """The newest conversations first; `limit` None: all."""
         cur = self._exec(
             "SELECT c.id, c.created, c.title, COUNT(t.id), MAX(t.created) FROM conversations c "
-            "LEFT JOIN turns t ON t.conversation_id=c.id GROUP BY c.id ORDER BY c.id DESC LIMIT ?", (limit,))
+            "LEFT JOIN turns t ON t.conversation_id=c.id GROUP BY c.id ORDER BY c.id DESC LIMIT ?",
+            (-1 if limit is None else limit,))
         return [{"id": r[0], "created": r[1], "title": r[2], "turns": r[3], "last": r[4]} for r in cur.fetchall()]
 
     def usable_for(self, task: str) -> list[TurnRow]:
@@ -232,7 +258,7 @@ class History:
         return self._rows(
             "task=? AND status IN ('complete','cancelled','interrupted') AND "
             "(correction IS NOT NULL OR (status='complete' AND (rating >= 4 OR (good_example=1 AND rating IS NULL))))",
-            (task,), limit=1_000_000)
+            (task,))
 
     def tasks(self) -> list[str]:
         """Every task some turn is labelled with."""

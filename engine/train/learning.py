@@ -152,7 +152,7 @@ class Learner:
 
 def report(history: History) -> dict:
     """Ratings trend, corrections rate, response time, per-specialist usage, router confidence over time."""
-    turns = history.turns(limit=1_000_000)
+    turns = history.turns()
     by_day: dict[str, dict] = {}
     for t in turns:
         day = datetime.fromtimestamp(t.created).strftime("%Y-%m-%d")

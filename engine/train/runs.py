@@ -127,7 +127,8 @@ class Run:
             return RunState(status="failed", error=str(e))
 
     def set_state(self, **changes: Any) -> RunState:
-        s = self.state
+        # a run being created has no state yet: start from a fresh one, not from "missing state.json"
+        s = self.state if (self.dir / "state.json").exists() else RunState()
         for k, v in changes.items():
             setattr(s, k, v)
         s.updated = time.time()
@@ -231,11 +232,13 @@ class RunQueue:
         self._check(req.task, req.name, req.from_adapter, req.gpu)
         self.settings.profile(req.profile)  # unknown profile: fail now, not in the child
         run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
+        making = self.root / f".{run_id}"  # hidden from listings until both files are there
+        making.mkdir()
+        write_json_atomic(making / "request.json", asdict(req))
+        Run(making).set_state(status="queued")
         folder = self.root / run_id
-        folder.mkdir()
-        write_json_atomic(folder / "request.json", asdict(req))
+        os.rename(making, folder)
         run = Run(folder)
-        run.set_state(status="queued")
         self.start_next(req.gpu)
         return run
 
