@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engine import settings as settings_mod
-from engine.text import json_text, line, plain
+from engine.text import json_text, line, plain, plural
 
 Command = Callable[[settings_mod.Settings, argparse.Namespace], int]
 
@@ -71,7 +71,9 @@ def cmd_chat(s: settings_mod.Settings, a: argparse.Namespace) -> int:
             print(plain(one(a.once, live=False)["final"]))
         else:
             res = one(a.once, live=True)
-            print(f"\n[{res['stats']['tokens_out']} tokens, {res['stats']['tokens_per_s']} tok/s]", file=sys.stderr)
+            stats = res["stats"]
+            cut = " · cut at chat.max_new_tokens" if stats["stop"] == "length" else ""
+            print(f"\n[{plural(stats['tokens_out'], 'token')}, {stats['tokens_per_s']} tok/s{cut}]", file=sys.stderr)
         return 0
     print("Tandem chat. Empty line or Ctrl-D quits; /base, /auto or /use NAME switch adapter.", file=sys.stderr)
     while True:

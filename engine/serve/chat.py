@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 
 from engine import names
@@ -187,11 +188,15 @@ class Engine:
     def set_mode(self, mode: str) -> None:
         self.mode = self.check_mode(mode)
 
-    def set_budget(self, budget_mb: int) -> None:
-        """A new residency budget, applied between replies."""
-        if self.live is not None:
-            live = self.live
-            self.worker.call(lambda: live.budget(budget_mb))
+    def set_budget(self, budget_mb: int) -> Future | None:
+        """A new residency budget, applied between replies: queued on the worker, not waited for (a
+        streaming reply may hold the worker for a while). The Future says when it took effect."""
+        if self.live is None:
+            return None
+        live = self.live
+        job = self.worker.submit(lambda: live.budget(budget_mb))
+        job.add_done_callback(lambda f: f.exception() and self.log(f"adapter budget not applied: {f.exception()}"))
+        return job
 
     def decide(self, prompt: str, mode: str | None = None) -> Decision:
         mode = mode or self.mode

@@ -114,7 +114,8 @@ def load_model(settings: Settings, progress: Progress | None = None) -> LoadedMo
     try:
         gpu_bytes = torch.cuda.get_device_properties(0).total_memory if on_gpu else None
         quant = mxfp4_load.serve_quant(settings.model.serve_in_4bit, AutoConfig.from_pretrained(name), gpu_bytes)
-        say(f"loading {name} ({quant}) on {'GPU' if on_gpu else 'CPU'}", 0.3)
+        held = quant if quant != "bf16" else str(dtype).removeprefix("torch.")  # what the banner will say too
+        say(f"loading {name} ({held}) on {'GPU' if on_gpu else 'CPU'}", 0.3)
         with contextlib.redirect_stdout(sys.stderr):
             if quant == "mxfp4":  # experts stay 4-bit on the device (engine/serve/mxfp4_load.py)
                 folder = mxfp4_load.local_folder(name)

@@ -13,6 +13,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Label, Markdown, Static
 
+from engine.text import plural
 from tui.screens.forms import Dismissable
 
 
@@ -54,8 +55,10 @@ class ReportScreen(Dismissable):
 
     def compose(self) -> ComposeResult:
         r = self.data
-        lines = [f"# Learning report\n\n{r['turns']} turns · mean rating {r['mean_rating'] or '-'} "
-                 f"({r['rated']} rated) · correction rate {r['correction_rate'] or 0} · {r['preferences']} A/B picks\n",
+        share = f" ({r['corrections'] / r['turns']:.1%} of turns)" if r["turns"] else ""
+        lines = [f"# Learning report\n\n{plural(r['turns'], 'turn')} · mean rating {r['mean_rating'] or '-'} "
+                 f"({r['rated']} rated) · {plural(r['corrections'], 'corrected reply', 'corrected replies')}{share} · "
+                 f"{plural(r['preferences'], 'A/B pick')}\n",
                  "**Usage:** " + (", ".join(f"{k} {v}" for k, v in r["usage"].items()) or "none yet") + "\n",
                  "| day | turns | rating | corrections | tok/s | router confidence |",
                  "| --- | ---: | ---: | ---: | ---: | ---: |"]

@@ -1,7 +1,7 @@
 """A loss curve drawn with text: training loss (•), eval loss (◆), and the target bands.
 
 The bands are horizontal rules at the overfit, target and underfit levels from settings, so a person
-sees at a glance whether the curve is heading into the good zone.
+sees at a glance whether the curve is heading into the good zone; a legend under it says which is which.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class LossChart(Widget):
 
     def render(self) -> Text:
         width = max(self.size.width - 7, 10)
-        height = max(self.size.height, 3)
+        height = max(self.size.height - 1, 3)  # the last row is the legend
         values = [v for _, v in self.loss + self.eval] + list(self.bands)
         if not self.loss and not self.eval:
             return Text("no loss yet", style="dim")
@@ -53,6 +53,12 @@ class LossChart(Widget):
             out.append(f"{label:5.2f} │", style="dim")
             for c in range(width):
                 out.append(grid[r][c], style=styles[r][c] or None)
-            if r < height - 1:
-                out.append("\n")
-        return out
+            out.append("\n")
+        return out.append_text(self.legend())
+
+    def legend(self) -> Text:
+        """What the marks and the dashed lines mean, under the chart."""
+        over, target, under = self.bands
+        return Text.assemble(("• train loss", "bold cyan"), "  ", ("◆ eval loss", "bold magenta"), "  ┄ ",
+                             (f"overfit <{over:g}", "yellow"), " ", (f"target {target:g}", "green"), " ",
+                             (f"underfit >{under:g}", "red"))

@@ -56,8 +56,8 @@ class TrainingPanel(Vertical):
         yield table
         yield ProgressBar(id="run-progress", show_eta=False)
         yield Static("", id="run-stats", markup=False)
+        yield Static("", id="run-warnings", markup=False)  # above the chart: a short panel never hides it
         yield LossChart(id="loss-chart")
-        yield Static("", id="run-warnings", markup=False)
 
     @property
     def selected(self) -> RunView | None:
@@ -115,8 +115,9 @@ class TrainingPanel(Vertical):
         stats.update("\n".join(parts))
         chart.plot([(m["step"], m["loss"]) for m in rv.metrics if "loss" in m],
                    [(m["step"], m["eval_loss"]) for m in evals], s["total"] or 1, self.bands)
-        warns = [m["warning"] for m in rv.metrics if m.get("warning")]
-        warnings.update("\n".join(f"⚠ {w}" for w in warns[-2:]))
+        # each warning names its step: its loss is that step's, not the latest one shown above
+        warns = [f"⚠ step {m.get('step', '?')}: {m['warning']}" for m in rv.metrics if m.get("warning")]
+        warnings.update("\n".join(warns[-2:]))
 
     def action_new(self) -> None:
         self.post_message(self.Action("new", None))
