@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import re
 import threading
 import time
 from collections import deque
@@ -296,7 +297,8 @@ class TandemApp(App):
 
     @on(EngineProgress)
     def _engine_progress(self, m: EngineProgress) -> None:
-        self.sub_title = f"{m.text} ({m.fraction:.0%})"
+        # a step that counts its own seconds says how far it is; a percentage that holds still looks stuck
+        self.sub_title = m.text if re.search(r"\d s\b", m.text) else f"{m.text} ({m.fraction:.0%})"
         if (self._progress_at, len(self.log_lines)) == (m.fraction, self._progress_line):
             self.log_lines.pop()  # the same step repeating its countdown: keep its latest line only
         self._remember_log(m.text)
