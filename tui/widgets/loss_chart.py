@@ -59,6 +59,6 @@ class LossChart(Widget):
     def legend(self) -> Text:
         """What the marks and the dashed lines mean, under the chart."""
         over, target, under = self.bands
-        return Text.assemble(("• train loss", "bold cyan"), "  ", ("◆ eval loss", "bold magenta"), "  ┄ ",
+        return Text.assemble(("• train", "bold cyan"), " ", ("◆ eval", "bold magenta"), " loss  ┄ ",
                              (f"overfit <{over:g}", "yellow"), " ", (f"target {target:g}", "green"), " ",
                              (f"underfit >{under:g}", "red"))
