@@ -107,3 +107,25 @@ async def test_the_palette_holds_every_action_with_its_key(settings, demo_model_
         await pilot.pause(0.5)
         await pilot.press("enter")
         await until(pilot, lambda: type(app.screen).__name__ == "NewRunScreen", timeout=5)
+
+
+async def test_settings_changed_on_disk_are_not_overwritten_and_reload_is_offered(settings, settings_path,
+                                                                                 demo_model_dir):
+    from engine import settings as st
+
+    app = app_for(settings)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("ctrl+o")
+        st.save(st.updated(st.load(settings_path), "chat.temperature", "0.3"))  # another app saves meanwhile
+        app.screen.query_one("#chat--top_p").value = "0.9"
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: app.screen.query_one("#reload").display, timeout=10)
+        assert "changed on disk" in str(app.screen.query_one("#settings-error").render())
+        assert st.load(settings_path).chat.temperature == 0.3
+        await pilot.click("#reload")
+        await pilot.pause(0.2)
+        assert app.screen.query_one("#chat--temperature").value == "0.3"
+        app.screen.query_one("#chat--top_p").value = "0.9"
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: app.settings.chat.top_p == 0.9, timeout=10)
+        assert st.load(settings_path).chat.temperature == 0.3

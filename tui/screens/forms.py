@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rich.text import Text
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -137,15 +137,28 @@ class SettingsScreen(Dismissable):
                 text = self.query_one(f"#{key.replace('.', '--')}", Input).value
                 if str(_get(s, key)) != text:
                     s = st.updated(s, key, text)
-            st.save(s)
-        except st.SettingsChanged as e:
-            self.show_error(f"{e}. Reload discards the edits here.")
-            self.query_one("#reload").display = True
-            return
-        except (st.SettingsError, OSError) as e:
+        except st.SettingsError as e:
             self.show_error(str(e))
             return
-        self.dismiss(s)
+        self.query_one("#save", Button).disabled = True
+        self.write(s)
+
+    @work(thread=True, exclusive=True, exit_on_error=False)
+    def write(self, s: st.Settings) -> None:
+        """The file is read back, compared, written and fsynced: disk work, off the event loop."""
+        try:
+            st.save(s)
+        except st.SettingsChanged as e:
+            self.app.call_from_thread(self._refused, f"{e}. Reload discards the edits here.", True)
+        except (st.SettingsError, OSError) as e:
+            self.app.call_from_thread(self._refused, str(e), False)
+        else:
+            self.app.call_from_thread(self.dismiss, s)
+
+    def _refused(self, text: str, changed_on_disk: bool) -> None:
+        self.query_one("#save", Button).disabled = False
+        self.show_error(text)
+        self.query_one("#reload").display = changed_on_disk
 
     def show_error(self, text: str) -> None:
         error = self.query_one("#settings-error", Static)
