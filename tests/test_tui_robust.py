@@ -129,3 +129,29 @@ async def test_settings_changed_on_disk_are_not_overwritten_and_reload_is_offere
         await pilot.press("ctrl+s")
         await until(pilot, lambda: app.settings.chat.top_p == 0.9, timeout=10)
         assert st.load(settings_path).chat.temperature == 0.3
+
+
+def test_reply_labels_count_right():
+    from tui.widgets.chat import ReplyMeta
+
+    one = ReplyMeta("base", "pinned", ttft_s=0.1, tokens_per_s=1.0, tokens_out=1, stop="return").line()
+    assert "· 1 token" in one and "1 tokens" not in one
+    cut = ReplyMeta("base", "pinned", ttft_s=0.1, tokens_per_s=1.0, tokens_out=9, stop="length").line()
+    assert "max_new_tokens" in cut and "9 tokens" in cut
+
+
+def test_the_report_counts_corrections(tmp_path):
+    """Regression: F8 said 'correction rate 0' after two corrections (a rate rounded away)."""
+    from engine.store.history import History
+    from engine.train.learning import report
+    from tui.screens.review import report_markdown
+
+    h = History(tmp_path / "h.db")
+    conv = h.new_conversation()
+    for i in range(1200):
+        t = h.start_turn(conv, f"q{i}", "base", {}, {})
+        if i < 2:
+            h.correct(t, "better")
+    r = report(h)
+    assert r["corrections"] == 2
+    assert "1200 turns" in report_markdown(r) and "2 corrected replies (0.2% of turns)" in report_markdown(r)
