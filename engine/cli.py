@@ -101,7 +101,8 @@ def cmd_route(s: settings_mod.Settings, a: argparse.Namespace) -> int:
     base = base_identity(*resolve_model_name(s, _progress))  # only adapters for this base, as the engine
     if a.correct:
         fix = correct(s, base, a.prompt, a.correct)
-        print(f"recorded: this prompt goes to {line(fix.label)}", file=sys.stderr)
+        where = "the base model" if fix.label in ("none", "base") else line(fix.label)
+        print(f"recorded: this prompt goes to {where}", file=sys.stderr)
     d = router_for(s, base).route(a.prompt)
     if a.json:
         print(json_text(d.as_dict()))
