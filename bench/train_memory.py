@@ -1,6 +1,7 @@
 """Peak GPU memory of the training profiles on the GPT-OSS-20B shape, with the trainer held to a smaller card.
 
     python bench/train_memory.py --gpu 0 --cap-gb 24 --profiles standard,max_quality [--layers 24] [--steps 3]
+    python bench/train_memory.py --gpu 0 --cap-gb 24 --profiles preference --layers 24 --steps 3
     python bench/train_memory.py --layers 0 --steps 2      # the demo model: a dry run on the CPU
 
 Runs the real trainer (engine.train.runs starts `python -m engine.train.trainer`) on a full-width slice with
@@ -10,6 +11,11 @@ rows are mostly shorter), and each profile runs its first `--steps` optimizer st
 configured: weights, LoRA, optimizer state and a full batch are all on the card from the first step on.
 NVML's figure for the trainer process (its CUDA context and everything outside torch's allocator included)
 is sampled every half second. Prints one table.
+
+A preference (dpo) profile trains on top of a specialist, as it does for real: one is made first by a
+one-step quick_test run on the same shape (not measured), and the rows are pairs whose prompt and
+longer reply fill max_seq_length, both replies as long as each other (DPO holds chosen and rejected,
+plus the frozen reference's forward, in one step).
 """
 
 from __future__ import annotations
@@ -47,6 +53,18 @@ def long_rows(tokenizer, path: Path, n: int, tokens: int) -> Path:
     return path
 
 
+def long_pairs(tokenizer, path: Path, n: int, tokens: int) -> Path:
+    """`n` preference pairs: a prompt of a third of `tokens`, chosen and rejected replies filling the rest."""
+    chat = long_rows(tokenizer, path.with_suffix(".chat.jsonl"), n, tokens)
+    with open(path, "w") as fh:
+        for line in chat.read_text().splitlines():
+            user, reply = json.loads(line)["messages"]
+            text = reply["thinking"] + " " + reply["content"]
+            fh.write(json.dumps({"messages": [user], "chosen": text, "rejected": " ".join(text.split()[::-1])})
+                     + "\n")
+    return path
+
+
 def nvml_peak(gpu: int, pid_of, stop: threading.Event, peak: list[float]) -> None:
     """Largest NVML memory figure of the process `pid_of()` on `gpu`, in MB, until `stop`."""
     from engine.telemetry import Telemetry
@@ -79,12 +97,24 @@ def run_profile(profile: str, gpu: int, cap_gb: float, folder: Path, steps: int)
     p = s.profile(profile)
     from transformers import AutoTokenizer
 
-    data = long_rows(AutoTokenizer.from_pretrained(folder), work / "rows.jsonl", p.batch_size * p.grad_accum * steps,
-                     p.max_seq_length)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    make_rows = long_pairs if p.method == "dpo" else long_rows
+    data = make_rows(tokenizer, work / "rows.jsonl", p.batch_size * p.grad_accum * steps, p.max_seq_length)
     os.environ["TANDEM_GPU_MEMORY_GB"] = str(cap_gb)  # the trainer process inherits it
     queue = RunQueue(s)
+    start_from = ""
+    if p.method == "dpo":  # the specialist it improves: one quick_test step on the same shape, not measured
+        s = updated(s, "training.profiles.quick_test.max_steps", 1)
+        save(s, work / "settings.toml")
+        rows = long_rows(tokenizer, work / "specialist.jsonl", 8, 512)
+        first = queue.submit(Request(task="memory", data=str(rows), profile="quick_test", gpu=gpu,
+                                     settings=str(s.source), name="memory-specialist"))
+        if queue.wait(first, timeout=1200).status != "finished":
+            raise SystemExit(f"the specialist run failed: {first.state.error}\n"
+                             + (first.dir / "output.log").read_text(errors="replace")[-1500:])
+        start_from = "memory-specialist"
     run = queue.submit(Request(task="memory", data=str(data), profile=profile, gpu=gpu, settings=str(s.source),
-                               name=f"memory-{profile}"))
+                               name=f"memory-{profile}", from_adapter=start_from))
     stop, peak = threading.Event(), [0.0]
     sampler = threading.Thread(target=nvml_peak, args=(gpu, lambda: run.state.pid, stop, peak), daemon=True)
     sampler.start()
@@ -95,7 +125,8 @@ def run_profile(profile: str, gpu: int, cap_gb: float, folder: Path, steps: int)
     last = steps_done[-1] if steps_done else {}
     log = (run.dir / "output.log").read_text(errors="replace") if state.status != "finished" else ""
     tail = "\n".join(x for x in log[-1500:].splitlines() if x.strip())
-    return {"profile": profile, "batch": f"{p.batch_size}x{p.grad_accum}", "seq": p.max_seq_length,
+    return {"profile": profile + (" (dpo)" if p.method == "dpo" else ""), "batch": f"{p.batch_size}x{p.grad_accum}",
+            "seq": p.max_seq_length,
             "rank": p.rank, "alpha": p.alpha, "status": state.status, "error": state.error[:300],
             "steps": last.get("step", 0), "tokens_per_s": last.get("tokens_per_s"),
             "allocated_gb": last.get("gpu_mem_gb"), "reserved_gb": last.get("gpu_reserved_gb"),

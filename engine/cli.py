@@ -23,16 +23,40 @@ from engine.text import json_text, line, plain, plural
 Command = Callable[[settings_mod.Settings, argparse.Namespace], int]
 
 
-def _progress(message: str, _fraction: float) -> None:
-    print(f"… {message}", file=sys.stderr, flush=True)
+class _Progress:
+    """Load steps on stderr, one line each. A step that repeats itself (a download's bytes, a countdown)
+    rewrites its line on a terminal, and into a pipe or file is printed at most every REPEAT_S."""
+
+    REPEAT_S = 30.0
+
+    def __init__(self) -> None:
+        self.step, self.at = "", 0.0
+
+    def __call__(self, message: str, _fraction: float) -> None:
+        step = message.split(":")[0].split(" · ")[0]
+        again, now = step == self.step, time.monotonic()
+        if again and not sys.stderr.isatty() and now - self.at < self.REPEAT_S:
+            return
+        up = "\x1b[1A\x1b[2K" if again and sys.stderr.isatty() else ""  # back over the step's last line
+        print(f"{up}… {line(message)}", file=sys.stderr, flush=True)
+        self.step, self.at = step, now
+
+    def note(self, text: str) -> None:
+        """An engine log line (the precision chosen and why, the template check): printed, never rewritten."""
+        print(f"… {line(text)}", file=sys.stderr, flush=True)
+        self.step = ""
+
+
+_progress = _Progress()
 
 
 def _engine(s: settings_mod.Settings, history: bool = True):
-    from engine.serve.chat import Engine
+    from engine.serve.chat import engine_for
     from engine.store.history import History
 
-    eng = Engine(s, history=History(s.history_db) if history else None)
+    eng = engine_for(s, history=History(s.history_db) if history else None)
     atexit.register(eng.close)  # stops the inference worker before the interpreter tears threads down
+    eng.on_log(_progress.note)
     eng.load(_progress)
     for name, why in eng.broken_adapters():
         print(f"warning: adapter folder {line(name)!r} skipped: {line(why)}", file=sys.stderr)
@@ -92,6 +116,27 @@ def cmd_chat(s: settings_mod.Settings, a: argparse.Namespace) -> int:
             print()
         except _user_errors() as e:  # e.g. a prompt too long for the context: say so, take the next one
             print(f"\nerror: {_message(e)}", file=sys.stderr)
+
+
+def cmd_serve(s: settings_mod.Settings, a: argparse.Namespace) -> int:
+    from engine.api.server import check_exposure
+    from engine.service import Workstation
+
+    for key, value in (("api.host", a.host), ("api.port", a.port)):
+        if value is not None:
+            s = settings_mod.updated(s, key, value)
+    check_exposure(s.api)  # before the model loads: a refusal should not take a minute
+    station = Workstation(s)
+    atexit.register(station.close)
+    station.load(_progress, lambda m: print(f"… {line(m)}", file=sys.stderr), lambda _c: None)
+    for name, why in station.broken_adapters():
+        print(f"warning: adapter folder {line(name)!r} skipped: {line(why)}", file=sys.stderr)
+    url = station.start_api()
+    print(url, flush=True)
+    print(f"serving the OpenAI-compatible API at {url} (models: auto, base, "
+          f"{', '.join(station.engine.specialists()) or 'no specialists yet'}); Ctrl-C stops", file=sys.stderr)
+    station.wait_api()
+    return 0
 
 
 def cmd_route(s: settings_mod.Settings, a: argparse.Namespace) -> int:
@@ -157,9 +202,29 @@ def cmd_adapters(s: settings_mod.Settings, a: argparse.Namespace) -> int:
     elif a.action == "rollback":
         x = store.rollback(a.name)
         print(f"{a.name} rolled back to the version created {x.manifest.created:.0f}")
+    elif a.action == "export":
+        return _export(s, a)
     elif a.action == "import":
         x = store.import_folder(Path(a.path), a.name, a.task)
         print(f"imported {x.name} ({x.size_bytes / 2**20:.1f} MB)")
+    return 0
+
+
+def _export(s: settings_mod.Settings, a: argparse.Namespace) -> int:
+    from engine.serve.model import base_identity, resolve_model_name
+    from engine.store.adapters import AdapterStore
+    from engine.store.vllm_export import export, serve_command
+
+    if not 1 <= a.tensor_parallel_size <= 64:
+        print("error: --tensor-parallel-size must be 1 to 64", file=sys.stderr)
+        return 2
+    name, is_demo = resolve_model_name(s, _progress)
+    done = export(AdapterStore(s.adapters_dir, base_model=base_identity(name, is_demo)), a.name, Path(a.dir), name)
+    print(f"exported {done.name} (rank {done.rank}) to {line(done.path)}"
+          + (" (expert LoRA reordered for vLLM)" if done.reordered else ""), file=sys.stderr)
+    if is_demo:
+        print("note: this is the demo model; vLLM serves the real GPT-OSS checkpoints", file=sys.stderr)
+    print(serve_command(name, done.path.parent, a.tensor_parallel_size))
     return 0
 
 
@@ -189,7 +254,7 @@ def cmd_runs(s: settings_mod.Settings, a: argparse.Namespace) -> int:
             print(json_text(rows))
         for r in [] if a.json else rows:
             print(line(f"{r['id']:24} {r['task']:12} {r['profile']:12} GPU {r['gpu']}  {r['status']:9} "
-                       f"{r['step']}/{r['total']}  {r['outcome'] or r['error']}"))
+                       f"{r['step']}/{r['total']}  {r['outcome'] or r['error']}  ({r['why']})"))
         for folder, why in queue.broken:
             print(f"broken: {line(folder)}: {line(why)}", file=sys.stderr)
         return 0
@@ -205,6 +270,69 @@ def cmd_runs(s: settings_mod.Settings, a: argparse.Namespace) -> int:
     elif a.action == "resume":
         run = queue.resume(a.id)
         print(f"{run.id}: {run.state.status}")
+    return 0
+
+
+def cmd_experiment(s: settings_mod.Settings, a: argparse.Namespace) -> int:
+    from engine.store.history import History
+    from engine.train.experiments import Experiments, parse_vary
+
+    exps = Experiments(s, History(s.history_db))
+    exp = exps.create(a.task, parse_vary(a.vary or []), a.data, a.profile, start=not a.when_idle)
+    print(exp.id)
+    how = "waiting for the training GPU to idle" if a.when_idle else "queued behind your own runs"
+    print(f"{len(exp.variants)} variants {how}; follow them with: tandem experiments show {exp.id}", file=sys.stderr)
+    if not a.wait:
+        return 0
+    deadline = time.monotonic() + a.wait
+    while (exp := exps.get(exp.id)).status != "done":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"experiment {exp.id} still {exp.status} after {a.wait:.0f} s")
+        from engine.train.runs import RunQueue
+
+        RunQueue(s).runs()  # finds a dead trainer and starts what waited behind it
+        time.sleep(1.0)
+    _print_experiment(exps, exp, a.json)
+    return 0
+
+
+def _print_experiment(exps, exp, as_json: bool) -> None:
+    from dataclasses import asdict
+
+    rows = exps.table(exp)
+    if as_json:
+        print(json_text({**asdict(exp), "table": rows}))
+        return
+    print(f"experiment {exp.id} · {line(exp.task)} · {exp.profile} · {exp.status}")
+    print(f"{'variant':28} {'status':9} {'held-out':>8} {'current':>8} {'time':>7} {'peak mem':>9}  loss curve")
+    sparks = "▁▂▃▄▅▆▇█"
+    losses = [v for r in rows for _, v in r["curve"]]
+    top, bottom = (max(losses), min(losses)) if losses else (1.0, 0.0)
+
+    def num(v, fmt):
+        return format(v, fmt) if v is not None else "-"
+
+    for r in rows:  # one shared scale, so the curves compare as if overlaid
+        curve = "".join(sparks[min(7, int((v - bottom) / ((top - bottom) or 1) * 7.999))] for _, v in r["curve"][-40:])
+        print(f"{line(r['label'])[:28]:28} {r['status']:9} {num(r['heldout_loss'], '.4f'):>8} "
+              f"{num(r['current_loss'], '.4f'):>8} {num(r['seconds'], '.0f'):>6}s "
+              f"{num(r['peak_mem_gb'], '.2f'):>6} GB  {curve}")
+    if exp.outcome:
+        print(line(exp.outcome))
+
+
+def cmd_experiments(s: settings_mod.Settings, a: argparse.Namespace) -> int:
+    from engine.train.experiments import Experiments
+
+    exps = Experiments(s)
+    if a.action == "list":
+        items = exps.list()
+        if a.json:
+            print(json_text([{"id": e.id, "task": e.task, "status": e.status, "outcome": e.outcome} for e in items]))
+        for e in [] if a.json else items:
+            print(line(f"{e.id:24} {e.task:12} {e.status:8} {len(e.variants)} variants  {e.outcome}"))
+        return 0
+    _print_experiment(exps, exps.get(a.id), a.json)
     return 0
 
 
@@ -273,7 +401,8 @@ def cmd_history(s: settings_mod.Settings, a: argparse.Namespace) -> int:
             print(json_text([t.as_dict() for t in turns]))
         for t in [] if a.json else turns:
             extra = "".join([f" · rated {t.rating}" if t.rating else "", " · corrected" if t.correction else "",
-                             f" · {line(t.status)}" if t.status != "complete" else ""])
+                             f" · {line(t.status)}" if t.status != "complete" else "",
+                             f" · via {line(t.source)}" if t.source != "app" else ""])
             print(f"[{t.id}] you: {plain(t.prompt)}\n      {line(t.adapter)}{extra}: {plain(t.final)}")
     elif a.action == "search":
         found = h.search(a.text, a.limit or None)
@@ -284,7 +413,8 @@ def cmd_history(s: settings_mod.Settings, a: argparse.Namespace) -> int:
                   f"{line(repr(t.final[:60]))}")
         _shown(len(found), h.count_matches(a.text), "matching turns", "oldest")
     elif a.action == "export":
-        rows = (example_of(t) for t in h.usable_for(a.task)) if a.task else (t.as_dict() for t in h.each_turn())
+        rows = ((example_of(t, h.context(t)).to_chat_row() for t in h.usable_for(a.task)) if a.task
+                else (t.as_dict() for t in h.each_turn()))
         count = 0
         for r in rows:
             sys.stdout.write(json_text(r) + "\n")
@@ -317,6 +447,13 @@ def cmd_learn(s: settings_mod.Settings, a: argparse.Namespace) -> int:
         print("nothing due", file=sys.stderr)
     for run_id in [] if a.dry_run else learner.check(a.profile):
         print(run_id)
+    if not a.dry_run:  # and what the idle scheduler would start now (settings [learning])
+        from engine.train.idle import IdleScheduler
+
+        tick = IdleScheduler(s, learner.history).tick()
+        print(line(tick.status), file=sys.stderr)
+        for run_id in tick.started:
+            print(run_id)
     return 0
 
 
@@ -331,6 +468,8 @@ def cmd_report(s: settings_mod.Settings, a: argparse.Namespace) -> int:
     print(f"{r['turns']} turns · mean rating {r['mean_rating']} ({r['rated']} rated) · "
           f"corrections {r['correction_rate']} · {r['preferences']} A/B picks")
     print("usage: " + line(", ".join(f"{k} {v}" for k, v in r["usage"].items())))
+    print("preference pairs (A/B picks + corrections): " + (line(", ".join(
+        f"{k} {v['picks']} + {v['corrections']}" for k, v in r["pairs"].items())) or "none yet"))
     print(f"{'day':10} {'turns':>5} {'rating':>6} {'corr.':>6} {'tok/s':>7} {'router':>6}")
     for d in r["days"]:
         print(f"{d['day']:10} {d['turns']:>5} {d['mean_rating'] or '-':>6} {d['correction_rate']:>6} "
@@ -358,6 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--adapter", help="NAME, base or auto (default: adapters.mode from settings)")
     c.set_defaults(fn=cmd_chat)
 
+    sv = sub.add_parser("serve", help="serve the OpenAI-compatible API (routed specialists) until Ctrl-C")
+    sv.add_argument("--host", help="address to bind (default: api.host); not loopback needs api.token")
+    sv.add_argument("--port", type=int, help="port (default: api.port; 0 = any free port)")
+    sv.set_defaults(fn=cmd_serve)
+
     r = sub.add_parser("route", help="which specialist the router picks for a prompt, and why")
     r.add_argument("prompt")
     r.add_argument("--json", action="store_true")
@@ -377,6 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("name")
     x.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     asub.add_parser("rollback", help="make the previous version current again").add_argument("name")
+    x = asub.add_parser("export", help="write NAME as a PEFT folder DIR/NAME for vLLM; print the vllm serve command")
+    x.add_argument("name")
+    x.add_argument("dir")
+    x.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs vLLM splits the model over (default 1)")
     x = asub.add_parser("import")
     x.add_argument("path")
     x.add_argument("--name")
@@ -429,6 +577,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--wait", type=float, metavar="SECONDS", help="wait for the run to end")
     t.set_defaults(fn=cmd_train)
 
+    x = sub.add_parser("experiment", help="train variants of a specialist on the training GPU; the best is promoted")
+    x.add_argument("--task", required=True)
+    x.add_argument("--vary", action="append", metavar="NAME=V1,V2",
+                   help="a profile value to try several of: r, alpha, lr, steps, batch_size (repeatable)")
+    x.add_argument("--data", action="append", metavar="PATH",
+                   help="training data; give several to compare data mixes (default: the task's learned examples)")
+    x.add_argument("--profile", help="the profile the variants start from (default: training.default_profile)")
+    x.add_argument("--when-idle", action="store_true", help="wait for the idle scheduler instead of queueing now")
+    x.add_argument("--wait", type=float, metavar="SECONDS", help="wait for the outcome and print the comparison")
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(fn=cmd_experiment)
+
+    x = sub.add_parser("experiments", help="experiments: list, or show one's comparison table")
+    xsub = x.add_subparsers(dest="action", required=True)
+    xsub.add_parser("list").add_argument("--json", action="store_true")
+    y = xsub.add_parser("show")
+    y.add_argument("id")
+    y.add_argument("--json", action="store_true")
+    x.set_defaults(fn=cmd_experiments)
+
     rn = sub.add_parser("runs", help="training runs: list, show, stop, resume")
     rsub = rn.add_subparsers(dest="action", required=True)
     rsub.add_parser("list").add_argument("--json", action="store_true")
@@ -440,16 +608,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is meant for the user: printed as one line, no traceback."""
+    from engine.api.server import ApiConfigError
     from engine.harmony import PromptTooLong
     from engine.names import InvalidName
     from engine.serve.model import ModelLoadError
     from engine.store.adapters import AdapterError
     from engine.store.history import HistoryError
     from engine.train.dataset import DatasetError
+    from engine.train.experiments import ExperimentError
     from engine.train.runs import RunError
 
-    return (AdapterError, DatasetError, HistoryError, InvalidName, ModelLoadError, PromptTooLong, RunError,
-            settings_mod.SettingsError, KeyError, OSError, TimeoutError)
+    return (ApiConfigError, AdapterError, DatasetError, ExperimentError, HistoryError, InvalidName, ModelLoadError,
+            PromptTooLong, RunError, settings_mod.SettingsError, KeyError, OSError, TimeoutError)
 
 
 def _message(e: BaseException) -> str:
@@ -502,7 +672,7 @@ def _run(argv: list[str], ui: Command | None) -> int:
         s = settings_mod.load(args.settings, must_exist=bool(args.settings))
         for warning in s.warnings:
             print(f"warning: {line(warning)}", file=sys.stderr)
-        if args.command in (None, "chat", "experts"):
+        if args.command in (None, "chat", "experts", "serve"):
             from engine.serve.model import pin_gpu
             from engine.telemetry import gpu_count
 

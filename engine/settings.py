@@ -15,7 +15,7 @@ import tempfile
 import tomllib
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from engine import names
 ENV_VAR = "TANDEM_SETTINGS"
 REASONING_LEVELS = ("low", "medium", "high")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+RENDERERS = ("tandem", "checkpoint")  # model.chat_template: who renders chat prompts
 
 
 class SettingsError(ValueError):
@@ -45,6 +46,9 @@ class ModelSettings:
     dtype: str = "auto"
     record_experts: bool = True  # keep each reply's expert routing for the expert view
     fast_decode: bool = True  # static cache, routed-expert LoRA, CUDA graphs; off = transformers+PEFT forward
+    chat_template: str = "tandem"  # chat prompts rendered by: tandem (engine/harmony.py) | checkpoint (its jinja)
+    backend: str = ""  # "http(s)://host:port/v1" of an OpenAI-compatible server that answers instead; "" = local
+    backend_token: str = ""  # bearer token the remote backend wants, if any
 
 
 @dataclass
@@ -71,6 +75,15 @@ class AdapterSettings:
 
 
 @dataclass
+class ApiSettings:
+    host: str = "127.0.0.1"  # loopback only; any other address needs a token
+    port: int = 8400  # 0 = any free port
+    token: str = ""  # bearer token clients must send ("" = none; refused for a non-loopback host)
+    max_request_kb: int = 1024  # larger request bodies get 413
+    max_concurrent: int = 8  # requests answered or queued at once; more get 429
+
+
+@dataclass
 class PathSettings:
     adapters: str = "adapters"
     logs: str = "logs"
@@ -92,6 +105,14 @@ class Profile:
     scheduler: str = "cosine"
     save_steps: int = 50
     logging_steps: int = 1
+    method: str = "sft"  # sft: learn the replies | dpo: learn preferences (chosen over rejected) on a specialist
+    beta: float = 0.1  # dpo: how far the specialist may move from where it started
+
+
+METHODS = ("sft", "dpo")
+# What an experiment may vary, and the profile field each name sets (`tandem experiment --vary r=8,16`).
+VARY_KEYS = {"r": "rank", "rank": "rank", "alpha": "alpha", "lr": "learning_rate", "learning_rate": "learning_rate",
+             "steps": "max_steps", "max_steps": "max_steps", "batch_size": "batch_size", "beta": "beta"}
 
 
 def default_profiles() -> dict[str, Profile]:
@@ -101,6 +122,9 @@ def default_profiles() -> dict[str, Profile]:
         "full": Profile(max_steps=500, max_samples=5000),
         "max_quality": Profile(max_steps=500, max_samples=10000, rank=16, alpha=32),
         "conservative": Profile(max_steps=100, max_samples=1000, rank=8, alpha=8),
+        # batch 1: a DPO step holds chosen and rejected (two sequences per pair) and the reference's forward
+        "preference": Profile(max_steps=100, max_samples=2000, batch_size=1, grad_accum=8, learning_rate=5e-5,
+                              method="dpo"),
     }
 
 
@@ -122,6 +146,8 @@ class LearningSettings:
     nightly_window: str = ""  # "HH:MM-HH:MM" local time, or empty for no nightly retrain
     min_examples_new_task: int = 50
     holdout_fraction: float = 0.2
+    idle_after_minutes: int = 30  # the training GPU idle this long takes pending work by itself; 0 = never
+    min_pairs: int = 20  # preference pairs (A/B picks, corrections) a specialist needs for a preference run
 
 
 SECTIONS = {
@@ -129,6 +155,7 @@ SECTIONS = {
     "gpus": GpuSettings,
     "chat": ChatSettings,
     "adapters": AdapterSettings,
+    "api": ApiSettings,
     "paths": PathSettings,
     "training": TrainingSettings,
     "learning": LearningSettings,
@@ -141,6 +168,7 @@ class Settings:
     gpus: GpuSettings = field(default_factory=GpuSettings)
     chat: ChatSettings = field(default_factory=ChatSettings)
     adapters: AdapterSettings = field(default_factory=AdapterSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
     paths: PathSettings = field(default_factory=PathSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     learning: LearningSettings = field(default_factory=LearningSettings)
@@ -255,6 +283,9 @@ RANGES: dict[str, Range] = {
     "chat.max_new_tokens": (1, 1 << 20, "an integer from 1 to 1048576"),
     "adapters.router_threshold": (0, 1, "a number from 0 to 1"),
     "adapters.vram_budget_mb": (1, 1 << 24, "an integer from 1 to 16777216 (MB)"),
+    "api.port": (0, 65535, "a TCP port from 0 (any free port) to 65535"),
+    "api.max_request_kb": (1, 1 << 20, "an integer from 1 to 1048576 (KB)"),
+    "api.max_concurrent": (1, 1024, "an integer from 1 to 1024"),
     "training.target_loss": (0, 100, "a number from 0 to 100"),
     "training.overfit_below": (0, 100, "a number from 0 to 100"),
     "training.underfit_above": (0, 100, "a number from 0 to 100"),
@@ -264,6 +295,8 @@ RANGES: dict[str, Range] = {
     "learning.retrain_every": (1, _INT, "a positive integer"),
     "learning.min_examples_new_task": (1, _INT, "a positive integer"),
     "learning.holdout_fraction": (1e-9, 1 - 1e-9, "a number in (0, 1)"),
+    "learning.idle_after_minutes": (0, 7 * 24 * 60, "0 (never) or minutes up to 10080 (a week)"),
+    "learning.min_pairs": (2, _INT, "an integer of at least 2 (one pair to train on, one held out)"),
 }
 PROFILE_RANGES: dict[str, Range] = {
     "max_steps": (1, 10_000_000, "an integer from 1 to 10000000"),
@@ -277,6 +310,7 @@ PROFILE_RANGES: dict[str, Range] = {
     "max_seq_length": (16, 1 << 20, "an integer from 16 to 1048576"),
     "save_steps": (1, 10_000_000, "a positive integer"),
     "logging_steps": (1, 10_000_000, "a positive integer"),
+    "beta": (1e-4, 100, "a number from 0.0001 to 100"),
 }
 
 
@@ -295,6 +329,8 @@ def _check(s: Settings) -> None:
         section, name = key.split(".")
         _in_range(key, getattr(getattr(s, section), name), rng)
     _need(s.model.dtype in DTYPES, "model.dtype", s.model.dtype, "one of " + ", ".join(DTYPES))
+    _need(s.model.chat_template in RENDERERS, "model.chat_template", s.model.chat_template,
+          "one of " + ", ".join(RENDERERS))
     _need(s.chat.reasoning in REASONING_LEVELS, "chat.reasoning", s.chat.reasoning, "low, medium or high")
     mode = s.adapters.mode
     _need(mode in ("auto", "base") or names.is_valid(mode), "adapters.mode", mode, "auto, base or an adapter name")
@@ -306,12 +342,38 @@ def _check(s: Settings) -> None:
     for name, p in t.profiles.items():
         key = f"training.profiles.{name}"
         _need(names.is_valid(name), key, name, f"a profile name of {names.RULE}")
-        for field_name, rng in PROFILE_RANGES.items():
-            _in_range(f"{key}.{field_name}", getattr(p, field_name), rng)
-        _need(p.scheduler in ("cosine", "linear", "constant"), f"{key}.scheduler", p.scheduler,
-              "cosine, linear or constant")
+        _check_profile(p, key)
+    _need(s.model.backend == "" or _is_url(s.model.backend), "model.backend", s.model.backend,
+          '"" (this machine) or an http:// or https:// URL of an OpenAI-compatible server')
+    host = s.api.host
+    _need(bool(host) and host.isprintable() and not any(c.isspace() or c in "/@?#" for c in host), "api.host",
+          host, "an address to bind, e.g. 127.0.0.1")
+    token = s.api.token
+    _need(token == "" or (len(token) >= 16 and token.isascii() and token.isprintable() and " " not in token),
+          "api.token", "…" if token else token, '"" or at least 16 printable ASCII characters without spaces')
     w = s.learning.nightly_window
     _need(w == "" or _parse_window(w) is not None, "learning.nightly_window", w, '"HH:MM-HH:MM" or ""')
+
+
+def _check_profile(p: Profile, key: str) -> None:
+    for field_name, rng in PROFILE_RANGES.items():
+        _in_range(f"{key}.{field_name}", getattr(p, field_name), rng)
+    _need(p.scheduler in ("cosine", "linear", "constant"), f"{key}.scheduler", p.scheduler,
+          "cosine, linear or constant")
+    _need(p.method in METHODS, f"{key}.method", p.method, " or ".join(METHODS))
+
+
+def with_overrides(p: Profile, overrides: dict[str, Any], where: str) -> Profile:
+    """`p` with some fields changed (an experiment's variant), each checked as settings.toml would be;
+    a SettingsError names `where` and the field."""
+    known = {f.name: f for f in fields(Profile)}
+    for key, value in overrides.items():
+        _need(key in set(VARY_KEYS.values()), f"{where}.{key}", value,
+              "one of " + ", ".join(sorted(set(VARY_KEYS.values()))))
+    out = replace(p, **{k: _coerce(f"{where}.{k}", v, {"int": int, "float": float}[str(known[k].type)])
+                        for k, v in overrides.items()})
+    _check_profile(out, where)
+    return out
 
 
 def _parse_window(text: str) -> tuple[int, int] | None:
@@ -327,6 +389,28 @@ def _parse_window(text: str) -> tuple[int, int] | None:
         return minutes[0], minutes[1]
     except ValueError:
         return None
+
+
+def _is_url(text: str) -> bool:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text)
+        return parts.scheme in ("http", "https") and bool(parts.hostname) and text.isprintable()
+    except ValueError:
+        return False
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` only accepts connections from this machine."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def nightly_window(s: Settings) -> tuple[int, int] | None:

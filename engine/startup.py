@@ -10,6 +10,7 @@ is remembered there too, per cold or warm compile cache, so the next start can s
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import threading
@@ -23,6 +24,23 @@ COUNTDOWN = re.compile(r"\d+ s left")  # a message that already says how long it
 # First-start guesses (seconds, H100 box) for the slow steps, until this machine has timed them itself.
 GUESS_S = {("compiling", "cold"): 120.0, ("compiling", "warm"): 20.0, ("importing", "cold"): 20.0,
            ("importing", "warm"): 20.0}
+
+
+GPU_MEMORY_ENV = "TANDEM_GPU_MEMORY_GB"
+
+
+def gpu_memory_cap_gb() -> float | None:
+    """TANDEM_GPU_MEMORY_GB: the GiB of a card Tandem's processes hold themselves to, as a smaller card
+    would (None: unset or 0). The chat process sizes `serve_in_4bit = "auto"` by it, the trainer caps its
+    allocator to it."""
+    value = os.environ.get(GPU_MEMORY_ENV, "").strip()
+    try:
+        cap = float(value or 0)
+    except ValueError:
+        cap = -1.0
+    if not math.isfinite(cap) or cap < 0:
+        raise ValueError(f"{GPU_MEMORY_ENV}={value!r}: expected a number of GB, e.g. 24")
+    return cap or None
 
 
 def compile_cache_dir() -> Path:

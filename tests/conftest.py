@@ -16,8 +16,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def demo_model_dir() -> Path:
-    import unsloth  # noqa: F401  (before transformers, as it asks)
-
+    """The chat process serves the demo without unsloth (engine/serve/model.py imports it only for a
+    bitsandbytes 4-bit checkpoint), so the tests do not import it either; training runs in its own process."""
     from engine.serve.demo_model import demo_model_path
 
     return demo_model_path()

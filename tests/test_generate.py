@@ -1,4 +1,4 @@
-"""Streaming generation on the demo model, loaded through unsloth's CPU path."""
+"""Streaming generation on the demo model, loaded on the CPU (through transformers: no unsloth in the chat process)."""
 
 import threading
 
@@ -35,7 +35,7 @@ def prompt(lm, text="Hello!"):
     return torch.tensor([encode_prompt(lm.tokenizer, [Turn("user", text)])])
 
 
-def test_loads_through_unsloth_cpu_fallback(lm):
+def test_loads_the_demo_on_the_cpu(lm):
     assert lm.is_demo and lm.device == "cpu" and lm.quant == "bf16"
     assert type(lm.model).__name__ == "GptOssForCausalLM" and lm.num_experts == 8
 

@@ -60,10 +60,11 @@ def test_dataset_from_history_keeps_corrections_and_good_turns(tmp_path):
     turn("6+6?", "12", rating=5, task="code")  # another task
     built = build_dataset(h, "math", tmp_path / "out", holdout_fraction=0.3)
     rows = [json.loads(x) for p in (built.train, built.holdout) for x in p.read_text().splitlines()]
-    pairs = {r["messages"][0]["content"]: r["messages"][1]["content"] for r in rows}
+    # each example ends with its prompt and target, after the conversation the chat showed with it
+    pairs = {r["messages"][-2]["content"]: r["messages"][-1]["content"] for r in rows}
     assert pairs == {"1+1?": "2", "2+2?": "four", "4+4?": "8", "5+5?": "10"}
     assert built.n_holdout >= 1 and built.n_train + built.n_holdout == 4 == built.n_usable
-    assert next(r for r in rows if r["messages"][0]["content"] == "1+1?")["messages"][1]["thinking"] == ""
+    assert "thinking" not in next(r for r in rows if r["messages"][-2]["content"] == "1+1?")["messages"][-1]
     r = report(h)
     assert r["turns"] == 7 and r["rated"] == 5 and r["usage"]["math"] == 6
 

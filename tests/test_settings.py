@@ -37,6 +37,11 @@ def test_shipped_settings_load_and_paths_are_relative_to_file(settings, settings
         ("[training.profiles.mine]\nrank = 4", "training.profiles.mine", "max_steps and max_samples"),
         ('[learning]\nnightly_window = "25:00-03:00"', "learning.nightly_window", "HH:MM-HH:MM"),
         ('[training]\ndefault_profile = "nope"', "training.default_profile", "quick_test"),
+        ("[api]\nport = 70000", "api.port", "TCP port"),
+        ('[api]\nhost = "a b"', "api.host", "address to bind"),
+        ('[api]\ntoken = "short"', "api.token", "at least 16"),
+        ("[api]\nmax_concurrent = 0", "api.max_concurrent", "1 to 1024"),
+        ('[model]\nbackend = "ftp://x"', "model.backend", "http:// or https://"),
     ],
 )
 def test_bad_values_name_key_value_and_expectation(tmp_path, toml, key, expected):
@@ -119,3 +124,16 @@ def test_a_new_profile_and_a_default_file_are_written_as_toml(tmp_path):
     assert again.training.profiles["mine"].max_steps == 3
     written = tomllib.loads(path.read_text())
     assert written["training"]["profiles"]["mine"]["max_steps"] == 3 and set(written) == {"training"}
+
+
+def test_a_rejected_token_is_not_echoed(tmp_path):
+    with pytest.raises(st.SettingsError) as err:
+        st.load(write(tmp_path / "s.toml", '[api]\ntoken = "secret with space"'))
+    assert "secret" not in str(err.value)
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("::1", True), ("localhost", True),
+                                            ("127.0.0.2", True), ("0.0.0.0", False), ("192.168.1.5", False),
+                                            ("myhost", False), ("::", False)])
+def test_only_loopback_addresses_count_as_local(host, loopback):
+    assert st.is_loopback(host) is loopback

@@ -36,6 +36,7 @@ from engine import settings as st
 from engine.service import Workstation
 from engine.telemetry import Telemetry
 from engine.text import line, plain, plain_all
+from tui.screens.experiments import ExperimentsScreen, NewExperiment, NewExperimentScreen
 from tui.screens.experts import ExpertsScreen
 from tui.screens.forms import (
     Feedback,
@@ -58,6 +59,7 @@ NARROW_BELOW = 120  # columns; below this the panels become tabs
 PRESETS = {"precise": (0.0, 1.0), "balanced": (0.7, 0.95), "creative": (1.0, 1.0)}  # temperature 0: greedy
 REASONING = ("low", "medium", "high")
 FLUSH_S = 0.05  # streamed text reaches the screen in batches at most this old
+IDLE_TICK_S = 30.0  # how often the idle scheduler may look for work for the training GPU
 
 
 def background(**kw: Any) -> Any:
@@ -163,6 +165,7 @@ class TandemApp(App):
         Binding("f7", "compare", "A/B"),
         Binding("f8", "report", "report", show=False),
         Binding("f9", "why_route", "why this route", show=False),
+        Binding("f10", "toggle_api", "API server", show=False),
     ]
 
     view: reactive[str] = reactive("chat")
@@ -186,6 +189,7 @@ class TandemApp(App):
         self._progress_at, self._progress_line = -1.0, -1  # the last load step logged, and where its line is
         self.polls = {"gpus": 0, "runs": 0}  # results shown so far, per poller (tests wait on these)
         self._closing = False  # set at unmount: workers stop handing results to the loop
+        self._idle_at = -IDLE_TICK_S  # when the idle scheduler last ticked (monotonic)
 
     def notify(self, message: str, *, title: str = "", severity: Any = "information", timeout: float | None = None,
                markup: bool = False) -> None:
@@ -499,11 +503,24 @@ class TandemApp(App):
     # ----- training
     @background(exclusive=True, group="runs")
     def poll_runs(self) -> None:
+        """Read the runs; let the idle scheduler give the training GPU work (every IDLE_TICK_S); tell the
+        person what experiments found."""
         try:
+            work = None
+            if time.monotonic() - self._idle_at >= IDLE_TICK_S:
+                self._idle_at = time.monotonic()
+                work = self.service.idle_tick()
             views = [RunView(plain_all(r.summary()), plain_all(r.metrics())) for r in reversed(self.service.runs())]
+            decided = self.service.newly_decided()
         except Exception as e:
             self.post_message(EngineLog(f"reading training runs failed: {e}"))
             return
+        if work is not None:
+            self._ui(self.query_one(TrainingPanel).show_work, work.status)
+            for run_id in work.started:
+                self.post_message(EngineLog(f"{work.status}: started {run_id}"))
+        for exp in decided:
+            self._ui(self.notify, exp.outcome, title=f"experiment on {exp.task}", timeout=15)
         self._ui(self._show_runs, views)
 
     def _show_runs(self, views: list[RunView]) -> None:
@@ -522,6 +539,12 @@ class TandemApp(App):
             self.push_screen(NewRunScreen(self.settings.training.profiles, self.settings.training.default_profile,
                                           str(sample), seconds_per_step(self.query_one(TrainingPanel).runs)),
                              self._start_run)
+        elif m.action == "experiment":
+            sft = sorted(n for n, p in self.settings.training.profiles.items() if p.method == "sft")
+            default = self.settings.training.default_profile
+            self.push_screen(NewExperimentScreen(sft, default if default in sft else sft[0]), self._start_experiment)
+        elif m.action == "experiments":
+            self.show_experiments()
         else:
             self.change_run(m.action, m.run_id)
 
@@ -538,6 +561,31 @@ class TandemApp(App):
             return
         self._ui(self.notify, f"{run.id}: {run.state.status} · {report.summary()}", title="training")
         self.poll_runs()
+
+    def _start_experiment(self, new: NewExperiment | None) -> None:
+        if new is not None:
+            self.start_experiment(new)
+
+    @background(group="runs-actions")
+    def start_experiment(self, new: NewExperiment) -> None:
+        try:
+            exp = self.service.experiment(new.task, new.vary, new.data, new.profile, new.when_idle)
+        except Exception as e:
+            self._ui(self.notify, str(e), title="cannot start the experiment", severity="error", timeout=10)
+            return
+        how = "waiting for the training GPU to idle" if new.when_idle else "queued behind your runs"
+        self._ui(self.notify, f"{exp.id}: {len(exp.variants)} variants {how}", title="experiment")
+        self.poll_runs()
+
+    @background(exclusive=True, group="experiments")
+    def show_experiments(self) -> None:
+        try:
+            experiments = self.service.experiments()
+        except Exception as e:
+            self._ui(self.notify, str(e), title="experiments", severity="error")
+            return
+        t = self.settings.training
+        self._ui(self.push_screen, ExperimentsScreen(experiments, (t.overfit_below, t.target_loss, t.underfit_above)))
 
     @background(group="runs-actions")
     def change_run(self, action: str, run_id: str) -> None:
@@ -561,6 +609,29 @@ class TandemApp(App):
         self.polls["gpus"] += 1
 
     # ----- screens
+    def action_toggle_api(self) -> None:
+        """Serve (or stop serving) the OpenAI-compatible API from this process: clients share the model and
+        queue behind what is typed here."""
+        if not self.service.ready:
+            self.notify("the model is still loading", title="API", severity="warning")
+            return
+        self.switch_api()
+
+    @background(exclusive=True, group="api")
+    def switch_api(self) -> None:
+        try:
+            if self.service.api_url:
+                self.service.stop_api()
+                self._ui(self.notify, "stopped", title="API server")
+                return
+            url = self.service.start_api()
+        except Exception as e:  # the exposure rule, a port in use: one line
+            self._ui(self.notify, str(e).splitlines()[0] if str(e) else type(e).__name__, title="API not started",
+                     severity="error", timeout=10)
+            return
+        self._ui(self.notify, f"OpenAI-compatible API at {url} · models: auto, base and every specialist · "
+                              "F10 stops it", title="API server", timeout=10)
+
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
 

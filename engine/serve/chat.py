@@ -20,7 +20,7 @@ from engine.serve.generate import Reply, Sampling
 from engine.serve.model import LoadedModel, Progress, base_identity, fast_decoder, load_model
 from engine.serve.residency import LiveAdapters, Residency
 from engine.serve.router import Decision, Router, router_for
-from engine.serve.worker import InferenceWorker, Request, Started, Step, WorkerClosed
+from engine.serve.worker import API, KEYBOARD, InferenceWorker, Request, Started, Step, WorkerClosed
 from engine.settings import Settings
 from engine.startup import Phases
 from engine.store.adapters import AdapterError, AdapterStore
@@ -69,6 +69,15 @@ def context_answer(reply: Reply) -> str:
     return reply.parser.channel_text("raw")
 
 
+def engine_for(settings: Settings, history: History | None = None) -> Engine:
+    """The engine the settings ask for: this machine's model, or a remote server's ([model] backend)."""
+    if settings.model.backend:
+        from engine.serve.remote import RemoteEngine
+
+        return RemoteEngine(settings, history)
+    return Engine(settings, history)
+
+
 class Engine:
     def __init__(self, settings: Settings, history: History | None = None):
         """`history` stores every turn (None: nothing is stored); its owner closes it."""
@@ -90,6 +99,11 @@ class Engine:
 
         def load() -> None:
             lm = load_model(self.settings, say)
+            self.log(f"serving {lm.quant}: {lm.quant_reason}")
+            if lm.template is not None and lm.template.status != "none":
+                self.log(lm.template.summary())
+                for d in lm.template.differences:
+                    self.log(f"chat template: {d.text()}")
             if lm.device.startswith("cuda") and self.settings.model.fast_decode:
                 say("compiling the fast decoder (once per model load)", 0.85)
             fast, self.fast_note = fast_decoder(lm, self.settings)
@@ -175,6 +189,10 @@ class Engine:
     def broken_adapters(self) -> list[tuple[str, str]]:
         return list(self.live.problems) if self.live else []
 
+    def specialists(self) -> list[str]:
+        """The specialists a request may name: every adapter in the store for this base."""
+        return self.live.names() if self.live else []
+
     def check_mode(self, mode: str) -> str:
         """`mode` if it is auto, base or a known specialist's name; else a one-line error."""
         if mode in ("auto", "base"):
@@ -222,20 +240,25 @@ class Engine:
         cancel: threading.Event | None = None,
         store: bool = True,
         record_experts: bool | None = None,
+        source: str = "app",
+        instructions: str | None = None,
     ) -> Iterator[Event]:
         """Answer `prompt` in `conversation`: yields Routed, then Deltas, then Finished. `store=False`
-        keeps the turn out of the history (comparisons, scripts)."""
-        assert self.lm is not None and self.live is not None, "call load() first"
+        keeps the turn out of the history (comparisons, scripts). `source` "api" marks an API client's
+        turn in the history and queues it behind the keyboard's; `instructions` replaces the settings' developer
+        message for this turn."""
+        assert self.ready, "call load() first"
         decision = self.decide(prompt, mode)
         request = Request(
             turns=[*conversation.turns, Turn("user", prompt)],
             adapter=None if decision.choice == "base" else decision.choice,
             sampling=sampling or self.sampling(),
             reasoning=reasoning or self.settings.chat.reasoning,
-            instructions=self.settings.chat.instructions,
+            instructions=self.settings.chat.instructions if instructions is None else instructions,
             prefill=SKIP_REASONING_PREFILL if skip_reasoning else "",
             record_experts=self.settings.model.record_experts if record_experts is None else record_experts,
             cancel=cancel or threading.Event(),
+            priority=API if source == "api" else KEYBOARD,
         )
         events = self.worker.stream(request)
         started = next(events)
@@ -246,10 +269,13 @@ class Engine:
         history = self.history if store else None
         turn_id = None
         if history:
+            # turns the conversation came with (an API client's messages) are not turns of this history
+            given = [(t.role, t.content) for t in conversation.turns] if conversation.id is None else []
             if conversation.id is None:
                 conversation.id = history.new_conversation(prompt[:60])
             turn_id = history.start_turn(conversation.id, prompt, adapter, decision.as_dict(),
-                                         asdict(request.sampling))
+                                         asdict(request.sampling), request.reasoning, request.instructions,
+                                         source, given)
         yield Routed(decision, adapter, turn_id, started.dropped)
         reply: Reply | None = None
         last_save = time.monotonic()

@@ -24,6 +24,10 @@ from pathlib import Path
 from engine.harmony import SPECIAL_TOKENS
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "demo_chat.jsonl"
+# The demo ships GPT-OSS's chat template as a real checkpoint does, so the load-time template check
+# (engine/serve/checkpoint_template.py) runs on it too. It is metadata, not part of the build: a changed
+# template is written into the cached build, the weights stay.
+TEMPLATE = DATA.with_name("gpt_oss_chat_template.jinja")
 FIXED_DATE = date(2026, 1, 1)  # the demo renders a fixed date so a build is reproducible
 PAD = "<|endoftext|>"
 Progress = Callable[[str, float], None]  # (what is happening, fraction done)
@@ -64,6 +68,7 @@ def demo_model_path(progress: Progress | None = None) -> Path:
     as the first BUILD_SHARE of a model load's."""
     target = cache_root() / f"demo-gpt-oss-{_build_key()}"
     if (target / "config.json").exists():
+        _ship_template(target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / ".demo-build.lock", "w") as lock:
@@ -75,7 +80,22 @@ def demo_model_path(progress: Progress | None = None) -> Path:
                 os.replace(tmp, target)  # readers never see a half-built model
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+    _ship_template(target)
     return target
+
+
+def _ship_template(folder: Path) -> None:
+    """Make `folder/chat_template.jinja` TEMPLATE's text (atomically: other processes may be loading it)."""
+    text = TEMPLATE.read_text()
+    path = folder / "chat_template.jinja"
+    try:
+        if path.read_text() == text:
+            return
+    except OSError:
+        pass
+    tmp = path.with_name(f".chat_template.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _texts() -> list[tuple[str, str]]:

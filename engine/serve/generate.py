@@ -32,6 +32,7 @@ class Sampling:
 class Stats:
     tokens_in: int = 0
     tokens_out: int = 0
+    tokens_reused: int = 0  # prompt tokens whose keys and values the decoder kept from the previous reply
     ttft_s: float = 0.0  # request to first token, prefill included
     seconds: float = 0.0
     stop: str = ""  # return, call, end, length, cancelled
@@ -42,7 +43,8 @@ class Stats:
         return (self.tokens_out - 1) / decode if self.tokens_out > 1 and decode > 0 else 0.0
 
     def as_dict(self) -> dict:
-        return {"tokens_in": self.tokens_in, "tokens_out": self.tokens_out, "ttft_s": round(self.ttft_s, 4),
+        return {"tokens_in": self.tokens_in, "tokens_reused": self.tokens_reused, "tokens_out": self.tokens_out,
+                "ttft_s": round(self.ttft_s, 4),
                 "seconds": round(self.seconds, 4), "tokens_per_s": round(self.tokens_per_s, 2), "stop": self.stop}
 
 
@@ -134,6 +136,7 @@ def stream(
                 nxt = _sample(logits[0], sampling, gen)
                 if not out_ids:
                     reply.stats.ttft_s = time.perf_counter() - started
+                    reply.stats.tokens_reused = decoder.reused
                 out_ids.append(nxt)
                 delta = detok.push(nxt)
                 reply.token_texts.append(delta)
@@ -149,7 +152,7 @@ def stream(
                     reply.stats.stop = "length"
                     break
     finally:
-        decoder.release()  # free the KV cache before the next request
+        decoder.release()  # the KV cache stays for the next prompt's prefix
         if recorder:
             reply.experts = recorder.finish(reply.stats.tokens_in)
         reply.parser.finish()

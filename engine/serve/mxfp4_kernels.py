@@ -17,6 +17,10 @@ here needs FP8, TMA or wgmma, so it runs on Ampere (sm_80/86) as on Hopper.
 Each is a torch custom op (opaque to torch.compile, capturable in CUDA graphs) whose CPU version is the
 exact dequantizing path, the one the tests check (the kernels are tested against it on a GPU, and in
 Triton's interpreter on the CPU).
+
+Prefill is different: hundreds of pairs share each expert, so `dequantized` writes a layer's experts
+once into a transient bf16 copy (one Triton pass, exact: every MXFP4 value is a bf16 number) for
+torch's grouped GEMM (fast_decode.py), which reads each expert's weights per tile of rows, not per pair.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import triton.language as tl
 from engine.serve.mxfp4 import dequantize, swiglu
 
 BJ, BN, BKB, BK_LORA = 16, 32, 8, 256  # gate/up units and down rows per program, scale blocks per step
+DQ_BLOCKS = 64  # scale blocks per program of the dequantizing kernel
 WARPS = 4
 
 
@@ -173,6 +178,32 @@ def triton_down(act: torch.Tensor, experts: torch.Tensor, gate: torch.Tensor, bl
         act, experts, gate, blocks, scales, bias, xa if lora else act, lora_b if lora else act, out, n,
         blocks.shape[2], HAS_LORA=lora, R=lora_b.shape[1] if lora else 1, BN=BN, BKB=BKB, num_warps=WARPS)
     return out
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, out_ptr, NBLK, BLOCKS: tl.constexpr):
+    """BLOCKS scale blocks (16 bytes, 32 values each) per program, written in the output's dtype."""
+    b = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
+    m = b < NBLK
+    c = tl.arange(0, 16)
+    codes = tl.load(w_ptr + b[:, None] * 16 + c[None, :], mask=m[:, None], other=0).to(tl.int32)
+    s = _scale(tl.load(s_ptr + b, mask=m, other=0))[:, None]
+    values = tl.interleave(_e2m1(codes & 15) * s, _e2m1(codes >> 4) * s)  # low nibble first
+    tl.store(out_ptr + b[:, None] * 32 + tl.arange(0, 32)[None, :], values.to(out_ptr.dtype.element_ty),
+             mask=m[:, None])
+
+
+def triton_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(*scales.shape[:-1], scales.shape[-1] * 32, dtype=dtype, device=blocks.device)
+    n = scales.numel()
+    _dequant_kernel[(triton.cdiv(n, DQ_BLOCKS),)](blocks, scales, out, n, BLOCKS=DQ_BLOCKS, num_warps=WARPS)
+    return out
+
+
+def dequantized(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[..., out, in] weights in `dtype` (exact in bf16 too: each value is e2m1 times a power of two), for a
+    prefill's grouped matmuls: one Triton pass on CUDA, the exact fp32 path elsewhere."""
+    return (triton_dequantize if blocks.is_cuda else dequantize)(blocks, scales, dtype)
 
 
 # ----- the exact path: fp32 arithmetic on exactly dequantized weights, one routed expert at a time

@@ -8,10 +8,14 @@ what history and A/B preferences record). Callers on other threads get results b
 
 Closing is bounded: jobs still queued fail with WorkerClosed without running, a reply being decoded
 ends at its next token (its cancel flag is set), and a job submitted after close fails at once.
+Jobs wait in a priority queue, first in first out within a priority: the person at the keyboard
+(`KEYBOARD`, the default) goes before API clients (`API`), so API traffic never starves the app; a
+reply already running is never interrupted.
 """
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -20,10 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from engine.harmony import HarmonyParser, Turn, fit_turns
+from engine.serve import checkpoint_template
 from engine.serve.generate import Reply, Sampling, Stats, stream
 from engine.serve.residency import LiveAdapters
 
 T = TypeVar("T")
+KEYBOARD, API = 0, 1  # job priorities: lower runs first
 MIN_REPLY_ROOM = 256  # tokens kept free for the reply when old turns are trimmed to fit the context
 
 
@@ -43,6 +49,7 @@ class Request:
     prefill: str = ""  # the start of the assistant's turn, already decided (e.g. skip reasoning)
     record_experts: bool = False
     cancel: threading.Event = field(default_factory=threading.Event)
+    priority: int = KEYBOARD
 
 
 @dataclass
@@ -68,9 +75,23 @@ class Failed:
     error: Exception
 
 
+class _Jobs(queue.PriorityQueue):
+    """The worker's queue: by priority, first in first out within one; None (close) after every job."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._arrival = itertools.count()
+
+    def put(self, job: Any, block: bool = True, timeout: float | None = None, priority: int = KEYBOARD) -> None:
+        super().put((float("inf") if job is None else priority, next(self._arrival), job), block, timeout)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        return super().get(block, timeout)[2]
+
+
 class InferenceWorker:
     def __init__(self) -> None:
-        self._jobs: queue.Queue[tuple[Callable[[], Any], Future] | None] = queue.Queue()
+        self._jobs = _Jobs()
         self.live: LiveAdapters | None = None
         self._closed = False
         self._lock = threading.Lock()  # `closed` and the queue change together: no job slips in after close
@@ -103,7 +124,8 @@ class InferenceWorker:
         if not done.done():
             done.set_exception(WorkerClosed(f"the inference worker is closed ({why})"))
 
-    def submit(self, fn: Callable[[], T], cancel: threading.Event | None = None) -> Future[T]:
+    def submit(self, fn: Callable[[], T], cancel: threading.Event | None = None, *,
+               priority: int = KEYBOARD) -> Future[T]:
         """Queue `fn`; `cancel` (a reply's flag) is set if the worker closes before `fn` ends."""
         done: Future[T] = Future()
         with self._lock:
@@ -113,15 +135,20 @@ class InferenceWorker:
             if cancel is not None:
                 self._cancels[done] = cancel
                 done.add_done_callback(self._forget)
-            self._jobs.put((fn, done))
+            self._jobs.put((fn, done), priority=priority)
         return done
 
     def _forget(self, done: Future) -> None:
         with self._lock:
             self._cancels.pop(done, None)
 
+    def queued(self) -> int:
+        """Jobs waiting (the running one not counted)."""
+        return self._jobs.qsize()
+
     def call(self, fn: Callable[[], T]) -> T:
-        """Run `fn` on the worker after the jobs queued before it; its result or exception."""
+        """Run `fn` on the worker after the jobs of its priority (KEYBOARD) queued before it; its result or
+        exception."""
         if threading.current_thread() is self._thread:
             return fn()
         return self.submit(fn).result()
@@ -149,7 +176,7 @@ class InferenceWorker:
                 out.put(Failed(e))
                 out.put(None)
 
-        self.submit(lambda: self._reply(req, out), req.cancel).add_done_callback(unrun)
+        self.submit(lambda: self._reply(req, out), req.cancel, priority=req.priority).add_done_callback(unrun)
         try:
             while (ev := out.get()) is not None:
                 if isinstance(ev, Failed):
@@ -163,8 +190,8 @@ class InferenceWorker:
             assert self.live is not None, "no model loaded"
             lm = self.live.lm
             room = min(req.sampling.max_new_tokens, max(lm.max_len // 2, MIN_REPLY_ROOM))
-            ids, dropped = fit_turns(lm.tokenizer, req.turns, req.reasoning, req.instructions, lm.max_len - room,
-                                     req.prefill)
+            fit = checkpoint_template.fit_turns if lm.renderer == "checkpoint" else fit_turns  # model.chat_template
+            ids, dropped = fit(lm.tokenizer, req.turns, req.reasoning, req.instructions, lm.max_len - room, req.prefill)
             if req.cancel.is_set():  # cancelled while queued: no adapter is loaded, evicted or captured for it
                 out.put(Started(req.adapter, "cancelled before it started", dropped))
                 out.put(Step([], Reply(HarmonyParser(), Stats(tokens_in=len(ids), stop="cancelled"))))

@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,20 @@ MIGRATIONS = [
         choice TEXT NOT NULL
     );
     """,
+    # Where a turn came from: the app or CLI ('app') or an OpenAI-compatible API client ('api').
+    "ALTER TABLE turns ADD COLUMN source TEXT NOT NULL DEFAULT 'app';",
+    # What shaped each reply, so a learned example is rendered as it was served (engine.train.learning),
+    # and the task an A/B pick teaches (a preference pair for that specialist).
+    """
+    ALTER TABLE turns ADD COLUMN reasoning TEXT NOT NULL DEFAULT 'low';
+    ALTER TABLE turns ADD COLUMN instructions TEXT NOT NULL DEFAULT '';
+    ALTER TABLE preferences ADD COLUMN task TEXT;
+    ALTER TABLE preferences ADD COLUMN reasoning TEXT NOT NULL DEFAULT 'low';
+    ALTER TABLE preferences ADD COLUMN instructions TEXT NOT NULL DEFAULT '';
+    ALTER TABLE turns ADD COLUMN context TEXT NOT NULL DEFAULT '[]';
+    """,
 ]
+SOURCES = ("app", "api")
 
 
 @dataclass
@@ -69,6 +82,11 @@ class TurnRow:
     correction: str | None
     good_example: bool
     task: str | None
+    source: str = "app"  # app (the app or CLI) or api (an API client)
+    raw: str = ""  # the reply as generated, control tokens included (what the chat keeps when final is empty)
+    reasoning: str = "low"  # the reasoning level the reply was asked with
+    instructions: str = ""  # the developer instructions in force for it
+    context: list = field(default_factory=list)  # [role, text] turns sent with the prompt, not stored as turns
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -86,6 +104,17 @@ def _statements(script: str) -> list[str]:
             out.append(buf.strip())
             buf = ""
     return out
+
+
+def _pairs(text: Any) -> list[tuple[str, str]]:
+    """The stored `context` column: [role, text] pairs; anything damaged or foreign reads as none."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return []
+    ok = isinstance(value, list) and all(isinstance(v, list) and len(v) == 2 and v[0] in ("user", "assistant")
+                                         and isinstance(v[1], str) for v in value)
+    return [(v[0], v[1]) for v in value] if ok else []
 
 
 def _object(text: Any) -> dict[str, Any]:
@@ -162,12 +191,19 @@ class History:
     def new_conversation(self, title: str = "") -> int:
         return self._exec("INSERT INTO conversations(created, title) VALUES (?, ?)", (time.time(), title)).lastrowid
 
-    def start_turn(self, conversation_id: int, prompt: str, adapter: str, route: dict, sampling: dict) -> int:
+    def start_turn(self, conversation_id: int, prompt: str, adapter: str, route: dict, sampling: dict,
+                   reasoning: str = "low", instructions: str = "", source: str = "app",
+                   context: list[tuple[str, str]] = ()) -> int:
+        """A new turn, before generation. `context`: earlier turns the prompt came with that are not turns of
+        this history (an API client sends its whole conversation), kept so it can be rendered as served."""
+        if source not in SOURCES:
+            raise ValueError(f"a turn's source is one of {SOURCES}, got {source!r}")
         return self._exec(
-            "INSERT INTO turns(conversation_id, created, prompt, adapter, route, sampling, task) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO turns(conversation_id, created, prompt, adapter, route, sampling, task, reasoning, "
+            "instructions, source, context) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (conversation_id, time.time(), prompt, adapter, json.dumps(route), json.dumps(sampling),
-             adapter if adapter != "base" else None),
+             adapter if adapter != "base" else None, reasoning, instructions, source,
+             json.dumps([[role, text] for role, text in context])),
         ).lastrowid
 
     def save_partial(self, turn_id: int, raw: str) -> None:
@@ -192,21 +228,25 @@ class History:
         names.check(task, "task name")
         self._exec("UPDATE turns SET task=? WHERE id=?", (task, turn_id))
 
-    def prefer(self, prompt: str, a: str, b: str, reply_a: str, reply_b: str, choice: str) -> int:
+    def prefer(self, prompt: str, a: str, b: str, reply_a: str, reply_b: str, choice: str,
+               task: str | None = None, reasoning: str = "low", instructions: str = "") -> int:
+        """An A/B pick: `choice` is a, b (the winning adapter's name) or "tie"; `task` the specialist it teaches."""
         return self._exec(
-            "INSERT INTO preferences(created, prompt, adapter_a, adapter_b, reply_a, reply_b, choice) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)", (time.time(), prompt, a, b, reply_a, reply_b, choice)).lastrowid
+            "INSERT INTO preferences(created, prompt, adapter_a, adapter_b, reply_a, reply_b, choice, task, "
+            "reasoning, instructions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (time.time(), prompt, a, b, reply_a, reply_b, choice, task, reasoning, instructions)).lastrowid
 
     # ----- reading
     _COLS = ("id, conversation_id, created, prompt, final, analysis, adapter, route, stats, status, rating, "
-             "correction, good_example, task")
+             "correction, good_example, task, source, raw, reasoning, instructions, context")
 
     def _rows(self, where: str = "1", args: tuple = (), limit: int | None = None, after: int = 0) -> list[TurnRow]:
         """Turns matching `where` with id > `after`, oldest first; `limit` None: all of them."""
         cur = self._exec(f"SELECT {self._COLS} FROM turns WHERE ({where}) AND id > ? ORDER BY id LIMIT ?",
                          (*args, after, -1 if limit is None else limit))
         return [TurnRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], _object(r[7]), _object(r[8]), r[9],
-                        r[10], r[11], bool(r[12]), r[13]) for r in cur.fetchall()]
+                        r[10], r[11], bool(r[12]), r[13], r[14], r[15], r[16], r[17],
+                        _pairs(r[18])) for r in cur.fetchall()]
 
     def turn(self, turn_id: int) -> TurnRow:
         rows = self._rows("id=?", (turn_id,))
@@ -260,11 +300,26 @@ class History:
             "(correction IS NOT NULL OR (status='complete' AND (rating >= 4 OR (good_example=1 AND rating IS NULL))))",
             (task,))
 
+    def context(self, turn: TurnRow) -> list[tuple[str, str]]:
+        """(role, text) of the turns the chat showed the model before `turn`'s prompt, oldest first: those it
+        came with (`TurnRow.context`), then the earlier turns of its conversation that ended with a reply
+        (complete or cancelled), each reply as the chat kept it. A failed turn never entered the chat's
+        conversation (`engine.serve.chat.Engine.ask`), so it is not context either."""
+        earlier = self._rows("conversation_id=? AND id<? AND status IN ('complete','cancelled')",
+                             (turn.conversation_id, turn.id), limit=1_000_000)
+        return [*turn.context, *[p for t in earlier for p in (("user", t.prompt), ("assistant", t.final or t.raw))]]
+
     def tasks(self) -> list[str]:
         """Every task some turn is labelled with."""
         cur = self._exec("SELECT DISTINCT task FROM turns WHERE task IS NOT NULL ORDER BY task")
         return [r[0] for r in cur.fetchall()]
 
     def preferences(self) -> list[dict[str, Any]]:
-        cur = self._exec("SELECT prompt, adapter_a, adapter_b, choice, created FROM preferences ORDER BY id")
-        return [{"prompt": r[0], "a": r[1], "b": r[2], "choice": r[3], "created": r[4]} for r in cur.fetchall()]
+        cur = self._exec("SELECT prompt, adapter_a, adapter_b, choice, created, reply_a, reply_b, task, reasoning, "
+                         "instructions FROM preferences ORDER BY id")
+        return [{"prompt": r[0], "a": r[1], "b": r[2], "choice": r[3], "created": r[4], "reply_a": r[5],
+                 "reply_b": r[6], "task": r[7], "reasoning": r[8], "instructions": r[9]} for r in cur.fetchall()]
+
+    def corrected(self, task: str) -> list[TurnRow]:
+        """Turns of `task` with a correction that differs from the reply: each is a preference pair."""
+        return self._rows("task=? AND correction IS NOT NULL AND correction != final", (task,), limit=1_000_000)

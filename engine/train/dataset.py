@@ -8,6 +8,7 @@ why. One undecodable or malformed row never costs the rest of the file. Rows are
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.harmony import REASONING, Turn, encode_example, render_example
+from engine.harmony import REASONING, PromptTooLong, Turn, encode_example, fit_turns, render_example
 
 RESPONSE_KEYS = ("response", "completion", "answer", "output")
 ANALYSIS_KEYS = ("thinking", "analysis", "reasoning_content")
@@ -35,15 +36,38 @@ class Example:
     def render(self) -> tuple[str, str]:
         return render_example(self.turns, self.reasoning, self.instructions)
 
-    def encode(self, tokenizer: Any) -> dict[str, list[int]]:
+    def encode(self, tokenizer: Any, max_length: int | None = None) -> dict[str, list[int]]:
         """Token ids for TRL, pre-tokenized so dataset text stays text: input_ids and a completion_mask
         (loss on the assistant's reply only)."""
-        prompt, completion = encode_example(tokenizer, self.turns, self.reasoning, self.instructions)
+        prompt, completion = self.encode_parts(tokenizer, max_length)
         return {"input_ids": prompt + completion, "completion_mask": [0] * len(prompt) + [1] * len(completion)}
+
+    def encode_parts(self, tokenizer: Any, max_length: int | None = None) -> tuple[list[int], list[int]]:
+        """(prompt ids, completion ids). A conversation longer than `max_length` loses its oldest exchanges
+        first, as the chat drops them (`fit_turns`), rather than being cut at the end, which would cut the
+        reply it trains on."""
+        prompt, completion = encode_example(tokenizer, self.turns, self.reasoning, self.instructions)
+        if max_length is not None and len(prompt) + len(completion) > max_length:
+            # (PromptTooLong: even the last user turn does not fit beside the reply; the trainer truncates)
+            with contextlib.suppress(PromptTooLong):
+                prompt, _ = fit_turns(tokenizer, self.turns[:-1], self.reasoning, self.instructions,
+                                      max_length - len(completion))
+        return prompt, completion
 
     def as_row(self) -> dict[str, Any]:
         """A row a `datasets.Dataset` can hold; `from_row` reads it back."""
         return asdict(self)
+
+    def to_chat_row(self) -> dict[str, Any]:
+        """The example as a chat row of a .jsonl dataset (`messages`, `reasoning_effort`, the instructions
+        as a developer message), which `row_to_example` reads back as the same example."""
+        messages = [{"role": "developer", "content": self.instructions}] if self.instructions else []
+        for t in self.turns:
+            m = {"role": t.role, "content": t.content}
+            if t.role == "assistant" and t.analysis:
+                m["thinking"] = t.analysis
+            messages.append(m)
+        return {"reasoning_effort": self.reasoning, "messages": messages}
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Example:
@@ -77,9 +101,10 @@ class LoadReport:
         return text
 
     def fingerprint(self) -> str:
+        """What the examples say, hashed: not their render, which holds today's date (the system message)."""
         h = hashlib.sha256()
         for ex in self.examples:
-            h.update(json.dumps(ex.render(), ensure_ascii=False).encode())
+            h.update(json.dumps(ex.as_row(), ensure_ascii=False, sort_keys=True).encode())
         return h.hexdigest()[:16]
 
 
@@ -95,7 +120,7 @@ def row_to_example(row: Any) -> Example:
     if level not in REASONING:
         raise ValueError("bad reasoning_effort")
     if "messages" in row:
-        return _from_messages(row["messages"], level)
+        return from_messages(row["messages"], level)
     prompt = _text(row.get("prompt")) or _text(row.get("instruction"))
     response = next((_text(row.get(k)) for k in RESPONSE_KEYS if _text(row.get(k))), None)
     if prompt is None or response is None:
@@ -105,7 +130,8 @@ def row_to_example(row: Any) -> Example:
     return Example(turns, level, _text(row.get("system")) or "")
 
 
-def _from_messages(messages: Any, level: str) -> Example:
+def from_messages(messages: Any, level: str) -> Example:
+    """A chat (`messages`) -> Example; ValueError with a short reason (preference pairs read theirs here too)."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages is not a non-empty list")
     turns, instructions = [], ""

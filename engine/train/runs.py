@@ -27,10 +27,11 @@ from typing import Any
 
 from engine import names
 from engine.files import read_json
-from engine.settings import Settings
+from engine.settings import Settings, with_overrides
 from engine.store.adapters import AdapterStore
 from engine.telemetry import gpu_count
 from engine.train.dataset import LoadReport, load_examples
+from engine.train.preference import PairReport, load_pairs
 
 ACTIVE = ("running", "stopping")
 DONE = ("finished", "failed", "stopped")
@@ -51,6 +52,9 @@ class Request:
     name: str = ""  # adapter name to publish as (default: the task)
     gate: dict[str, Any] = field(default_factory=dict)  # promotion gate: holdout file, current adapter
     created: float = field(default_factory=time.time)
+    origin: str = "user"  # user (goes first) | learning | experiment: who queued it
+    why: str = ""  # one line the app shows: why this run is on the GPU
+    overrides: dict[str, Any] = field(default_factory=dict)  # profile fields changed for this run (experiments)
 
 
 @dataclass
@@ -168,7 +172,14 @@ class Run:
         r, s = self.request, self.state
         return {"id": self.id, "task": r.task, "profile": r.profile, "gpu": r.gpu, "status": s.status,
                 "step": s.step, "total": s.total, "error": s.error, "adapter": s.adapter, "outcome": s.outcome,
-                "created": r.created}
+                "created": r.created, "origin": r.origin, "why": r.why or "started by you"}
+
+
+def next_queued(runs: list[Run]) -> Run | None:
+    """The run a free GPU takes next: the person's own runs first, then learning and experiments; each
+    oldest first (`runs` come oldest first)."""
+    queued = [r for r in runs if r.state.status == "queued"]
+    return min(queued, key=lambda r: r.request.origin != "user") if queued else None
 
 
 class RunQueue:
@@ -230,7 +241,12 @@ class RunQueue:
         """Create a run; start it now if its GPU is free, else leave it queued. Everything a person
         typed is checked first: a bad name or GPU leaves no run folder behind."""
         self._check(req.task, req.name, req.from_adapter, req.gpu)
-        self.settings.profile(req.profile)  # unknown profile: fail now, not in the child
+        profile = self.settings.profile(req.profile)  # unknown profile: fail now, not in the child
+        if req.overrides:
+            with_overrides(profile, req.overrides, f"run {req.profile}")
+        if profile.method == "dpo" and not req.from_adapter:
+            raise RunError(f"profile {req.profile!r} learns preferences: it improves a specialist, "
+                           "name it with --from ADAPTER")
         run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
         making = self.root / f".{run_id}"  # hidden from listings until both files are there
         making.mkdir()
@@ -248,10 +264,9 @@ class RunQueue:
             runs = [r for r in self._scan() if r.request.gpu == gpu]
             if any(r.state.status in ACTIVE for r in runs):
                 return None
-            queued = [r for r in runs if r.state.status == "queued"]
-            if not queued:
+            run = next_queued(runs)
+            if run is None:
                 return None
-            run = queued[0]
             self._spawn(run)
             return run
 
@@ -314,12 +329,15 @@ class RunQueue:
         return run
 
     def submit_checked(self, task: str, data: str, profile: str | None = None, gpu: int | None = None,
-                       from_adapter: str = "", name: str = "") -> tuple[Run, LoadReport]:
+                       from_adapter: str = "", name: str = "") -> tuple[Run, LoadReport | PairReport]:
         """Validate what a person asked for (profile, data rows, starting adapter) before anything is
         queued, then submit. Returns the run and the data report. The CLI and the app both start here."""
         profile = profile or self.settings.training.default_profile
         self._check(task, name, from_adapter, self.settings.gpus.training if gpu is None else gpu)
-        report = load_examples(data, limit=self.settings.profile(profile).max_samples)
+        p = self.settings.profile(profile)
+        if p.method == "dpo" and not from_adapter:
+            raise RunError(f"profile {profile!r} learns preferences: name the specialist it improves (--from)")
+        report = (load_pairs if p.method == "dpo" else load_examples)(data, limit=p.max_samples)
         if from_adapter:
             AdapterStore(self.settings.adapters_dir).get(from_adapter)
         local = Path(data).expanduser()

@@ -40,13 +40,17 @@ HELP = """\
 | **F8** | learning report: ratings, corrections, speed, usage, router confidence |
 | **F9** | why the last route: top score, runner-up, nearest example; **1**-**9**/**n** correct it |
 | **F6** | expert view of the last reply: layer × expert heat map, per-token experts, **c** compare |
+| **F10** | serve the OpenAI-compatible API ([api] in settings.toml) from this app, or stop it |
 | **Ctrl+P** | command palette: every action |
 | **F1** | this help |
 | **Ctrl+Q** | quit (training runs keep going) |
 
 **Specialists panel**: Enter pins the highlighted adapter, **b** base, **a** auto (router), **1–9** pin,
 **u** rolls the highlighted specialist back to its previous version.
-**Training panel**: **n** new specialist, **s** stop, **r** resume, Up/Down select a run.
+**Training panel**: **n** new specialist, **e** experiment (variants of a specialist; the best is promoted),
+**x** experiments (comparison table, loss curves overlaid), **s** stop, **r** resume, Up/Down select a run.
+The panel's first line says what the training GPU does and why (with `learning.idle_after_minutes` or
+`learning.nightly_window` it takes pending retrains and experiments by itself; your runs go first).
 """
 
 
@@ -94,6 +98,8 @@ EDITABLE = [
     ("adapters.vram_budget_mb", "adapter VRAM budget (MB)"),
     ("training.default_profile", "default training profile"),
     ("learning.retrain_every", "retrain after N examples"),
+    ("learning.idle_after_minutes", "idle minutes before background work"),
+    ("learning.nightly_window", "nightly window (HH:MM-HH:MM)"),
 ]
 
 

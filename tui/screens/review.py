@@ -55,6 +55,9 @@ def report_markdown(r: dict[str, Any]) -> str:
              f"({r['rated']} rated) · {plural(r['corrections'], 'corrected reply', 'corrected replies')}{share} · "
              f"{plural(r['preferences'], 'A/B pick')}\n",
              "**Usage:** " + (", ".join(f"{k} {v}" for k, v in r["usage"].items()) or "none yet") + "\n",
+             "**Preference pairs** (A/B picks + corrections, what a preference run learns from): "
+             + (", ".join(f"{k} {v['picks']} + {v['corrections']}" for k, v in r.get("pairs", {}).items())
+                or "none yet") + "\n",
              "| day | turns | rating | correction rate | tok/s | router confidence |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for d in r["days"][-14:]:

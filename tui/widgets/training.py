@@ -1,7 +1,9 @@
 """The training panel: queued and active runs, progress with ETA, the live loss curve, rates and warnings.
 
-It only displays what the app's poller read from `logs/runs/` (the runs keep going without the app).
-Keys (when focused): `n` new specialist, `s` stop the selected run, `r` resume it, up/down select.
+It only displays what the app's poller read from `logs/runs/` (the runs keep going without the app):
+what the training GPU does and why (the person's run, a retrain, an experiment, idle time), and for
+a preference run its live reward margin and accuracy. Keys (when focused): `n` new specialist,
+`e` new experiment, `x` experiments (comparison), `s` stop the selected run, `r` resume it, up/down select.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ def _fmt_eta(seconds: float | None) -> str:
 class TrainingPanel(Vertical):
     BINDINGS = [
         Binding("n", "new", "new specialist"),
+        Binding("e", "experiment", "experiment"),
+        Binding("x", "experiments", "experiments"),
         Binding("s", "stop", "stop run"),
         Binding("r", "resume", "resume run"),
     ]
@@ -51,6 +55,7 @@ class TrainingPanel(Vertical):
         self.bands = (0.3, 0.5, 1.0)
 
     def compose(self) -> ComposeResult:
+        yield Static("", id="gpu-work", markup=False)
         table = DataTable(id="runs", cursor_type="row")
         table.add_columns("run", "task", "profile", "status", "step")
         yield table
@@ -82,6 +87,10 @@ class TrainingPanel(Vertical):
             table.move_cursor(row=ids.index(keep))
         self._detail()
 
+    def show_work(self, text: str) -> None:
+        """What the training GPU does now and why (the idle scheduler's last word)."""
+        self.query_one("#gpu-work", Static).update(text)
+
     def on_data_table_row_highlighted(self, _event: DataTable.RowHighlighted) -> None:
         self._detail()
 
@@ -102,7 +111,8 @@ class TrainingPanel(Vertical):
         last = next((m for m in reversed(rv.metrics) if "loss" in m), {})
         last_any = rv.metrics[-1] if rv.metrics else {}
         evals = [m for m in rv.metrics if "eval_loss" in m]
-        parts = [f"{s['status']} · step {s['step']}/{s['total'] or '?'} · ETA {_fmt_eta(last_any.get('eta_s'))}"]
+        parts = [f"{s['status']} · step {s['step']}/{s['total'] or '?'} · ETA {_fmt_eta(last_any.get('eta_s'))}"
+                 + (f" · {s['why']}" if s.get("why") else "")]
         if last:
             lr = last.get("learning_rate")
             parts.append(f"loss {last['loss']:.3f}" + (f" · eval {evals[-1]['eval_loss']:.3f}" if evals else "")
@@ -110,6 +120,9 @@ class TrainingPanel(Vertical):
                          + (f" · grad {last['grad_norm']:.2f}" if last.get("grad_norm") is not None else ""))
             parts.append(f"{last.get('tokens_per_s', 0):.0f} tok/s · {last.get('samples_per_s', 0):.2f} samples/s"
                          + (f" · {last['gpu_mem_gb']:.1f} GB" if last.get("gpu_mem_gb") else ""))
+        prefs = [m for m in rv.metrics if "margin" in m]
+        if prefs:  # a preference run: how far it prefers the chosen replies, live
+            parts.append(f"reward margin {prefs[-1]['margin']:+.3f} · accuracy {prefs[-1].get('accuracy', 0):.2f}")
         if s.get("outcome") or s.get("error"):
             parts.append(s.get("outcome") or f"error: {s['error']}")
         stats.update("\n".join(parts))
@@ -121,6 +134,12 @@ class TrainingPanel(Vertical):
 
     def action_new(self) -> None:
         self.post_message(self.Action("new", None))
+
+    def action_experiment(self) -> None:
+        self.post_message(self.Action("experiment", None))
+
+    def action_experiments(self) -> None:
+        self.post_message(self.Action("experiments", None))
 
     def action_stop(self) -> None:
         if self.selected:
