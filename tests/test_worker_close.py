@@ -32,13 +32,21 @@ def in_thread(fn):
     return t, box
 
 
+def closed(worker, timeout=10.0):
+    """Wait until `close` (in another thread) has marked the worker closed: no sleep guesses the order."""
+    deadline = time.monotonic() + timeout
+    while not worker._closed:
+        assert time.monotonic() < deadline, "close never started"
+        time.sleep(0.005)
+
+
 def test_close_drops_queued_jobs_instead_of_running_them():
     worker = InferenceWorker()
     gate, ran = threading.Event(), []
     first = worker.submit(lambda: gate.wait(10))
     queued = [worker.submit(lambda i=i: ran.append(i)) for i in range(3)]
     closing, _ = in_thread(worker.close)
-    time.sleep(0.1)
+    closed(worker)
     gate.set()
     closing.join(5)
     assert not closing.is_alive() and first.result() is True
@@ -133,7 +141,7 @@ def test_engine_close_under_a_watcher_load_and_a_trace(engine, make_adapter, mon
     trace, box = in_thread(lambda: engine.trace_experts("Hello!", "base"))
     time.sleep(0.3)
     closing, _ = in_thread(engine.close)
-    time.sleep(0.1)
+    closed(engine.worker)
     gate.set()
     closing.join(5)
     trace.join(5)
