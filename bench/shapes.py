@@ -60,15 +60,16 @@ def random_mxfp4_model(layers: int = 24, device: str = "cuda", dtype=None, confi
     return model.eval()
 
 
-def random_adapter(model, name: str, seed: int, rank: int = 16):
-    """Attach a random (non-zero) LoRA named `name` on attention + all experts, as PEFT holds a loaded
-    specialist; returns the PEFT model."""
+def random_adapter(model, name: str, seed: int, rank: int = 16, experts: bool = True):
+    """Attach a random (non-zero) LoRA named `name` on attention + all experts (`experts=False`: attention
+    only), as PEFT holds a loaded specialist; returns the PEFT model."""
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from engine.train.targets import lora_targets
+    from engine.train.targets import ATTENTION, lora_targets
 
-    modules, params = lora_targets(model.get_base_model() if isinstance(model, PeftModel) else model)
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    modules, params = lora_targets(base) if experts else (list(ATTENTION), [])
     torch.manual_seed(seed)
     cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=modules, target_parameters=params or None,
                      init_lora_weights=False)
@@ -117,14 +118,15 @@ def wide_tokenizer(vocab_size: int = 201088):
     return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|return|>", pad_token="<|endoftext|>")
 
 
-def random_lora(model, folder: Path, seed: int, rank: int = 16) -> Path:
-    """Save a random (non-zero) LoRA on attention + all experts of `model` as a PEFT folder."""
+def random_lora(model, folder: Path, seed: int, rank: int = 16, experts: bool = True) -> Path:
+    """Save a random (non-zero) LoRA on attention + all experts of `model` (`experts=False`: attention
+    only) as a PEFT folder."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from engine.train.targets import lora_targets
+    from engine.train.targets import ATTENTION, lora_targets
 
-    modules, params = lora_targets(model)
+    modules, params = lora_targets(model) if experts else (list(ATTENTION), [])
     torch.manual_seed(seed)
     cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=modules, target_parameters=params or None,
                      init_lora_weights=False)

@@ -51,7 +51,7 @@ _progress = _Progress()
 
 
 def _engine(s: settings_mod.Settings, history: bool = True):
-    from engine.serve.chat import engine_for
+    from engine.serve.remote import engine_for
     from engine.store.history import History
 
     eng = engine_for(s, history=History(s.history_db) if history else None)

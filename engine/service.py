@@ -14,10 +14,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
-from engine.serve.chat import Conversation, Engine, Event, context_answer, engine_for
+from engine.serve.chat import Conversation, Engine, Event, context_answer
 from engine.serve.experts import usage_shift
 from engine.serve.generate import Sampling
 from engine.serve.model import Progress
+from engine.serve.remote import engine_for
 from engine.serve.residency import Residency
 from engine.serve.router import correct
 from engine.serve.worker import WorkerClosed

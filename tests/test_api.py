@@ -82,6 +82,7 @@ def test_a_pinned_specialist_answers_with_reasoning_content_and_real_usage(stati
     assert (row.source, row.adapter, row.status, row.prompt) == ("api", "math", "complete", "Hello!")
     assert (row.final, row.analysis, row.stats["tokens_out"]) == (want.reply.parser.final, want.reply.parser.analysis,
                                                                   stats.tokens_out)
+    assert r.usage.prompt_tokens_details.cached_tokens == row.stats["tokens_reused"]
 
 
 def test_streaming_gives_the_same_reply_in_chunks(station, client):

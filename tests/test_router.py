@@ -64,13 +64,72 @@ def test_tasks_in_unseen_languages_and_scripts_are_routed(router, prompt, task):
     assert (d.choice, d.reason) == (task, "routed"), d.explain()
 
 
+@pytest.mark.parametrize(("prompt", "task"), [
+    # issue 24: languages outside USE's 16, which the old router sent to base
+    ("कृपया 36 और 27 का गुणनफल बताइए।", "math"),  # Hindi
+    ("इसे अंग्रेज़ी में अनुवाद कीजिए: मेरा घर नदी के पास है", "translate"),
+    ("Πόσο κάνει 64 διά 8;", "math"),  # Greek
+    ("Μετάφρασε στα αγγλικά: ο σκύλος τρέχει στον κήπο", "translate"),
+    ("כמה זה 45 כפול 3?", "math"),  # Hebrew
+    ("Tafsiri kwa Kiingereza: mvua inanyesha leo", "translate"),  # Swahili
+    pytest.param("Hãy dịch sang tiếng Anh: tôi thích đọc sách", "translate", marks=pytest.mark.xfail(
+        strict=True, reason="known miss (bench/RESULTS.md, issue 24): a translate request whose text to "
+                            "translate dominates, in a language only e5 knows, stays under the threshold")),
+])
+def test_tasks_in_languages_beyond_the_sentence_encoders_are_routed(router, prompt, task):
+    d = router.route(prompt)
+    assert (d.choice, d.reason) == (task, "routed"), d.explain()
+
+
+@pytest.mark.parametrize("prompt", [
+    "Write a SQL query that returns every order placed in March.",
+    "Implement a stack class in Java with push and pop.",
+    "Write a Rust function that counts the vowels in a string.",
+    "Écris une fonction Go qui inverse une chaîne.",
+    "Schreib ein Bash-Skript, das alle leeren Dateien in einem Ordner löscht.",
+])
+def test_a_python_trained_code_specialist_takes_other_programming_languages(router, prompt):
+    assert all("Python" in p for p in prompts("code"))  # the specialist saw Python only
+    d = router.route(prompt)
+    assert (d.choice, d.reason) == ("code", "routed"), d.explain()
+
+
+@pytest.mark.parametrize("prompt", [
+    "Is being a sworn translator a well-paid job?",  # names a specialist's subject, asks something else
+    "Warum fällt vielen Kindern Mathematik so schwer?",
+    "¿Qué lenguaje de programación aprendió primero Linus Torvalds?",
+    "क्या गणित के शिक्षक बनना अच्छा करियर है?",
+    "Je, walimu wa hisabati wanalipwa vizuri?",
+])
+def test_topic_without_the_task_stays_with_base(router, prompt):
+    d = router.route(prompt)
+    assert d.choice == "base", d.explain()
+
+
+def test_other_programming_languages_join_only_examples_that_name_one():
+    from engine.serve.router import CODE_LANGUAGES, with_code_languages
+
+    out = with_code_languages(["Write a Python function that sums a list.", "What is 2 plus 2?"])
+    assert out[:2] == ["Write a Python function that sums a list.", "What is 2 plus 2?"]
+    assert {f"Write a {lang} function that sums a list." for lang in CODE_LANGUAGES} <= set(out)
+    assert len(out) == len(CODE_LANGUAGES) + 1
+    assert with_code_languages(["Let's go to the beach.", "Gorust is a word"]) == [
+        "Let's go to the beach.", "Gorust is a word"]  # lower-case "go" and words that merely contain a name
+
+
 def test_few_examples_and_fewer_specialists_still_abstain():
     """With one specialist, prompts of other tasks and unrelated ones stay with base; its own still route."""
     only_math = Router(threshold=0.4).fit({"math": prompts("math", 10)})
     assert only_math.route("Wie viel ist 17 mal 3?").choice == "math"
-    for other in ("Write a Python function that reverses a list.", "Traduis en anglais : merci beaucoup",
-                  "Write a haiku about rain.", "Wie backe ich Brot?"):
+    for other in ("Traduis en anglais : merci beaucoup", "Write a haiku about rain.", "Wie backe ich Brot?"):
         assert only_math.route(other).choice == "base", other
+
+
+@pytest.mark.xfail(strict=True, reason="known regression (bench/RESULTS.md, issue 24): with math as the only "
+                                       "specialist, e5 finds a code request nearer math than the unrelated set")
+def test_a_lone_math_specialist_leaves_code_requests_to_base():
+    only_math = Router(threshold=0.4).fit({"math": prompts("math", 10)})
+    assert only_math.route("Write a Python function that reverses a list.").choice == "base"
 
 
 def test_decision_explains_top_runner_up_and_nearest_example(router):
@@ -170,3 +229,30 @@ def test_the_encoder_reads_a_bounded_printable_text():
     assert len(seen) <= HEAD_CHARS + TAIL_CHARS + 3
     assert seen.startswith("Translate to German:") and seen.endswith("Thanks!")
     assert for_encoder("a\x1b[31m\x00b\n\tc") == "a [31m b c"
+
+
+def test_encoder_vectors_last_between_processes(tmp_path, monkeypatch):
+    """Kept texts are embedded once per encoder version: a new process (a new Encoder) reads them back
+    instead of embedding the shipped set and the examples again at every start."""
+    import numpy as np
+
+    from engine.serve.router import Encoder
+
+    monkeypatch.setenv("TANDEM_CACHE", str(tmp_path))
+    embedded: list[str] = []
+
+    def load():
+        def embed(texts):
+            embedded.extend(texts)
+            return np.array([[len(t), t.count("a") + 1.0, 1.0] for t in texts], np.float32)
+        return embed
+
+    texts = ["alpha", "beta\x00", "a long one " * 200, "ünïcode ✓"]
+    first = Encoder("fake", "numpy", load, centred=False).encode(texts, cache=True)
+    assert len(embedded) == 1 + len(texts)  # the width probe, then each text (as the encoder reads it)
+    embedded.clear()
+    again = Encoder("fake", "numpy", load, centred=False).encode(texts, cache=True)
+    assert embedded == ["."]  # only the width probe
+    assert np.array_equal(first, again)
+    stored = next((tmp_path / "router").glob("fake-*.npz"))
+    assert stored.stat().st_mode & 0o777 == 0o600

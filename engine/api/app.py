@@ -216,7 +216,7 @@ class Api:
                     yield _sse(p.chunk(cid, created, model, {}, p.FINISH.get(stats.stop, "stop"), tandem=ext))
                     if req.stream_options and req.stream_options.include_usage:
                         yield _sse({**p.chunk(cid, created, model, {}), "choices": [],
-                                    "usage": p.usage(stats.tokens_in, stats.tokens_out)})
+                                    "usage": p.usage(stats)})
         except Exception as e:  # the headers are gone: the error travels as an event
             yield _sse(_engine_error(e).body())
         yield "data: [DONE]\n\n"
@@ -273,7 +273,7 @@ def _whole(events: list[Any]) -> dict[str, Any]:
     content, reasoning = p.split(done.reply)
     stats, d = done.reply.stats, routed.decision
     return p.completion(p.completion_id(), routed.adapter, content, reasoning, p.FINISH.get(stats.stop, "stop"),
-                        p.usage(stats.tokens_in, stats.tokens_out),
+                        p.usage(stats),
                         p.extension(routed.adapter, d.confidence, d.reason, routed.turn_id))
 
 

@@ -148,8 +148,11 @@ def extension(specialist: str, confidence: float, reason: str, turn_id: int | No
     return {"specialist": specialist, "confidence": round(confidence, 4), "reason": reason, "turn_id": turn_id}
 
 
-def usage(tokens_in: int, tokens_out: int) -> dict[str, int]:
-    return {"prompt_tokens": tokens_in, "completion_tokens": tokens_out, "total_tokens": tokens_in + tokens_out}
+def usage(stats: Any) -> dict[str, Any]:
+    """OpenAI's usage of a reply's Stats; `cached_tokens`: prompt tokens whose KV the decoder reused."""
+    return {"prompt_tokens": stats.tokens_in, "completion_tokens": stats.tokens_out,
+            "total_tokens": stats.tokens_in + stats.tokens_out,
+            "prompt_tokens_details": {"cached_tokens": stats.tokens_reused}}
 
 
 def chunk(cid: str, created: int, model: str, delta: dict[str, Any], finish: str | None = None,

@@ -69,15 +69,6 @@ def context_answer(reply: Reply) -> str:
     return reply.parser.channel_text("raw")
 
 
-def engine_for(settings: Settings, history: History | None = None) -> Engine:
-    """The engine the settings ask for: this machine's model, or a remote server's ([model] backend)."""
-    if settings.model.backend:
-        from engine.serve.remote import RemoteEngine
-
-        return RemoteEngine(settings, history)
-    return Engine(settings, history)
-
-
 class Engine:
     def __init__(self, settings: Settings, history: History | None = None):
         """`history` stores every turn (None: nothing is stored); its owner closes it."""

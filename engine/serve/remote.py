@@ -126,6 +126,11 @@ class RemoteWorker:
         yield Step([], reply)
 
 
+def engine_for(settings: Any, history: Any = None) -> Engine:
+    """The engine the settings ask for: this machine's model, or a remote server's ([model] backend)."""
+    return RemoteEngine(settings, history) if settings.model.backend else Engine(settings, history)
+
+
 class RemoteEngine(Engine):
     """The engine with the model elsewhere: routing, history and the store stay here."""
 
