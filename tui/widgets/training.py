@@ -57,7 +57,9 @@ class TrainingPanel(Vertical):
     def compose(self) -> ComposeResult:
         yield Static("", id="gpu-work", markup=False)
         table = DataTable(id="runs", cursor_type="row")
-        table.add_columns("run", "task", "profile", "status", "step")
+        # fixed widths: auto-sized columns re-flow a frame after each refresh (a picture taken then differs)
+        for label, width in (("run", 20), ("task", 10), ("profile", 12), ("status", 9), ("step", 7)):
+            table.add_column(label, width=width)
         yield table
         yield ProgressBar(id="run-progress", show_eta=False)
         yield Static("", id="run-stats", markup=False)
