@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import os
 import sys
 import time
 import traceback
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engine import settings as settings_mod
-from engine.text import json_text, line, plain
+from engine.text import json_text, line, plain, plural
 
 Command = Callable[[settings_mod.Settings, argparse.Namespace], int]
 
@@ -94,7 +95,9 @@ def cmd_chat(s: settings_mod.Settings, a: argparse.Namespace) -> int:
             print(plain(one(a.once, live=False)["final"]))
         else:
             res = one(a.once, live=True)
-            print(f"\n[{res['stats']['tokens_out']} tokens, {res['stats']['tokens_per_s']} tok/s]", file=sys.stderr)
+            stats = res["stats"]
+            cut = " · cut at chat.max_new_tokens" if stats["stop"] == "length" else ""
+            print(f"\n[{plural(stats['tokens_out'], 'token')}, {stats['tokens_per_s']} tok/s{cut}]", file=sys.stderr)
         return 0
     print("Tandem chat. Empty line or Ctrl-D quits; /base, /auto or /use NAME switch adapter.", file=sys.stderr)
     while True:
@@ -104,15 +107,15 @@ def cmd_chat(s: settings_mod.Settings, a: argparse.Namespace) -> int:
             return 0
         if not prompt:
             return 0
-        if prompt.startswith("/"):
-            cmd, _, arg = prompt[1:].partition(" ")
-            try:
+        try:
+            if prompt.startswith("/"):
+                cmd, _, arg = prompt[1:].partition(" ")
                 eng.set_mode({"base": "base", "auto": "auto"}.get(cmd, arg.strip()))
-            except Exception as e:
-                print(f"error: {line(e)}", file=sys.stderr)
-            continue
-        one(prompt, live=True)
-        print()
+                continue
+            one(prompt, live=True)
+            print()
+        except _user_errors() as e:  # e.g. a prompt too long for the context: say so, take the next one
+            print(f"\nerror: {_message(e)}", file=sys.stderr)
 
 
 def cmd_serve(s: settings_mod.Settings, a: argparse.Namespace) -> int:
@@ -143,7 +146,8 @@ def cmd_route(s: settings_mod.Settings, a: argparse.Namespace) -> int:
     base = base_identity(*resolve_model_name(s, _progress))  # only adapters for this base, as the engine
     if a.correct:
         fix = correct(s, base, a.prompt, a.correct)
-        print(f"recorded: this prompt goes to {line(fix.label)}", file=sys.stderr)
+        where = "the base model" if fix.label in ("none", "base") else line(fix.label)
+        print(f"recorded: this prompt goes to {where}", file=sys.stderr)
     d = router_for(s, base).route(a.prompt)
     if a.json:
         print(json_text(d.as_dict()))
@@ -389,11 +393,12 @@ def cmd_history(s: settings_mod.Settings, a: argparse.Namespace) -> int:
 
     h = History(s.history_db)
     if a.action == "list":
-        rows = h.conversations(a.limit)
+        rows = h.conversations(a.limit or None)
         if a.json:
             print(json_text(rows))
         for c in [] if a.json else rows:
-            print(f"{c['id']:>5}  {c['turns']:>3} turns  {line(c['title'])}")
+            print(f"{c['id']:>5}  {c['turns']:>3} turn{'' if c['turns'] == 1 else 's'}  {line(c['title'])}")
+        _shown(len(rows), h.count_conversations(), "conversations", "newest")
     elif a.action == "show":
         turns = h.turns(a.id)
         if not turns:
@@ -407,18 +412,32 @@ def cmd_history(s: settings_mod.Settings, a: argparse.Namespace) -> int:
                              f" · via {line(t.source)}" if t.source != "app" else ""])
             print(f"[{t.id}] you: {plain(t.prompt)}\n      {line(t.adapter)}{extra}: {plain(t.final)}")
     elif a.action == "search":
-        for t in h.search(a.text):
+        found = h.search(a.text, a.limit or None)
+        if a.json:
+            print(json_text([t.as_dict() for t in found]))
+        for t in [] if a.json else found:
             print(f"[{t.id}] conv {t.conversation_id} · {line(t.adapter)}: {line(repr(t.prompt[:60]))} -> "
                   f"{line(repr(t.final[:60]))}")
+        _shown(len(found), h.count_matches(a.text), "matching turns", "oldest")
     elif a.action == "export":
-        rows = ([example_of(t, h.context(t)).to_chat_row() for t in h.usable_for(a.task)] if a.task
-                else [t.as_dict() for t in h.turns()])
-        sys.stdout.write("".join(json_text(r) + "\n" for r in rows))
+        rows = ((example_of(t, h.context(t)).to_chat_row() for t in h.usable_for(a.task)) if a.task
+                else (t.as_dict() for t in h.each_turn()))
+        count = 0
+        for r in rows:
+            sys.stdout.write(json_text(r) + "\n")
+            count += 1
+        print(f"exported {count} {'examples' if a.task else 'turns'}", file=sys.stderr)
     elif a.action == "label":
         h.turn(a.turn)  # KeyError (one line) when there is no such turn
         h.set_task(a.turn, a.task)
         print(f"turn {a.turn} now teaches {a.task!r}")
     return 0
+
+
+def _shown(shown: int, total: int, what: str, which: str) -> None:
+    """Say on stderr when a listing stopped short of every row, and how to get the rest."""
+    if shown < total:
+        print(f"showing the {which} {shown} of {total} {what}; --limit 0 shows all", file=sys.stderr)
 
 
 def cmd_learn(s: settings_mod.Settings, a: argparse.Namespace) -> int:
@@ -463,6 +482,13 @@ def cmd_report(s: settings_mod.Settings, a: argparse.Namespace) -> int:
         print(f"{d['day']:10} {d['turns']:>5} {d['mean_rating'] or '-':>6} {d['correction_rate']:>6} "
               f"{d['tokens_per_s'] or '-':>7} {d['router_confidence'] or '-':>6}")
     return 0
+
+
+def _count(text: str) -> int:
+    """A --limit: 0 (all) or a positive whole number."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected 0 (all) or a positive whole number, got {text!r}")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -515,12 +541,15 @@ def build_parser() -> argparse.ArgumentParser:
     hi = sub.add_parser("history", help="stored conversations: list, show, search, export, label")
     hsub = hi.add_subparsers(dest="action", required=True)
     x = hsub.add_parser("list")
-    x.add_argument("--limit", type=int, default=50)
+    x.add_argument("--limit", type=_count, default=50, help="newest N conversations (0: all; default 50)")
     x.add_argument("--json", action="store_true")
-    x = hsub.add_parser("show")
+    x = hsub.add_parser("show", help="every turn of one conversation")
     x.add_argument("id", type=int)
     x.add_argument("--json", action="store_true")
-    hsub.add_parser("search").add_argument("text")
+    x = hsub.add_parser("search", help="turns whose prompt, reply or correction contains TEXT (as typed)")
+    x.add_argument("text")
+    x.add_argument("--limit", type=_count, default=100, help="oldest N matches (0: all; default 100)")
+    x.add_argument("--json", action="store_true")
     hsub.add_parser("export", help="JSONL: every turn, or with --task the training examples of a task").add_argument(
         "--task")
     x = hsub.add_parser("label", help="say which task a turn teaches (e.g. one base answered)")
@@ -611,7 +640,7 @@ def _crash_report(s: settings_mod.Settings | None, e: BaseException) -> str:
     path = logs / "cli-errors.log"
     try:
         logs.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as fh:
+        with open(path, "a", encoding="utf-8", errors="backslashreplace") as fh:  # argv may hold any bytes
             fh.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} tandem {' '.join(sys.argv[1:])}\n")
             fh.write(traceback.format_exc())
     except OSError:
@@ -621,6 +650,25 @@ def _crash_report(s: settings_mod.Settings | None, e: BaseException) -> str:
 
 def main(argv: list[str] | None = None, ui: Command | None = None) -> int:
     """Run a headless command, or `ui` (the workstation, which tui/ supplies) when none is given."""
+    argv = sys.argv[1:] if argv is None else argv
+    for i, arg in enumerate(argv, start=1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError as e:  # bytes the locale could not decode arrive as lone surrogates
+            byte = ord(arg[e.start]) - 0xDC00 if 0xDC80 <= ord(arg[e.start]) <= 0xDCFF else ord(arg[e.start])
+            print(f"error: argument {i} ({arg.encode('utf-8', 'backslashreplace').decode()}) is not UTF-8 text "
+                  f"(byte 0x{byte:02x} at {e.start}); Tandem reads arguments as UTF-8", file=sys.stderr)
+            return 2
+    try:
+        status = _run(argv, ui)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return status
+    except BrokenPipeError:  # `tandem … | head -1`: the reader left; end quietly, as a Unix tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit flush must not fail again
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool the pipe ended
+
+
+def _run(argv: list[str], ui: Command | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command is None and ui is None:
         build_parser().print_help()
@@ -643,6 +691,8 @@ def main(argv: list[str] | None = None, ui: Command | None = None) -> int:
         return getattr(args, "fn", ui)(s, args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        raise
     except settings_mod.SettingsError as e:
         print(f"error: settings: {_message(e)}", file=sys.stderr)
         return 1

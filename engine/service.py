@@ -9,17 +9,19 @@ the app calls them from worker threads.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
-from engine.serve.chat import Conversation, Engine, Event
+from engine.serve.chat import Conversation, Engine, Event, context_answer
 from engine.serve.experts import usage_shift
 from engine.serve.generate import Sampling
 from engine.serve.model import Progress
 from engine.serve.remote import engine_for
 from engine.serve.residency import Residency
 from engine.serve.router import correct
+from engine.serve.worker import WorkerClosed
 from engine.settings import Settings
 from engine.store.adapters import AdapterError, AdapterStore
 from engine.store.history import History
@@ -76,6 +78,8 @@ class Workstation:
         self.engine: Engine | None = None
         self._engine_factory = engine_factory
         self._closed = False
+        self._busy = 0  # calls that may still write the history; close waits for them
+        self._idle = threading.Condition()
         self._api: Any = None  # the running ApiServer, if any
 
     # ----- lifecycle
@@ -106,12 +110,31 @@ class Workstation:
         decoder = f"reference ({self.engine.fast_note})" if self.engine.fast_note else "fast"
         return ModelInfo(lm.name, lm.device, lm.is_demo, precision, decoder, lm.load_seconds, lm.template_note)
 
-    def close(self) -> None:
-        self._closed = True
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the engine (queued replies are dropped, a running one ends at its next token), wait for
+        the calls still writing the history, then close it: nothing is written to a closed store."""
+        with self._idle:
+            self._closed = True
         self.stop_api()
         if self.engine is not None:
             self.engine.close()
+        with self._idle:
+            self._idle.wait_for(lambda: self._busy == 0, timeout)
         self.history.close()
+
+    @contextlib.contextmanager
+    def _using_stores(self) -> Iterator[None]:
+        """Around a call that writes the history: refused once closing began, waited for by close."""
+        with self._idle:
+            if self._closed:
+                raise WorkerClosed("the workstation is closing")
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
 
     def apply_settings(self, new: Settings) -> Applied:
         """Make `new` the settings of everything that reads them; say which keys need a restart."""
@@ -169,7 +192,8 @@ class Workstation:
 
     def ask(self, conversation: Conversation, prompt: str, **kwargs: Any) -> Iterator[Event]:
         assert self.engine is not None, "the model is still loading"
-        return self.engine.ask(conversation, prompt, **kwargs)
+        with self._using_stores():
+            yield from self.engine.ask(conversation, prompt, **kwargs)
 
     @property
     def mode(self) -> str:
@@ -237,13 +261,14 @@ class Workstation:
     def feedback(self, turn_id: int, rating: int | None, correction: str, good: bool) -> list[str]:
         """Store what the user said of a reply; then let the learner start any retraining it made due.
         Returns the run ids started."""
-        if rating is not None:
-            self.history.rate(turn_id, rating)
-        if correction:
-            self.history.correct(turn_id, correction)
-        if good:
-            self.history.mark_good(turn_id)
-        return Learner(self.settings, self.history).check()
+        with self._using_stores():
+            if rating is not None:
+                self.history.rate(turn_id, rating)
+            if correction:
+                self.history.correct(turn_id, correction)
+            if good:
+                self.history.mark_good(turn_id)
+            return Learner(self.settings, self.history).check()
 
     def prefer(self, prompt: str, a: str, b: str, reply_a: str, reply_b: str, winner: str) -> None:
         """Store an A/B pick with what it teaches: the task of the specialist on either side (the other is
@@ -255,17 +280,19 @@ class Workstation:
                 with contextlib.suppress(AdapterError):  # removed since: the pick still counts, without a task
                     task = AdapterStore(self.settings.adapters_dir).get(name).manifest.task
         chat = self.settings.chat
-        self.history.prefer(prompt, a, b, reply_a, reply_b, winner, task, chat.reasoning, chat.instructions)
+        with self._using_stores():
+            self.history.prefer(prompt, a, b, reply_a, reply_b, winner, task, chat.reasoning, chat.instructions)
 
     def report(self) -> dict[str, Any]:
-        return report(self.history)
+        with self._using_stores():
+            return report(self.history)
 
     # ----- comparisons and experts
     def answer_with(self, prompt: str, adapter: str) -> str:
         """A greedy answer from `adapter` (or "base"), outside the history: one side of an A/B."""
         assert self.engine is not None
-        done = self.engine.trace_experts(prompt, adapter)
-        return done.reply.parser.final or done.reply.raw
+        reply = self.engine.trace_experts(prompt, adapter).reply
+        return context_answer(reply) or f"(no final answer: the reply stopped on {reply.stats.stop or 'nothing'})"
 
     def expert_shift(self, prompt: str, mine: str, other: str) -> list[list[float]] | None:
         """How `mine` moves expert traffic against `other` on the same prompt (None: nothing recorded)."""

@@ -3,19 +3,23 @@
 Errors name the key, the value and what was expected, because the person reading them is editing a
 text file over SSH. Unknown keys only warn (a newer checkout may have written them) and are kept when
 the file is written back. Paths are relative to the settings file so a checkout is self-contained.
+Writing (`save`) edits the file as text with tomlkit: only changed values are rewritten, so comments,
+order and layout survive; it is atomic, and refused when the file changed on disk since it was read.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import tempfile
 import tomllib
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import tomli_w
+import tomlkit
 
 from engine import names
 
@@ -27,6 +31,10 @@ RENDERERS = ("tandem", "checkpoint")  # model.chat_template: who renders chat pr
 
 class SettingsError(ValueError):
     """A settings.toml value is wrong; the message says which key and what was expected."""
+
+
+class SettingsChanged(SettingsError):
+    """The file changed on disk since these settings were read: writing would undo someone's edit."""
 
 
 @dataclass
@@ -167,6 +175,7 @@ class Settings:
     source: Path | None = None  # the file these came from; paths resolve against its folder
     raw: dict[str, Any] = field(default_factory=dict)  # the file as read, unknown keys included
     warnings: list[str] = field(default_factory=list)  # one line per unknown key, naming it and the file
+    text: str = ""  # the file's text as read ("" when there was none): what `save` edits and checks against
 
     @property
     def root(self) -> Path:
@@ -443,14 +452,17 @@ def load(path: Path | str | None = None, must_exist: bool = False) -> Settings:
             raise SettingsError(f"{path}: no such settings file{how}")
         return Settings(source=path.resolve())
     try:
-        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+        text = path.read_bytes().decode("utf-8")
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise SettingsError(f"{path}: not valid TOML: {e}") from None
     except UnicodeDecodeError as e:
         raise SettingsError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise SettingsError(f"{path}: cannot be read ({e.strerror or e})") from None
-    return from_dict(data, source=path.resolve())
+    s = from_dict(data, source=path.resolve())
+    s.text = text
+    return s
 
 
 def _known_dict(s: Settings) -> dict[str, Any]:
@@ -464,15 +476,62 @@ def _merge(raw: dict[str, Any], known: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _changes(old: dict[str, Any], new: dict[str, Any], at: tuple[str, ...] = ()) -> Iterator[tuple[tuple, Any]]:
+    """(dotted path, value) of every leaf of `new` that differs from `old`."""
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            yield from _changes(before, value, (*at, key))
+        elif value != before:
+            yield (*at, key), value
+
+
+def _quiet_known(text: str) -> dict[str, Any]:
+    """The known settings a file's text gives (defaults filled in), without repeating its warnings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _known_dict(from_dict(tomllib.loads(text)))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def save(s: Settings, path: Path | None = None) -> Path:
-    """Write back validated settings, keeping keys this version does not know. Atomic rename."""
+    """Write validated settings into their file as edits: only values that changed are rewritten, so
+    comments, order and unknown keys stay. Atomic. Refused (SettingsChanged) when the file is the one
+    `s` was read from and it changed on disk since: saving would put someone's edit back."""
     _check(s)
     path = Path(path or s.source or default_path())
-    merged = _merge(s.raw, _known_dict(s))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(tomli_w.dumps(merged), encoding="utf-8")
-    os.replace(tmp, path)
-    s.raw, s.source = merged, path.resolve()
+    try:
+        current = path.read_bytes().decode("utf-8") if path.exists() else ""
+    except (OSError, UnicodeDecodeError) as e:
+        raise SettingsError(f"{path}: cannot be read back before writing ({e})") from None
+    if s.source is not None and path.resolve() == s.source and current != s.text:
+        raise SettingsChanged(f"{path} changed on disk since it was read (another Tandem or an editor); "
+                              "reload it and make your change again")
+    doc = tomlkit.parse(s.text)
+    for keys, value in _changes(_quiet_known(s.text), _known_dict(s)):
+        node = doc
+        for key in keys[:-1]:
+            if key not in node:
+                node[key] = tomlkit.table()
+            node = node[key]
+        node[keys[-1]] = value
+    text = tomlkit.dumps(doc)
+    _write_atomic(path, text)
+    s.raw, s.source, s.text = tomllib.loads(text), path.resolve(), text
     return path
 
 
@@ -487,7 +546,9 @@ def updated(s: Settings, key: str, value: Any) -> Settings:
     if isinstance(value, str) and old is not None and not isinstance(old, str):
         value = _parse_text(key, value, type(old))
     node[leaf] = value
-    return from_dict(data, source=s.source)
+    out = from_dict(data, source=s.source)
+    out.text = s.text  # still based on the same file text: `save` writes only the difference
+    return out
 
 
 def _parse_text(key: str, text: str, expected: type) -> Any:

@@ -116,7 +116,8 @@ class Phases:
         if expected is None or expected < 1:  # never timed here, or too quick to count down
             return f"{message} · {spent:.0f} s" if spent >= 1 else message
         left = expected - spent
-        return f"{message} · {spent:.0f} s, " + (f"~{left:.0f} s left" if left >= 1 else "longer than last time")
+        over = "longer than last time" if key in self.times else "longer than expected"  # a guess is no "last time"
+        return f"{message} · {spent:.0f} s, " + (f"~{left:.0f} s left" if left >= 1 else over)
 
     def _tick(self) -> None:
         while not self.closed.wait(self.tick_s):

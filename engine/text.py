@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+from typing import Any
 
 # ESC-led sequences (CSI, OSC, DCS/SOS/PM/APC strings, two-byte escapes) and the 8-bit CSI/OSC forms.
 _SEQUENCE = re.compile(
@@ -49,3 +50,20 @@ def json_text(obj: object, **kw: object) -> str:
     already escapes C0 controls; C1 controls and bidi marks become `\\uXXXX`, still valid JSON)."""
     dumped = json.dumps(obj, ensure_ascii=False, **kw)
     return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", dumped)
+
+
+def plain_all(obj: Any) -> Any:
+    """`plain` on every string inside dicts (keys too), lists and tuples: a record read from disk or a
+    run, made safe to show in one step."""
+    if isinstance(obj, str):
+        return plain(obj)
+    if isinstance(obj, dict):
+        return {plain_all(k): plain_all(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(plain_all(x) for x in obj)
+    return obj
+
+
+def plural(n: int, one: str, many: str | None = None) -> str:
+    """'1 token', '2 tokens': a count with its noun in the right number."""
+    return f"{n} {one if n == 1 else many or one + 's'}"

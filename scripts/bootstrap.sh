@@ -28,4 +28,5 @@ tandem_bootstrap() {
   [ -n "$want" ] && spec="$root[$want]"
   "$venv/bin/python" -m pip install -q -e "$spec" >&2
   echo "$hash $want" >"$stamp"
+  echo "tandem: installed; starting (the first start also compiles Python's caches: up to a minute)" >&2
 }

@@ -13,7 +13,7 @@ import pytest
 from engine.serve.chat import Conversation, Finished
 from engine.serve.generate import Sampling
 from engine.serve.router import Router
-from engine.store.adapters import AdapterError, AdapterStore
+from engine.store.adapters import AdapterError, AdapterStore, Manifest
 from engine.train.dataset import load_examples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -231,3 +231,53 @@ def test_a_closed_worker_refuses_jobs_at_once():
     worker.close()
     with pytest.raises(RuntimeError, match="closed"):
         worker.call(lambda: 1)
+
+
+def staged(store: AdapterStore) -> list[str]:
+    folder = store.root / ".staging"
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_versions_are_a_stack(settings, make_adapter):
+    """Regression: rollback copied the old version back, so its copy stayed in .versions/, a second
+    rollback toggled instead of going further back, and the next publish failed with ENOTEMPTY."""
+    store = AdapterStore(settings.adapters_dir)
+    weights, created = [], []
+    for seed in range(3):  # read each version as it is published: the folder then holds the next one
+        made = make_adapter("code", ["write a function"], seed=seed)
+        weights.append(made.weights.read_bytes())
+        created.append(made.manifest.created)
+    assert [v.manifest.created for v in store.versions("code")] == created[1::-1]
+    assert store.rollback("code").weights.read_bytes() == weights[1]
+    assert store.get("code").manifest.created == created[1]
+    assert [v.manifest.created for v in store.versions("code")] == [created[0]]
+    assert store.rollback("code").weights.read_bytes() == weights[0]  # one further back, not a toggle
+    assert store.versions("code") == []
+    with pytest.raises(AdapterError, match="no earlier version"):
+        store.rollback("code")
+    newest = make_adapter("code", ["write a function"], seed=9)  # what the learning loop's retrain does
+    assert newest.manifest.parent == str(created[0]) and newest.manifest.created > created[2]
+    assert [v.manifest.created for v in store.versions("code")] == [created[0]]
+    assert store.rollback("code").manifest.created == created[0]
+    assert staged(store) == []
+
+
+def test_a_failed_publish_leaves_nothing_staged(settings, make_adapter, tmp_path):
+    store = AdapterStore(settings.adapters_dir)
+    good = make_adapter("code", ["x"], seed=1)
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(good.path, no_weights)
+    (no_weights / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterError, match="missing adapter_model"):
+        store.publish(no_weights, Manifest(name="code", task="code", base_model=good.manifest.base_model))
+    with pytest.raises(OSError):
+        store.publish(tmp_path / "nowhere", Manifest(name="code", task="code", base_model="x"))
+    assert staged(store) == []
+    assert store.get("code").weights.read_bytes() == good.weights.read_bytes()
+    (good.path / "manifest.json").write_text("{broken")  # a damaged current version is still pushed aside
+    source = tmp_path / "source"
+    shutil.copytree(good.path, source)
+    (source / "manifest.json").unlink()
+    manifest = Manifest(name="code", task="code", base_model=good.manifest.base_model)
+    assert store.publish(source, manifest).manifest.created == manifest.created
+    assert len(list((store.root / ".versions" / "code").iterdir())) == 1 and staged(store) == []

@@ -40,6 +40,7 @@ def test_adapter_settings_apply_live(station, make_adapter):
     applied = apply(station, adapters__vram_budget_mb=3, adapters__mode="one", adapters__router_threshold=0.9)
     assert set(applied.live) == {"adapters.vram_budget_mb", "adapters.mode", "adapters.router_threshold"}
     assert not applied.restart
+    station.engine.worker.call(lambda: None)  # the budget is queued on the worker, not waited for
     assert station.engine.live.budget_bytes == 3 * 2**20  # the residency holds the new budget
     assert station.mode == "one" and station.engine.router.threshold == 0.9
     assert answer(station, "Hello!", None).adapter == "one"  # the pinned mode answers
@@ -79,3 +80,26 @@ async def test_settings_screen_edits_apply_in_the_app(settings, demo_model_dir):
         await until(pilot, lambda: app.reasoning == "high", timeout=10)
         assert app.service.engine.router.threshold == 0.75
         assert "reasoning high" in str(app.query_one("#chat-status").render())
+
+
+def test_a_budget_change_does_not_wait_behind_a_reply(station, monkeypatch):
+    """Regression: saving settings called set_budget through worker.call, which waited for the whole
+    streaming reply (and froze the app, which applied settings on its event loop)."""
+    import threading
+    import time
+
+    import engine.serve.generate as gen
+
+    sample = gen._sample
+    monkeypatch.setattr(gen, "_sample", lambda *a: (time.sleep(0.02), sample(*a))[1])
+    it = station.ask(station.new_conversation(), "Hello!", mode="base",
+                     sampling=Sampling(greedy=True, max_new_tokens=300))
+    next(it)  # the reply holds the worker
+    rest = threading.Thread(target=lambda: list(it))
+    rest.start()
+    started = time.monotonic()
+    apply(station, adapters__vram_budget_mb=5)
+    assert time.monotonic() - started < 0.5
+    rest.join(60)
+    station.engine.worker.call(lambda: None)
+    assert station.engine.live.budget_bytes == 5 * 2**20

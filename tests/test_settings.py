@@ -90,6 +90,42 @@ def test_custom_profile_inherits_defaults(tmp_path):
         s.profile("missing")
 
 
+def test_saving_keeps_comments_order_and_layout(settings_path):
+    before = settings_path.read_text()
+    s = st.updated(st.load(settings_path), "chat.temperature", "0.5")
+    st.save(s)
+    after = settings_path.read_text()
+    changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines(), strict=True) if a != b]
+    assert len(changed) == 1 and changed[0][1].startswith("temperature = 0.5")
+    assert not [p for p in settings_path.parent.iterdir() if p.name.endswith(".tmp")]
+    assert st.load(settings_path).chat.temperature == 0.5
+
+
+def test_a_file_changed_since_it_was_read_is_not_overwritten(settings_path):
+    """Two apps on one file: B saves temperature; A, which read the file before, must not put it back."""
+    a = st.load(settings_path)
+    b = st.load(settings_path)
+    st.save(st.updated(b, "chat.temperature", "0.3"))
+    with pytest.raises(st.SettingsChanged, match="changed on disk since it was read"):
+        st.save(st.updated(a, "chat.top_p", "0.9"))
+    assert st.load(settings_path).chat.temperature == 0.3 and st.load(settings_path).chat.top_p == 1.0
+    again = st.updated(st.load(settings_path), "chat.top_p", "0.9")  # reload, then the change goes through
+    st.save(again)
+    st.save(st.updated(again, "chat.top_k", "7"))  # a second save from the same copy is not a conflict
+    done = st.load(settings_path)
+    assert (done.chat.temperature, done.chat.top_p, done.chat.top_k) == (0.3, 0.9, 7)
+
+
+def test_a_new_profile_and_a_default_file_are_written_as_toml(tmp_path):
+    path = tmp_path / "fresh.toml"
+    s = st.updated(st.load(path), "training.profiles.mine", {"max_steps": 3, "max_samples": 10})
+    st.save(s)
+    again = st.load(path)
+    assert again.training.profiles["mine"].max_steps == 3
+    written = tomllib.loads(path.read_text())
+    assert written["training"]["profiles"]["mine"]["max_steps"] == 3 and set(written) == {"training"}
+
+
 def test_a_rejected_token_is_not_echoed(tmp_path):
     with pytest.raises(st.SettingsError) as err:
         st.load(write(tmp_path / "s.toml", '[api]\ntoken = "secret with space"'))

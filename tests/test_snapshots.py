@@ -97,3 +97,25 @@ def test_no_gpu(snap_compare, snap_app, size):
     keys = ["f5"] if size == "80x24" else []
     assert snap_compare(snap_app(fake_nvml.NoDriver, adapters=False), terminal_size=SIZES[size], press=keys,
                         run_before=loaded)
+
+
+async def settings_error(pilot):
+    """The settings form after a bad value is saved: the error and the Save button are in view."""
+    await loaded(pilot)
+    await pilot.press("ctrl+o")
+    pilot.app.screen.query_one("#chat--temperature").value = "hot"
+    await pilot.press("ctrl+s")
+    await pilot.pause(0.3)
+
+
+async def palette(pilot):
+    """Ctrl+P and 'train' typed: the app's own actions are listed with their keys."""
+    await loaded(pilot)
+    await pilot.press("ctrl+p", *"train")
+    await pilot.pause(0.8)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("run_before", [settings_error, palette], ids=["settings-error", "palette"])
+def test_forms_and_palette(snap_compare, snap_app, size, run_before):
+    assert snap_compare(snap_app(), terminal_size=SIZES[size], run_before=run_before)

@@ -124,3 +124,22 @@ def test_compile_caches_go_under_the_tandem_cache(tmp_path: Path, monkeypatch: p
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
     use_compile_caches()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"
+
+
+def test_a_first_start_never_says_longer_than_last_time(tmp_path, monkeypatch):
+    """Regression: a step over its built-in guess said 'longer than last time' on the very first start."""
+    from engine import startup
+
+    clock = [1000.0]
+    monkeypatch.setattr(startup.time, "monotonic", lambda: clock[0])
+    said: list[str] = []
+    phases = startup.Phases(lambda m, _f: said.append(m), record=tmp_path / "times.json", tick_s=3600)
+    phases("importing unsloth", 0.05)  # a step with a first-start guess, never timed here
+    clock[0] += 500
+    assert "longer than expected" in phases._text() and "last time" not in phases._text()
+    phases.close()
+    again = startup.Phases(lambda m, _f: said.append(m), record=tmp_path / "times.json", tick_s=3600)
+    again("importing unsloth", 0.05)
+    clock[0] += 1000
+    assert "longer than last time" in again._text()
+    again.close()

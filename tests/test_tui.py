@@ -153,8 +153,8 @@ async def test_settings_screen_validates_before_writing(settings, settings_path,
         assert settings_path.read_text() == before
         field.value = "0.5"
         await pilot.press("ctrl+s")
-        await pilot.pause(0.1)
-        assert app.settings.chat.temperature == 0.5 and "temperature = 0.5" in settings_path.read_text()
+        await until(pilot, lambda: app.settings.chat.temperature == 0.5, timeout=10)  # applied off the loop
+        assert "temperature = 0.5" in settings_path.read_text()
 
 
 async def test_help_log_and_views_at_80x24(settings, demo_model_dir):
@@ -223,7 +223,7 @@ async def test_ab_compare_report_and_rollback(settings, make_adapter, demo_model
         [pref] = app.service.history.preferences()
         assert pref["choice"] == screen.b and pref["a"] != pref["b"]
         await pilot.press("f8")
-        assert type(app.screen).__name__ == "ReportScreen"
+        await until(pilot, lambda: type(app.screen).__name__ == "ReportScreen", timeout=10)  # read off the loop
         await pilot.press("escape", "f3")
         created = app.service.engine.live.known["math"].manifest.created
         await pilot.press("u")

@@ -3,30 +3,39 @@
 The app owns no model state: it maps its messages to `engine.service.Workstation` (the engine, run
 queue, adapter store, history and learner) from thread workers and shows what comes back. Slow things
 never run on the event loop: the model load, every reply, NVML polls and reading training runs all
-happen in workers that hand results back with messages or `call_from_thread`.
+happen in workers that hand results back with messages or `call_from_thread`. A worker that fails is
+reported and the app goes on; a screen closed while its worker ran is not an error. Text that came
+from disk, runs, adapters or the model is passed through `engine.text` before it is shown.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import re
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from textual import on, work
-from textual.app import App, ComposeResult
+from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
 from textual.message import Message
 from textual.reactive import reactive
+from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
+from textual.worker import Worker, WorkerState
 
 from engine import settings as st
 from engine.service import Workstation
 from engine.telemetry import Telemetry
+from engine.text import line, plain, plain_all
 from tui.screens.experiments import ExperimentsScreen, NewExperiment, NewExperimentScreen
 from tui.screens.experts import ExpertsScreen
 from tui.screens.forms import (
@@ -53,6 +62,40 @@ FLUSH_S = 0.05  # streamed text reaches the screen in batches at most this old
 IDLE_TICK_S = 30.0  # how often the idle scheduler may look for work for the training GPU
 
 
+def background(**kw: Any) -> Any:
+    """A thread worker whose failure is reported (`on_worker_state_changed`) instead of ending the app."""
+    return work(thread=True, exit_on_error=False, **kw)
+
+
+# What the palette says of each app action beyond its footer label.
+PALETTE_HELP = {
+    "help": "every key, in one list",
+    **{f"view('{panel}')": f"show the {panel} panel" for panel in PANELS},
+    "stop_reply": "stop the reply being generated",
+    "new_conversation": "start a new chat",
+    "cycle_reasoning": "reasoning level: low, medium, high",
+    "cycle_preset": "sampling: balanced, creative, precise (greedy)",
+    "toggle_analysis": "show or hide the reasoning channel",
+    "feedback": "rate, correct or keep the last reply",
+    "settings": "edit settings.toml",
+    "show_log": "the engine log",
+    "experts": "which experts the last reply used",
+    "compare": "the last prompt answered by two adapters",
+    "report": "learning report: ratings, corrections, speed, usage",
+    "why_route": "why the router chose the last adapter; correct it",
+}
+# The panels' own keys, for the palette: (title, key, what it does, panel id, panel action).
+PANEL_COMMANDS = [
+    ("train a new specialist", "n", "task, data and profile; runs on the training GPU", "training", "new"),
+    ("stop the selected training run", "s", "the run keeps its checkpoints", "training", "stop"),
+    ("resume the selected training run", "r", "from its last checkpoint", "training", "resume"),
+    ("roll back the highlighted specialist", "u", "its previous version becomes current", "specialists",
+     "rollback"),
+    ("answer with the base model", "b", "no specialist until you pick auto", "specialists", "mode('base')"),
+    ("let the router pick (auto)", "a", "a specialist per prompt", "specialists", "mode('auto')"),
+]
+
+
 class EngineProgress(Message):
     def __init__(self, text: str, fraction: float) -> None:
         super().__init__()
@@ -73,6 +116,32 @@ class EngineLog(Message):
     def __init__(self, text: str) -> None:
         super().__init__()
         self.text = text
+
+
+def key_label(key: str) -> str:
+    """A binding's key as the help writes it: Ctrl+N, F1, Esc."""
+    return "+".join({"escape": "Esc", "ctrl": "Ctrl"}.get(part, part.upper() if len(part) <= 3 else part.title())
+                    for part in key.split("+"))
+
+
+def where_line(s: st.Settings) -> str:
+    """Which settings file and data this app uses: another TANDEM_SETTINGS means other specialists."""
+    def short(p: Path | None) -> str:
+        text = str(p)
+        home = str(Path.home())
+        return "~" + text[len(home):] if home != "/" and text.startswith(home + "/") else text
+
+    return plain(f"settings {short(s.source)} · specialists {short(s.adapters_dir)} · history {short(s.history_db)}")
+
+
+def seconds_per_step(runs: list[RunView]) -> float | None:
+    """The newest measured training pace, from a run's own ETA (seconds left / steps left)."""
+    for rv in runs:
+        for m in reversed(rv.metrics):
+            left = (m.get("total") or 0) - (m.get("step") or 0)
+            if m.get("eta_s") and left > 0:
+                return m["eta_s"] / left
+    return None
 
 
 class TandemApp(App):
@@ -119,20 +188,51 @@ class TandemApp(App):
         self.load_error = ""
         self._progress_at, self._progress_line = -1.0, -1  # the last load step logged, and where its line is
         self.polls = {"gpus": 0, "runs": 0}  # results shown so far, per poller (tests wait on these)
+        self._closing = False  # set at unmount: workers stop handing results to the loop
         self._idle_at = -IDLE_TICK_S  # when the idle scheduler last ticked (monotonic)
 
     def notify(self, message: str, *, title: str = "", severity: Any = "information", timeout: float | None = None,
                markup: bool = False) -> None:
-        """Notifications carry names, errors and model text: shown as text, never parsed as markup."""
-        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
+        """Notifications carry names, errors and model text: shown as plain text, never as markup."""
+        super().notify(plain(message), title=line(title), severity=severity, timeout=timeout, markup=markup)
 
     def _ui(self, fn: Any, *args: Any, **kwargs: Any) -> None:
-        """call_from_thread for workers, quiet when the app has already shut down (a poll finishing
-        while the user quits must not turn into an error)."""
-        if not self.is_running:
+        """call_from_thread for workers, quiet when the app is shutting down (a poll finishing while the
+        user quits must not turn into an error) or the screen it updates was closed meanwhile."""
+        if not self.is_running or self._closing:
             return
         with contextlib.suppress(RuntimeError):
-            self.call_from_thread(fn, *args, **kwargs)
+            self.call_from_thread(self._on_screen, fn, *args, **kwargs)
+
+    @staticmethod
+    def _on_screen(fn: Any, *args: Any, **kwargs: Any) -> None:
+        with contextlib.suppress(NoMatches):  # its screen or widget is gone: nothing left to show it on
+            fn(*args, **kwargs)
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        """Every worker that fails lands here: reported in the log and a notification, the app goes on."""
+        if event.state != WorkerState.ERROR or isinstance(event.worker.error, NoMatches):
+            return
+        e = event.worker.error
+        self._remember_log(f"{event.worker.name} failed: {type(e).__name__}: {e}")
+        self.notify(str(e).splitlines()[0] if str(e).strip() else type(e).__name__,
+                    title=f"{event.worker.name.replace('_', ' ')} failed", severity="error")
+
+    # ----- command palette
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """Every action with its key: the app's bindings, then the panels' (Ctrl+P reaches them all)."""
+        yield from super().get_system_commands(screen)
+        for b in self.BINDINGS:
+            assert isinstance(b, Binding)
+            yield SystemCommand(f"{b.description} ({key_label(b.key)})", PALETTE_HELP.get(b.action, ""),
+                                partial(self.run_action, b.action))
+        for title, key, help_text, panel, action in PANEL_COMMANDS:
+            yield SystemCommand(f"{title} ({key} in {panel.title()})", help_text,
+                                partial(self._panel_action, panel, action))
+
+    async def _panel_action(self, panel: str, action: str) -> None:
+        self.action_view(panel)
+        await self.query_one(f"#{panel}").run_action(action)
 
     # ----- layout
     def compose(self) -> ComposeResult:
@@ -144,6 +244,7 @@ class TandemApp(App):
                 yield SpecialistSwitcher(id="specialists")
                 yield TrainingPanel(id="training")
                 yield GpuPanel(self.settings.gpus.inference, self.settings.gpus.training, id="gpus")
+        yield Static(where_line(self.settings), id="where", markup=False)
         yield Footer()
 
     def on_mount(self) -> None:
@@ -187,7 +288,7 @@ class TandemApp(App):
         self.query_one(target).focus()
 
     # ----- engine lifecycle
-    @work(thread=True, exclusive=True, group="engine")
+    @background(exclusive=True, group="engine")
     def load_engine(self) -> None:
         try:
             self.service.load(lambda text, frac: self.post_message(EngineProgress(text, frac)),
@@ -200,7 +301,8 @@ class TandemApp(App):
 
     @on(EngineProgress)
     def _engine_progress(self, m: EngineProgress) -> None:
-        self.sub_title = f"{m.text} ({m.fraction:.0%})"
+        # a step that counts its own seconds says how far it is; a percentage that holds still looks stuck
+        self.sub_title = m.text if re.search(r"\d s\b", m.text) else f"{m.text} ({m.fraction:.0%})"
         if (self._progress_at, len(self.log_lines)) == (m.fraction, self._progress_line):
             self.log_lines.pop()  # the same step repeating its countdown: keep its latest line only
         self._remember_log(m.text)
@@ -212,6 +314,7 @@ class TandemApp(App):
 
     @on(EngineFailed)
     def _engine_failed(self, m: EngineFailed) -> None:
+        m.error = plain(m.error)
         self.load_error = m.error
         self.sub_title = "model failed to load"
         self._remember_log(f"model failed to load: {m.error}")
@@ -238,7 +341,7 @@ class TandemApp(App):
             self.ask(self.pending.popleft())
 
     def _remember_log(self, text: str) -> None:
-        self.log_lines.append(f"{time.strftime('%H:%M:%S')} {text}")
+        self.log_lines.append(f"{time.strftime('%H:%M:%S')} {plain(text)}")
 
     def _status(self, extra: str = "") -> None:
         parts = [f"mode {self.service.mode}", f"reasoning {self.reasoning}", f"preset {self.preset}"]
@@ -266,7 +369,7 @@ class TandemApp(App):
         self._status("generating… (Esc stops)")
         self.run_reply(prompt, reply, self.cancel)
 
-    @work(thread=True, group="chat")
+    @background(group="chat")
     def run_reply(self, prompt: str, reply: Any, cancel: threading.Event) -> None:
         from engine.serve.chat import Delta, Finished, Routed
 
@@ -285,7 +388,7 @@ class TandemApp(App):
                     reply.turn_id, reply.decision = ev.turn_id, d.as_dict()
                     self._ui(reply.set_meta, meta)
                 elif isinstance(ev, Delta):
-                    pieces.append((ev.channel, ev.text))
+                    pieces.append((ev.channel, plain(ev.text)))
                     if time.monotonic() - last > FLUSH_S:
                         self._ui(self._flush_reply, reply, pieces)
                         pieces, last = [], time.monotonic()
@@ -344,9 +447,10 @@ class TandemApp(App):
     def refresh_switcher(self) -> None:
         if not self.service.ready or not self.is_running:
             return
-        rows = [AdapterRow(r.name, r.task, r.size_mb, r.final_loss, r.resident, r.active)
+        rows = [AdapterRow(line(r.name), line(r.task), r.size_mb, r.final_loss, r.resident, r.active)
                 for r in self.service.adapters()]
-        self.query_one(SpecialistSwitcher).show(rows, self.service.mode, self.service.broken_adapters())
+        self.query_one(SpecialistSwitcher).show(rows, self.service.mode, plain_all(self.service.broken_adapters()),
+                                                 gpu=self.service.model_info().device.startswith("cuda"))
 
     @on(SpecialistSwitcher.ModeChosen)
     def _mode(self, m: SpecialistSwitcher.ModeChosen) -> None:
@@ -361,12 +465,17 @@ class TandemApp(App):
 
     @on(SpecialistSwitcher.RollbackRequested)
     def _rollback(self, m: SpecialistSwitcher.RollbackRequested) -> None:
+        self.rollback(m.name)
+
+    @background(group="store")
+    def rollback(self, name: str) -> None:
+        """Moves a whole adapter on disk: never on the event loop."""
         try:
-            self.service.rollback(m.name)
+            self.service.rollback(name)
         except Exception as e:
-            self.notify(str(e), severity="warning")
+            self._ui(self.notify, str(e), title="roll back", severity="warning")
             return
-        self.notify(f"{m.name} rolled back to its previous version", title="specialist")
+        self._ui(self.notify, f"{name} rolled back to its previous version", title="specialist")
 
     def action_why_route(self) -> None:
         reply = self.query_one(ChatPanel).last_reply
@@ -374,13 +483,13 @@ class TandemApp(App):
             self.notify("no routed reply yet", severity="warning")
             return
         names = [r.name for r in self.service.adapters()]
-        self.push_screen(RouteScreen(reply.prompt, reply.decision, names), self._route_corrected)
+        self.push_screen(RouteScreen(plain(reply.prompt), plain_all(reply.decision), names), self._route_corrected)
 
     def _route_corrected(self, correction: RouteCorrection | None) -> None:
         if correction is not None:
             self.correct_route(correction)
 
-    @work(thread=True, group="route")
+    @background(group="route")
     def correct_route(self, c: RouteCorrection) -> None:
         """The correction becomes a router example at once; the next prompt is routed with it."""
         try:
@@ -388,10 +497,11 @@ class TandemApp(App):
         except Exception as e:
             self._ui(self.notify, str(e), title="route not corrected", severity="error")
             return
-        self._ui(self.notify, f"noted: prompts like this go to {c.label}", title="router")
+        where = "the base model" if c.label in ("none", "base") else c.label
+        self._ui(self.notify, f"noted: prompts like this go to {where}", title="router")
 
     # ----- training
-    @work(thread=True, exclusive=True, group="runs")
+    @background(exclusive=True, group="runs")
     def poll_runs(self) -> None:
         """Read the runs; let the idle scheduler give the training GPU work (every IDLE_TICK_S); tell the
         person what experiments found."""
@@ -400,7 +510,7 @@ class TandemApp(App):
             if time.monotonic() - self._idle_at >= IDLE_TICK_S:
                 self._idle_at = time.monotonic()
                 work = self.service.idle_tick()
-            views = [RunView(r.summary(), r.metrics()) for r in reversed(self.service.runs())]
+            views = [RunView(plain_all(r.summary()), plain_all(r.metrics())) for r in reversed(self.service.runs())]
             decided = self.service.newly_decided()
         except Exception as e:
             self.post_message(EngineLog(f"reading training runs failed: {e}"))
@@ -426,8 +536,9 @@ class TandemApp(App):
             sample = Path(__file__).resolve().parent.parent / "data" / "samples" / "math.jsonl"
             with contextlib.suppress(ValueError):  # shown relative to where the app was started, if inside
                 sample = sample.relative_to(Path.cwd())
-            self.push_screen(NewRunScreen(sorted(self.settings.training.profiles),
-                                          self.settings.training.default_profile, str(sample)), self._start_run)
+            self.push_screen(NewRunScreen(self.settings.training.profiles, self.settings.training.default_profile,
+                                          str(sample), seconds_per_step(self.query_one(TrainingPanel).runs)),
+                             self._start_run)
         elif m.action == "experiment":
             sft = sorted(n for n, p in self.settings.training.profiles.items() if p.method == "sft")
             default = self.settings.training.default_profile
@@ -441,7 +552,7 @@ class TandemApp(App):
         if new is not None:
             self.submit_run(new)
 
-    @work(thread=True, group="runs-actions")
+    @background(group="runs-actions")
     def submit_run(self, new: NewRun) -> None:
         try:
             run, report = self.service.submit_run(new.task, new.data, new.profile)
@@ -455,7 +566,7 @@ class TandemApp(App):
         if new is not None:
             self.start_experiment(new)
 
-    @work(thread=True, group="runs-actions")
+    @background(group="runs-actions")
     def start_experiment(self, new: NewExperiment) -> None:
         try:
             exp = self.service.experiment(new.task, new.vary, new.data, new.profile, new.when_idle)
@@ -466,7 +577,7 @@ class TandemApp(App):
         self._ui(self.notify, f"{exp.id}: {len(exp.variants)} variants {how}", title="experiment")
         self.poll_runs()
 
-    @work(thread=True, exclusive=True, group="experiments")
+    @background(exclusive=True, group="experiments")
     def show_experiments(self) -> None:
         try:
             experiments = self.service.experiments()
@@ -476,7 +587,7 @@ class TandemApp(App):
         t = self.settings.training
         self._ui(self.push_screen, ExperimentsScreen(experiments, (t.overfit_below, t.target_loss, t.underfit_above)))
 
-    @work(thread=True, group="runs-actions")
+    @background(group="runs-actions")
     def change_run(self, action: str, run_id: str) -> None:
         try:
             run = self.service.change_run(action, run_id)
@@ -486,7 +597,7 @@ class TandemApp(App):
         self.poll_runs()
 
     # ----- GPUs
-    @work(thread=True, exclusive=True, group="gpus")
+    @background(exclusive=True, group="gpus")
     def poll_gpus(self) -> None:
         if self.telemetry is None:
             self.telemetry = Telemetry()
@@ -506,7 +617,7 @@ class TandemApp(App):
             return
         self.switch_api()
 
-    @work(thread=True, exclusive=True, group="api")
+    @background(exclusive=True, group="api")
     def switch_api(self) -> None:
         try:
             if self.service.api_url:
@@ -531,13 +642,20 @@ class TandemApp(App):
         self.push_screen(SettingsScreen(self.settings), self._settings_saved)
 
     def _settings_saved(self, saved: st.Settings | None) -> None:
-        if saved is None:
-            return
+        if saved is not None:
+            self.apply_settings(saved)
+
+    @background(exclusive=True, group="settings")
+    def apply_settings(self, saved: st.Settings) -> None:
+        """Off the loop: applying may wait for the engine (a budget change reaches the worker's queue)."""
         try:
             applied = self.service.apply_settings(saved)
         except Exception as e:  # e.g. adapters.mode naming an adapter that is not there
-            self.notify(f"saved, but not applied: {e}", title="settings", severity="warning")
+            self._ui(self.notify, f"saved, but not applied: {e}", title="settings", severity="warning")
             return
+        self._ui(self._settings_applied, saved, applied)
+
+    def _settings_applied(self, saved: st.Settings, applied: Any) -> None:
         self.settings = saved
         if "chat.reasoning" in applied.live:
             self.reasoning = saved.chat.reasoning
@@ -551,13 +669,13 @@ class TandemApp(App):
         if reply is None or reply.turn_id is None:
             self.notify("no reply to give feedback on yet", severity="warning")
             return
-        self.push_screen(FeedbackScreen(reply.prompt, reply.final), lambda fb: self._feedback(reply.turn_id, fb))
+        self.push_screen(FeedbackScreen(plain(reply.prompt), reply.final), lambda fb: self._feedback(reply.turn_id, fb))
 
     def _feedback(self, turn_id: int, fb: Feedback | None) -> None:
         if fb is not None:
             self.give_feedback(turn_id, fb)
 
-    @work(thread=True, exclusive=True, group="learning")
+    @background(exclusive=True, group="learning")
     def give_feedback(self, turn_id: int, fb: Feedback) -> None:
         """Store the feedback; it may make a specialist due for retraining, which the learner starts."""
         try:
@@ -590,24 +708,33 @@ class TandemApp(App):
         if b is None:
             self.notify("no specialist to compare with yet", severity="warning")
             return
-        screen = CompareScreen(reply.prompt, a, b)
+        screen = CompareScreen(plain(reply.prompt), a, b)
         self.push_screen(screen, lambda choice: self._picked(screen, choice))
         self.answer_both(screen)
 
-    @work(thread=True, exclusive=True, group="experts")
+    @background(exclusive=True, group="experts")
     def answer_both(self, screen: CompareScreen) -> None:
         for side, name in (("a", screen.a), ("b", screen.b)):
-            self._ui(screen.show, side, self.service.answer_with(screen.prompt, name))
+            if not screen.is_attached:  # closed before both answers: the second is not worth computing
+                return
+            self._ui(screen.show, side, plain(self.service.answer_with(screen.prompt, name)))
 
     def _picked(self, screen: CompareScreen, choice: str | None) -> None:
         if choice is None:
             return
         winner = {"a": screen.a, "b": screen.b}.get(choice, "tie")
-        self.service.prefer(screen.prompt, screen.a, screen.b, screen.replies["a"], screen.replies["b"], winner)
-        self.notify(f"preference stored: {winner}", title="A/B")
+        self.store_preference(screen.prompt, screen.a, screen.b, dict(screen.replies), winner)
 
+    @background(group="learning-write")
+    def store_preference(self, prompt: str, a: str, b: str, replies: dict[str, str], winner: str) -> None:
+        self.service.prefer(prompt, a, b, replies["a"], replies["b"], winner)
+        self._ui(self.notify, f"preference stored: {winner}", title="A/B")
+
+    @background(exclusive=True, group="report")
     def action_report(self) -> None:
-        self.push_screen(ReportScreen(self.service.report()))
+        """Reads the whole history: off the loop; the screen opens when it is ready."""
+        data = plain_all(self.service.report())
+        self._ui(self.push_screen, ReportScreen(data))
 
     def action_experts(self) -> None:
         reply = self.query_one(ChatPanel).last_reply
@@ -615,7 +742,7 @@ class TandemApp(App):
             self.notify("no reply with recorded expert routing yet (model.record_experts in settings)",
                         severity="warning")
             return
-        self.push_screen(ExpertsScreen(reply.prompt, reply.meta.adapter, reply.experts, reply.tokens))
+        self.push_screen(ExpertsScreen(plain(reply.prompt), reply.meta.adapter, reply.experts, plain_all(reply.tokens)))
 
     @on(ExpertsScreen.CompareRequested)
     def _compare(self, m: ExpertsScreen.CompareRequested) -> None:
@@ -625,7 +752,7 @@ class TandemApp(App):
             return
         self.compare_experts(m.prompt, m.adapter, other)
 
-    @work(thread=True, exclusive=True, group="experts")
+    @background(exclusive=True, group="experts")
     def compare_experts(self, prompt: str, a: str, b: str) -> None:
         shift = self.service.expert_shift(prompt, a, b)
         screen = self.screen
@@ -633,6 +760,7 @@ class TandemApp(App):
             self._ui(screen.show_shift, b, a, shift)
 
     def on_unmount(self) -> None:
+        self._closing = True  # before close: a worker must not wait on this loop while close waits on it
         if self.cancel is not None:
             self.cancel.set()
         self.service.close()

@@ -13,6 +13,7 @@ from engine.settings import Settings
 
 
 def run_app(settings: Settings, _args: argparse.Namespace) -> int:
+    print(f"tandem: starting the workstation ({settings.source})…", file=sys.stderr, flush=True)  # no silent wait
     from tui.app import TandemApp
 
     TandemApp(settings).run()

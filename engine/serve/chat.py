@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 
 from engine import names
@@ -58,6 +59,15 @@ class Conversation:
 
     turns: list[Turn] = field(default_factory=list)
     id: int | None = None
+
+
+def context_answer(reply: Reply) -> str:
+    """What the model sees of `reply` in the next turn: its final answer; for a reply that ended on its
+    own with no final channel, its unchannelled text. Never the raw completion (analysis and markup),
+    so a reply cancelled or cut short in its reasoning adds nothing."""
+    if reply.parser.final or reply.stats.stop in ("cancelled", "length"):
+        return reply.parser.final
+    return reply.parser.channel_text("raw")
 
 
 class Engine:
@@ -214,11 +224,15 @@ class Engine:
     def set_mode(self, mode: str) -> None:
         self.mode = self.check_mode(mode)
 
-    def set_budget(self, budget_mb: int) -> None:
-        """A new residency budget, applied between replies."""
-        if self.live is not None:
-            live = self.live
-            self.worker.call(lambda: live.budget(budget_mb))
+    def set_budget(self, budget_mb: int) -> Future | None:
+        """A new residency budget, applied between replies: queued on the worker, not waited for (a
+        streaming reply may hold the worker for a while). The Future says when it took effect."""
+        if self.live is None:
+            return None
+        live = self.live
+        job = self.worker.submit(lambda: live.budget(budget_mb))
+        job.add_done_callback(lambda f: f.exception() and self.log(f"adapter budget not applied: {f.exception()}"))
+        return job
 
     def decide(self, prompt: str, mode: str | None = None) -> Decision:
         mode = mode or self.mode
@@ -304,7 +318,8 @@ class Engine:
                 else:
                     history.finish_turn(turn_id, reply.parser.final, reply.parser.analysis, reply.raw,
                                         reply.stats.as_dict(), status)
-        conversation.turns += [Turn("user", prompt), Turn("assistant", reply.parser.final or reply.raw)]
+        if answer := context_answer(reply):  # a reply with nothing to show for it is no context for the next
+            conversation.turns += [Turn("user", prompt), Turn("assistant", answer)]
         yield Finished(reply, adapter, decision, turn_id)
 
     def trace_experts(self, prompt: str, mode: str | None = None, max_new_tokens: int = 256) -> Finished:

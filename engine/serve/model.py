@@ -191,7 +191,8 @@ def load_model(settings: Settings, progress: Progress | None = None) -> LoadedMo
     try:
         use = gpu_memory.usable(settings.gpus.inference) if on_gpu else None
         quant, why = gpu_memory.choose(settings.model.serve_in_4bit, AutoConfig.from_pretrained(folder), use)
-        say(f"loading {name} ({quant}: {why}) on {'GPU' if on_gpu else 'CPU'}", 0.3)
+        held = quant if quant != "bf16" else str(dtype).removeprefix("torch.")  # what the banner will say too
+        say(f"loading {name} ({held}: {why}) on {'GPU' if on_gpu else 'CPU'}", 0.3)
         with contextlib.redirect_stdout(sys.stderr):
             if quant == "mxfp4":  # experts stay 4-bit on the device (engine/serve/mxfp4_load.py)
                 model = mxfp4_load.load(folder, "cuda" if on_gpu else "cpu", dtype)

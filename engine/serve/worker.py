@@ -6,6 +6,8 @@ happen in the same job, so nothing can switch the adapter between the choice and
 what history and A/B preferences record). Callers on other threads get results back through a Future
 (`call`) or an event queue (`stream`).
 
+Closing is bounded: jobs still queued fail with WorkerClosed without running, a reply being decoded
+ends at its next token (its cancel flag is set), and a job submitted after close fails at once.
 Jobs wait in a priority queue, first in first out within a priority: the person at the keyboard
 (`KEYBOARD`, the default) goes before API clients (`API`), so API traffic never starves the app; a
 reply already running is never interrupted.
@@ -21,9 +23,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from engine.harmony import Turn, fit_turns
+from engine.harmony import HarmonyParser, Turn, fit_turns
 from engine.serve import checkpoint_template
-from engine.serve.generate import Reply, Sampling, stream
+from engine.serve.generate import Reply, Sampling, Stats, stream
 from engine.serve.residency import LiveAdapters
 
 T = TypeVar("T")
@@ -92,26 +94,53 @@ class InferenceWorker:
         self._jobs = _Jobs()
         self.live: LiveAdapters | None = None
         self._closed = False
+        self._lock = threading.Lock()  # `closed` and the queue change together: no job slips in after close
+        self._cancels: dict[Future, threading.Event] = {}  # replies queued or running: close cancels them
         self._thread = threading.Thread(target=self._run, name="inference-worker", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
             fn, done = job
+            if self._closed:  # queued before close: it never runs
+                self._refuse(done, "closed before the job ran")
+                continue
             if not done.set_running_or_notify_cancel():
                 continue
             try:
                 done.set_result(fn())
             except BaseException as e:  # handed to the caller, who decides
                 done.set_exception(e)
+        while True:  # anything left behind the sentinel fails rather than waits forever
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                self._refuse(job[1], "closed before the job ran")
 
-    def submit(self, fn: Callable[[], T], *, priority: int = KEYBOARD) -> Future[T]:
+    @staticmethod
+    def _refuse(done: Future, why: str) -> None:
+        if not done.done():
+            done.set_exception(WorkerClosed(f"the inference worker is closed ({why})"))
+
+    def submit(self, fn: Callable[[], T], cancel: threading.Event | None = None, *,
+               priority: int = KEYBOARD) -> Future[T]:
+        """Queue `fn`; `cancel` (a reply's flag) is set if the worker closes before `fn` ends."""
         done: Future[T] = Future()
-        if self._closed:  # nothing would ever run it: fail now rather than leave the caller waiting
-            done.set_exception(WorkerClosed("the inference worker is closed"))
-            return done
-        self._jobs.put((fn, done), priority=priority)
+        with self._lock:
+            if self._closed:  # nothing would ever run it: fail now rather than leave the caller waiting
+                self._refuse(done, "no new jobs")
+                return done
+            if cancel is not None:
+                self._cancels[done] = cancel
+                done.add_done_callback(self._forget)
+            self._jobs.put((fn, done), priority=priority)
         return done
+
+    def _forget(self, done: Future) -> None:
+        with self._lock:
+            self._cancels.pop(done, None)
 
     def queued(self) -> int:
         """Jobs waiting (the running one not counted)."""
@@ -125,10 +154,14 @@ class InferenceWorker:
         return self.submit(fn).result()
 
     def close(self, timeout: float = 10.0) -> None:
-        """Finish the queued jobs and stop. Waits for the thread: torch must not be mid-call in a
-        thread the interpreter tears down at exit (the process aborts)."""
-        self._closed = True
-        self._jobs.put(None)
+        """Stop: queued jobs fail with WorkerClosed unrun, a running reply ends at its next token. Waits
+        for the thread (at most `timeout`): torch must not be mid-call in a thread the interpreter
+        tears down at exit (the process aborts)."""
+        with self._lock:
+            self._closed = True
+            for cancel in self._cancels.values():
+                cancel.set()
+            self._jobs.put(None)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
@@ -137,7 +170,13 @@ class InferenceWorker:
         """Events of one reply: Started, then a Step per token; the last Step's reply is final.
         Leaving the iterator early cancels the reply."""
         out: queue.Queue[Started | Step | Failed | None] = queue.Queue()
-        self.submit(lambda: self._reply(req, out), priority=req.priority)
+
+        def unrun(job: Future) -> None:  # refused or dropped by close: `_reply` will never end the queue
+            if not job.cancelled() and (e := job.exception()) is not None:
+                out.put(Failed(e))
+                out.put(None)
+
+        self.submit(lambda: self._reply(req, out), req.cancel, priority=req.priority).add_done_callback(unrun)
         try:
             while (ev := out.get()) is not None:
                 if isinstance(ev, Failed):
@@ -153,6 +192,10 @@ class InferenceWorker:
             room = min(req.sampling.max_new_tokens, max(lm.max_len // 2, MIN_REPLY_ROOM))
             fit = checkpoint_template.fit_turns if lm.renderer == "checkpoint" else fit_turns  # model.chat_template
             ids, dropped = fit(lm.tokenizer, req.turns, req.reasoning, req.instructions, lm.max_len - room, req.prefill)
+            if req.cancel.is_set():  # cancelled while queued: no adapter is loaded, evicted or captured for it
+                out.put(Started(req.adapter, "cancelled before it started", dropped))
+                out.put(Step([], Reply(HarmonyParser(), Stats(tokens_in=len(ids), stop="cancelled"))))
+                return
             chosen = self.live.select(req.adapter)
             out.put(Started(chosen.adapter, chosen.note, dropped))
             import torch

@@ -1,10 +1,11 @@
 """The specialist store on disk: `adapters/<name>/` = a standard PEFT folder + manifest.json.
 
 Publishing is atomic: the folder is written under `adapters/.staging/`, fsynced, then renamed into
-place, so the live engine's watcher (or any reader) never sees half an adapter. A replaced version
-moves to `adapters/.versions/<name>/<created>` and can be rolled back. Reading never raises for a
-broken folder: it is reported with its reason and skipped. Every name is checked by `engine.names` and
-every path resolved inside the store's root, so no name reaches a folder outside it.
+place, so the live engine's watcher (or any reader) never sees half an adapter. A replaced version is
+pushed on a stack, `adapters/.versions/<name>/<created>`; each rollback pops one version back.
+Reading never raises for a broken folder: it is reported with its reason and skipped. Every name is
+checked by `engine.names` and every path resolved inside the store's root, so no name reaches a folder
+outside it.
 """
 
 from __future__ import annotations
@@ -204,50 +205,77 @@ class AdapterStore:
         return read_adapter(folder, self.base_model)
 
     def publish(self, source: Path, manifest: Manifest) -> StoredAdapter:
-        """Copy a PEFT folder in with its manifest, atomically. An existing version is kept aside."""
+        """Copy a PEFT folder in with its manifest, atomically. An existing version is pushed on the
+        name's version stack (`.versions/`). Whatever fails, nothing is left in `.staging/`."""
         check_name(manifest.name)
         check_name(manifest.task, "task name")
         staging = self.root / ".staging" / f"{manifest.name}-{uuid.uuid4().hex[:8]}"
         staging.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(source, staging)
-        (staging / "manifest.json").write_text(json.dumps(asdict(manifest), indent=1, ensure_ascii=False))
         try:
-            read_adapter(staging, self.base_model)  # refuse to publish something we could not read back
-        except AdapterError:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        _fsync_tree(staging)
-        target = self._path(manifest.name)
-        if target.exists():
-            old = read_adapter(target)
-            manifest.parent = str(old.manifest.created)
+            shutil.copytree(source, staging)
+            target = self._path(manifest.name)
+            if target.exists():
+                manifest.parent = str(self._created(target))
             (staging / "manifest.json").write_text(json.dumps(asdict(manifest), indent=1, ensure_ascii=False))
-            keep = self._path(".versions", manifest.name, f"{old.manifest.created:.3f}")
-            keep.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(target, keep)
-        os.replace(staging, target)
+            read_adapter(staging, self.base_model)  # refuse to publish something we could not read back
+            _fsync_tree(staging)
+            if target.exists():
+                self._push(target, manifest.name)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already when the publish went through
         return read_adapter(target)
 
+    @staticmethod
+    def _created(folder: Path) -> float:
+        """A version's created time; for a folder whose manifest cannot be read, its modification time."""
+        try:
+            return Manifest.from_dict(_read_json(folder / "manifest.json")).created
+        except (AdapterError, OSError):
+            return folder.stat().st_mtime
+
+    def _push(self, current: Path, name: str) -> None:
+        """Move the current version onto the top of the stack, under a name no other version holds."""
+        stack = self._path(".versions", name)
+        stack.mkdir(parents=True, exist_ok=True)
+        slot = f"{self._created(current):.3f}"
+        while (stack / slot).exists():  # two versions created within the same millisecond
+            slot += "+"
+        os.replace(current, self._path(".versions", name, slot))
+
     def versions(self, name: str) -> list[StoredAdapter]:
-        """Older versions of `name`, newest first."""
+        """Older versions of `name`, newest first (the top of its stack first)."""
         folder = self._path(".versions", check_name(name))
         if not folder.exists():
             return []
         out = []
-        for v in sorted(folder.iterdir(), reverse=True):
+        for v in folder.iterdir():
             try:
                 out.append(read_adapter(v))
             except (AdapterError, OSError):
                 continue
-        return out
+        return sorted(out, key=lambda a: (a.manifest.created, a.path.name), reverse=True)
 
     def rollback(self, name: str) -> StoredAdapter:
-        """Make the newest kept version current again; the current one is kept aside."""
+        """Pop the stack: the newest kept version becomes current, and the current one is dropped, so
+        each rollback goes one version further back and a later publish pushes as usual."""
+        target = self._path(check_name(name))
         older = self.versions(name)
         if not older:
             raise AdapterError(f"{name!r} has no earlier version to roll back to")
         previous = older[0]
-        return self.publish(previous.path, previous.manifest)
+        trash = self.root / ".staging" / f"rolled-back-{name}-{uuid.uuid4().hex[:8]}"
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            os.replace(target, trash)
+        try:
+            os.replace(previous.path, target)
+        except OSError:
+            if trash.exists():
+                os.replace(trash, target)  # put the current version back rather than leave none
+            raise
+        shutil.rmtree(trash, ignore_errors=True)
+        return read_adapter(target, self.base_model)
 
     def rename(self, old: str, new: str) -> StoredAdapter:
         target = self._path(check_name(new))

@@ -15,6 +15,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,14 +126,27 @@ def _object(text: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def private(path: Path) -> None:
+    """Create `path` readable by its owner only, or make an existing one so (with its -wal/-shm):
+    it holds everything the person typed. A file owned by someone else is left for SQLite to refuse."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for f in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            if f.stat().st_mode & 0o077:
+                os.chmod(f, 0o600)
+        except (FileNotFoundError, PermissionError):
+            continue
+
+
 class History:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))  # SQLite gives -wal/-shm the same mode
+        private(self.path)  # before SQLite opens it: it gives -wal/-shm the same mode
         # One connection shared by the app's workers; sqlite3 objects need a lock across threads.
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._lock = threading.Lock()
+        self._closed = False
         try:
             with self._lock:
                 self._db.execute("PRAGMA journal_mode=WAL")
@@ -164,10 +178,13 @@ class History:
 
     def _exec(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
         with self._lock:
+            if self._closed:
+                raise HistoryError(f"{self.path} is closed (Tandem is shutting down)")
             return self._db.execute(sql, args)
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._db.close()
 
     # ----- writing
@@ -223,8 +240,10 @@ class History:
     _COLS = ("id, conversation_id, created, prompt, final, analysis, adapter, route, stats, status, rating, "
              "correction, good_example, task, source, raw, reasoning, instructions, context")
 
-    def _rows(self, where: str = "1", args: tuple = (), limit: int = 1000) -> list[TurnRow]:
-        cur = self._exec(f"SELECT {self._COLS} FROM turns WHERE {where} ORDER BY id LIMIT ?", (*args, limit))
+    def _rows(self, where: str = "1", args: tuple = (), limit: int | None = None, after: int = 0) -> list[TurnRow]:
+        """Turns matching `where` with id > `after`, oldest first; `limit` None: all of them."""
+        cur = self._exec(f"SELECT {self._COLS} FROM turns WHERE ({where}) AND id > ? ORDER BY id LIMIT ?",
+                         (*args, after, -1 if limit is None else limit))
         return [TurnRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], _object(r[7]), _object(r[8]), r[9],
                         r[10], r[11], bool(r[12]), r[13], r[14], r[15], r[16], r[17],
                         _pairs(r[18])) for r in cur.fetchall()]
@@ -235,19 +254,42 @@ class History:
             raise KeyError(f"no turn {turn_id}")
         return rows[0]
 
-    def turns(self, conversation_id: int | None = None, limit: int = 1000) -> list[TurnRow]:
+    def turns(self, conversation_id: int | None = None, limit: int | None = None) -> list[TurnRow]:
+        """Turns oldest first, every one unless `limit` says how many."""
         if conversation_id is None:
             return self._rows(limit=limit)
         return self._rows("conversation_id=?", (conversation_id,), limit)
 
-    def search(self, text: str, limit: int = 100) -> list[TurnRow]:
-        like = f"%{text}%"
-        return self._rows("prompt LIKE ? OR final LIKE ? OR correction LIKE ?", (like, like, like), limit)
+    def each_turn(self, page: int = 500) -> Iterator[TurnRow]:
+        """Every turn, oldest first, read a page at a time (an export of any size in bounded memory)."""
+        after = 0
+        while rows := self._rows(limit=page, after=after):
+            yield from rows
+            after = rows[-1].id
 
-    def conversations(self, limit: int = 100) -> list[dict[str, Any]]:
+    _MATCH = "prompt LIKE ? ESCAPE '\\' OR final LIKE ? ESCAPE '\\' OR correction LIKE ? ESCAPE '\\'"
+
+    @staticmethod
+    def _like(text: str) -> tuple[str, str, str]:
+        """`text` as a literal substring pattern: % and _ typed by the user are characters, not wildcards."""
+        like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        return like, like, like
+
+    def search(self, text: str, limit: int | None = None) -> list[TurnRow]:
+        return self._rows(self._MATCH, self._like(text), limit)
+
+    def count_matches(self, text: str) -> int:
+        return self._exec(f"SELECT COUNT(*) FROM turns WHERE {self._MATCH}", self._like(text)).fetchone()[0]
+
+    def count_conversations(self) -> int:
+        return self._exec("SELECT COUNT(*) FROM conversations").fetchone()[0]
+
+    def conversations(self, limit: int | None = 100) -> list[dict[str, Any]]:
+        """The newest conversations first; `limit` None: all."""
         cur = self._exec(
             "SELECT c.id, c.created, c.title, COUNT(t.id), MAX(t.created) FROM conversations c "
-            "LEFT JOIN turns t ON t.conversation_id=c.id GROUP BY c.id ORDER BY c.id DESC LIMIT ?", (limit,))
+            "LEFT JOIN turns t ON t.conversation_id=c.id GROUP BY c.id ORDER BY c.id DESC LIMIT ?",
+            (-1 if limit is None else limit,))
         return [{"id": r[0], "created": r[1], "title": r[2], "turns": r[3], "last": r[4]} for r in cur.fetchall()]
 
     def usable_for(self, task: str) -> list[TurnRow]:
@@ -256,7 +298,7 @@ class History:
         return self._rows(
             "task=? AND status IN ('complete','cancelled','interrupted') AND "
             "(correction IS NOT NULL OR (status='complete' AND (rating >= 4 OR (good_example=1 AND rating IS NULL))))",
-            (task,), limit=1_000_000)
+            (task,))
 
     def context(self, turn: TurnRow) -> list[tuple[str, str]]:
         """(role, text) of the turns the chat showed the model before `turn`'s prompt, oldest first: those it

@@ -307,7 +307,7 @@ def build_pairs(history: History, task: str, out_dir: Path, holdout_fraction: fl
 
 def report(history: History) -> dict:
     """Ratings trend, corrections rate, response time, per-specialist usage, router confidence over time."""
-    turns = history.turns(limit=1_000_000)
+    turns = history.turns()
     by_day: dict[str, dict] = {}
     for t in turns:
         day = datetime.fromtimestamp(t.created).strftime("%Y-%m-%d")
@@ -331,7 +331,8 @@ def report(history: History) -> dict:
              "correction_rate": round(d["corrections"] / d["turns"], 3), "tokens_per_s": mean(d["tps"]),
              "router_confidence": mean(d["confidence"])} for day, d in sorted(by_day.items())]
     rated = [t.rating for t in turns if t.rating is not None]
-    return {"turns": len(turns), "mean_rating": mean(rated), "rated": len(rated),
-            "correction_rate": round(sum(t.correction is not None for t in turns) / len(turns), 3) if turns else None,
+    corrected = sum(t.correction is not None for t in turns)
+    return {"turns": len(turns), "mean_rating": mean(rated), "rated": len(rated), "corrections": corrected,
+            "correction_rate": round(corrected / len(turns), 3) if turns else None,
             "usage": dict(sorted(usage.items(), key=lambda kv: -kv[1])), "days": days,
             "preferences": len(history.preferences()), "pairs": pair_counts(history)}

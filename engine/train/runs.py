@@ -131,7 +131,8 @@ class Run:
             return RunState(status="failed", error=str(e))
 
     def set_state(self, **changes: Any) -> RunState:
-        s = self.state
+        # a run being created has no state yet: start from a fresh one, not from "missing state.json"
+        s = self.state if (self.dir / "state.json").exists() else RunState()
         for k, v in changes.items():
             setattr(s, k, v)
         s.updated = time.time()
@@ -247,11 +248,12 @@ class RunQueue:
             raise RunError(f"profile {req.profile!r} learns preferences: it improves a specialist, "
                            "name it with --from ADAPTER")
         run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
+        making = self.root / f".{run_id}"  # hidden from listings until both files are there
+        making.mkdir()
+        write_json_atomic(making / "request.json", asdict(req))
+        Run(making).set_state(status="queued")
         folder = self.root / run_id
-        folder.mkdir()
-        write_json_atomic(folder / "request.json", asdict(req))
-        # a fresh queued state: `set_state` on a new folder would carry the "missing state.json" it reads
-        write_json_atomic(folder / "state.json", asdict(RunState()))
+        os.rename(making, folder)
         run = Run(folder)
         self.start_next(req.gpu)
         return run

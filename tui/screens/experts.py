@@ -17,6 +17,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Label, OptionList, Static
 
 from engine.serve.experts import ExpertTrace
+from engine.text import plural
 
 
 def heatmap(grid: list[list[float]], signed: bool = False) -> Text:
@@ -53,7 +54,7 @@ class ExpertsScreen(ModalScreen):
         t = self.trace
         with VerticalScroll(classes="dialog"):
             yield Label(f"Experts · {self.adapter} · top-{t.top_k} of {t.num_experts} · {t.num_layers} layers · "
-                        f"{len(t.indices)} tokens", markup=False)
+                        f"{plural(len(t.indices), 'token')}", markup=False)
             yield Static(heatmap(t.usage()), id="heatmap")
             yield Label("Tokens (Up/Down): experts per layer for the selected token")
             yield OptionList(*[Text(repr(x)[1:-1] or "·") for x in self.tokens[: len(t.indices)]], id="tokens")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rich.text import Text
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -18,6 +18,7 @@ from textual.widgets import Button, Input, Label, Markdown, RichLog, Select, Sta
 
 from engine import names
 from engine import settings as st
+from engine.text import plain
 
 HELP = """\
 # Tandem keys
@@ -59,9 +60,10 @@ class Dismissable(ModalScreen):
 
 class HelpScreen(Dismissable):
     def compose(self) -> ComposeResult:
-        with VerticalScroll(classes="dialog"):
-            yield Markdown(HELP)
-            yield Static("Esc closes", classes="hint")
+        with Vertical(classes="dialog tall"):
+            with VerticalScroll(classes="dialog-body"):
+                yield Markdown(HELP)
+            yield Static("Esc closes · Up/Down/PgUp/PgDn scroll", classes="hint")  # below the scroll: always seen
 
 
 class LogScreen(Dismissable):
@@ -107,7 +109,9 @@ def _get(s: st.Settings, key: str) -> Any:
 
 
 class SettingsScreen(Dismissable):
-    """Edits settings.toml. Every field is validated together on save; nothing is written on error."""
+    """Edits settings.toml. Every field is validated together on save; nothing is written on error. The
+    fields scroll; the error line and the buttons stay in view below them at any terminal size. A file
+    changed on disk since it was read is not overwritten: Reload reads it again (the edits are lost)."""
 
     BINDINGS = [Binding("ctrl+s", "save", "save")]
 
@@ -116,15 +120,19 @@ class SettingsScreen(Dismissable):
         self.settings = settings
 
     def compose(self) -> ComposeResult:
-        with VerticalScroll(classes="dialog"):
-            yield Label(f"Settings · {self.settings.source}", markup=False)
-            for key, label in EDITABLE:
-                with Horizontal(classes="field"):
-                    yield Label(label, classes="field-label")
-                    yield Input(str(_get(self.settings, key)), id=key.replace(".", "--"))
+        with Vertical(classes="dialog tall"):
+            yield Label(f"Settings · {plain(self.settings.source)}", markup=False)
+            with VerticalScroll(classes="dialog-body"):
+                for key, label in EDITABLE:
+                    with Horizontal(classes="field"):
+                        yield Label(label, classes="field-label")
+                        yield Input(str(_get(self.settings, key)), id=key.replace(".", "--"))
             yield Static("", id="settings-error")
             with Horizontal(classes="buttons"):
                 yield Button("Save (Ctrl+S)", id="save", variant="primary")
+                reload = Button("Reload from disk", id="reload")
+                reload.display = False  # offered when the file changed under us
+                yield reload
                 yield Button("Cancel (Esc)", id="cancel")
 
     @on(Button.Pressed, "#save")
@@ -135,11 +143,45 @@ class SettingsScreen(Dismissable):
                 text = self.query_one(f"#{key.replace('.', '--')}", Input).value
                 if str(_get(s, key)) != text:
                     s = st.updated(s, key, text)
-            st.save(s)
         except st.SettingsError as e:
-            self.query_one("#settings-error", Static).update(Text(str(e), style="red"))
+            self.show_error(str(e))
             return
-        self.dismiss(s)
+        self.query_one("#save", Button).disabled = True
+        self.write(s)
+
+    @work(thread=True, exclusive=True, exit_on_error=False)
+    def write(self, s: st.Settings) -> None:
+        """The file is read back, compared, written and fsynced: disk work, off the event loop."""
+        try:
+            st.save(s)
+        except st.SettingsChanged as e:
+            self.app.call_from_thread(self._refused, f"{e}. Reload discards the edits here.", True)
+        except (st.SettingsError, OSError) as e:
+            self.app.call_from_thread(self._refused, str(e), False)
+        else:
+            self.app.call_from_thread(self.dismiss, s)
+
+    def _refused(self, text: str, changed_on_disk: bool) -> None:
+        self.query_one("#save", Button).disabled = False
+        self.show_error(text)
+        self.query_one("#reload").display = changed_on_disk
+
+    def show_error(self, text: str) -> None:
+        error = self.query_one("#settings-error", Static)
+        error.update(Text(plain(text), style="red"))
+        error.scroll_visible()
+
+    @on(Button.Pressed, "#reload")
+    def _reload(self) -> None:
+        try:
+            self.settings = st.load(self.settings.source)
+        except st.SettingsError as e:
+            self.show_error(str(e))
+            return
+        for key, _ in EDITABLE:
+            self.query_one(f"#{key.replace('.', '--')}", Input).value = str(_get(self.settings, key))
+        self.query_one("#reload").display = False
+        self.query_one("#settings-error", Static).update(Text("reloaded from disk", style="green"))
 
     @on(Button.Pressed, "#cancel")
     def _cancel(self) -> None:
@@ -153,12 +195,26 @@ class NewRun:
     profile: str
 
 
+def profile_line(name: str, p: st.Profile, seconds_per_step: float | None) -> str:
+    """What a training profile does, in one line: steps, data, rank, and the time it should take."""
+    when = (f"about {_duration(p.max_steps * seconds_per_step)} at the last run's pace"
+            if seconds_per_step else "time: no run measured on this machine yet")
+    return f"{name}: {p.max_steps} steps on up to {p.max_samples} samples, LoRA rank {p.rank} · {when}"
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m // 60} h {m % 60:02d} min" if m >= 60 else f"{m} min {s:02d} s" if m else f"{s} s"
+
+
 class NewRunScreen(Dismissable):
     BINDINGS = [Binding("ctrl+s", "start", "start")]
 
-    def __init__(self, profiles: list[str], default_profile: str, default_data: str = "") -> None:
+    def __init__(self, profiles: dict[str, st.Profile], default_profile: str, default_data: str = "",
+                 seconds_per_step: float | None = None) -> None:
         super().__init__()
         self.profiles, self.default_profile, self.default_data = profiles, default_profile, default_data
+        self.seconds_per_step = seconds_per_step
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
@@ -166,8 +222,9 @@ class NewRunScreen(Dismissable):
             yield Input(placeholder="task name, e.g. math", id="task")
             yield Input(self.default_data, placeholder="data: a .jsonl/.json/.parquet/.csv path or owner/dataset",
                         id="data")
-            yield Select([(Text(p), p) for p in self.profiles], value=self.default_profile, allow_blank=False,
-                         id="profile")
+            yield Select([(Text(f"{name} · {p.max_steps} steps"), name) for name, p in sorted(self.profiles.items())],
+                         value=self.default_profile, allow_blank=False, id="profile")
+            yield Static(self._about(self.default_profile), id="profile-about", markup=False)
             yield Static("", id="run-error")
             with Horizontal(classes="buttons"):
                 yield Button("Start (Ctrl+S)", id="start", variant="primary")
@@ -187,6 +244,14 @@ class NewRunScreen(Dismissable):
             self.show_error(str(e))
             return
         self.dismiss(NewRun(task, data, str(self.query_one("#profile", Select).value)))
+
+    def _about(self, name: object) -> str:
+        p = self.profiles.get(str(name))
+        return profile_line(str(name), p, self.seconds_per_step) if p else ""
+
+    @on(Select.Changed, "#profile")
+    def _profile_chosen(self, event: Select.Changed) -> None:
+        self.query_one("#profile-about", Static).update(self._about(event.value))
 
     def show_error(self, text: str) -> None:
         self.query_one("#run-error", Static).update(Text(text, style="red"))

@@ -13,6 +13,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Label, Markdown, Static
 
+from engine.text import plural
 from tui.screens.forms import Dismissable
 
 
@@ -47,24 +48,31 @@ class CompareScreen(Dismissable):
             self.dismiss(choice)
 
 
+def report_markdown(r: dict[str, Any]) -> str:
+    """The learning report as Markdown: counts with their nouns, a rate next to its count."""
+    share = f" ({r['corrections'] / r['turns']:.1%} of turns)" if r["turns"] else ""
+    lines = [f"# Learning report\n\n{plural(r['turns'], 'turn')} · mean rating {r['mean_rating'] or '-'} "
+             f"({r['rated']} rated) · {plural(r['corrections'], 'corrected reply', 'corrected replies')}{share} · "
+             f"{plural(r['preferences'], 'A/B pick')}\n",
+             "**Usage:** " + (", ".join(f"{k} {v}" for k, v in r["usage"].items()) or "none yet") + "\n",
+             "**Preference pairs** (A/B picks + corrections, what a preference run learns from): "
+             + (", ".join(f"{k} {v['picks']} + {v['corrections']}" for k, v in r.get("pairs", {}).items())
+                or "none yet") + "\n",
+             "| day | turns | rating | correction rate | tok/s | router confidence |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for d in r["days"][-14:]:
+        lines.append(f"| {d['day']} | {d['turns']} | {d['mean_rating'] or '-'} | {d['correction_rate']} | "
+                     f"{d['tokens_per_s'] or '-'} | {d['router_confidence'] or '-'} |")
+    return "\n".join(lines)
+
+
 class ReportScreen(Dismissable):
     def __init__(self, data: dict[str, Any]) -> None:
         super().__init__()
         self.data = data
 
     def compose(self) -> ComposeResult:
-        r = self.data
-        lines = [f"# Learning report\n\n{r['turns']} turns · mean rating {r['mean_rating'] or '-'} "
-                 f"({r['rated']} rated) · correction rate {r['correction_rate'] or 0} · {r['preferences']} A/B picks\n",
-                 "**Usage:** " + (", ".join(f"{k} {v}" for k, v in r["usage"].items()) or "none yet") + "\n",
-                 "**Preference pairs** (A/B picks + corrections, what a preference run learns from): "
-                 + (", ".join(f"{k} {v['picks']} + {v['corrections']}" for k, v in r.get("pairs", {}).items())
-                    or "none yet") + "\n",
-                 "| day | turns | rating | corrections | tok/s | router confidence |",
-                 "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        for d in r["days"][-14:]:
-            lines.append(f"| {d['day']} | {d['turns']} | {d['mean_rating'] or '-'} | {d['correction_rate']} | "
-                         f"{d['tokens_per_s'] or '-'} | {d['router_confidence'] or '-'} |")
-        with VerticalScroll(classes="dialog"):
-            yield Markdown("\n".join(lines))
+        with Vertical(classes="dialog tall"):
+            with VerticalScroll(classes="dialog-body"):
+                yield Markdown(report_markdown(self.data))
             yield Static("Esc closes", classes="hint")

@@ -19,6 +19,8 @@ from textual.message import Message
 from textual.reactive import reactive
 from textual.widgets import Collapsible, Input, Markdown, Static
 
+from engine.text import plain, plural
+
 
 @dataclass
 class ReplyMeta:
@@ -44,9 +46,11 @@ class ReplyMeta:
             text += f" (next {self.runner_up} {self.runner_up_score:.2f})"
         if self.ttft_s is not None:
             text += f" · first token {self.ttft_s * 1000:.0f} ms · {self.tokens_per_s:.1f} tok/s"
-            text += f" · {self.tokens_out} tok"
+            text += f" · {plural(self.tokens_out or 0, 'token')}"
         if self.stop == "cancelled":
             text += " · stopped"
+        elif self.stop == "length":
+            text += " · cut at the max_new_tokens limit (chat.max_new_tokens, Ctrl+O)"
         if self.dropped:
             text += f" · {self.dropped} oldest turn{'s' if self.dropped > 1 else ''} left out to fit the context"
         return text
@@ -93,6 +97,9 @@ class Reply(Vertical):
     def set_meta(self, meta: ReplyMeta) -> None:
         self.meta = meta
         self.query_one(".reply-meta", Static).update(meta.line())
+        if meta.stop in ("length", "cancelled") and not self.final:  # say why there is no answer, not a blank
+            why = "it reached the max_new_tokens limit while reasoning" if meta.stop == "length" else "it was stopped"
+            self.query_one(Markdown).update(f"_(no answer: {why}; Ctrl+T shows the reasoning)_")
 
     def add(self, pieces: list[tuple[str, str]]) -> None:
         """Append (channel, text) pieces; final text goes to Markdown, the rest to the reasoning box."""
@@ -169,7 +176,7 @@ class ChatPanel(Vertical):
         self.post_message(self.Submitted(text))
 
     def add_user(self, text: str) -> None:
-        self.conversation.mount(UserMessage(text, classes="user"))
+        self.conversation.mount(UserMessage(plain(text), classes="user"))
         self.conversation.scroll_end(animate=False)
 
     def start_reply(self, prompt: str) -> Reply:

@@ -14,6 +14,7 @@ from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Sparkline, Static
 
 from engine.telemetry import GpuSnapshot, Snapshot
+from engine.text import line
 
 HISTORY = 60
 
@@ -69,7 +70,7 @@ class GpuCard(Vertical):
         mem_frac = _mem_frac(g)
         power = f"{_v(g.power_w)}/{_v(g.power_limit_w)} W"
         lines = [
-            f"[b]GPU {g.index}[/b] · {escape(g.name)} · [b]{escape(role)}[/b]",
+            f"[b]GPU {g.index}[/b] · {escape(line(g.name))} · [b]{escape(role)}[/b]",
             f"util {_bar(g.utilization / 100 if g.utilization is not None else None)} {_v(g.utilization, unit='%')}",
             f"mem  {_bar(mem_frac)} {_v(g.memory_used_mb and g.memory_used_mb / 1024, '{:.1f}')}"
             f"/{_v(g.memory_total_mb and g.memory_total_mb / 1024, '{:.1f}')} GB",
@@ -77,7 +78,7 @@ class GpuCard(Vertical):
             f"SM {_v(g.sm_clock_mhz)} MHz · mem {_v(g.mem_clock_mhz)} MHz",
         ]
         for p in g.processes[:4]:
-            lines.append(f"  {p.pid:>7} {_v(p.memory_mb, unit=' MB'):>9}  {escape(p.name[:40])}")
+            lines.append(f"  {p.pid:>7} {_v(p.memory_mb, unit=' MB'):>9}  {escape(line(p.name)[:40])}")
         if not g.processes:
             lines.append("  no processes")
         self.query_one(".gpu-text", Static).update("\n".join(lines))
@@ -109,7 +110,7 @@ class GpuPanel(VerticalScroll):
         note = self.query_one("#gpu-note", Static)
         if not snap.gpus:
             h = snap.host
-            note.update(f"No NVIDIA GPU here: {snap.note}.\nThe model runs on the CPU.\n\n"
+            note.update(f"No NVIDIA GPU here: {line(snap.note)}.\nThe model runs on the CPU.\n\n"
                         f"CPU {_bar(h.cpu_percent / 100)} {h.cpu_percent:.0f}%\n"
                         f"RAM {_bar(h.ram_used_gb / h.ram_total_gb)} {h.ram_used_gb:.1f}/{h.ram_total_gb:.1f} GB")
             return

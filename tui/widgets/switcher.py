@@ -60,14 +60,16 @@ class SpecialistSwitcher(Vertical):
         yield Static("", id="switcher-note", markup=False)
 
     def show(self, rows: list[AdapterRow], mode: str, broken: list[tuple[str, str]] | None = None,
-             note: str = "") -> None:
+             note: str = "", gpu: bool = True) -> None:
+        """`gpu`: the model runs on a GPU; else a loaded adapter is said to be in RAM, not on a GPU."""
         self.rows, self.mode, self.broken = rows, mode, broken or []
         table = self.query_one(DataTable)
         cursor = table.cursor_row
         table.clear()
         for i, r in enumerate(rows, start=1):
             loss = f"{r.final_loss:.3f}" if r.final_loss is not None else "-"
-            where = "GPU*" if r.active else "GPU" if r.resident else "disk"
+            loaded = "GPU" if gpu else "RAM"
+            where = f"{loaded}*" if r.active else loaded if r.resident else "disk"
             mark = "▶ " if r.name == mode else ""
             # Text cells: a DataTable reads str cells as markup, and names on disk may predate the name rule
             cells = (str(i) if i < 10 else "", mark + r.name, r.task, f"{r.size_mb:.1f}", loss, where)

@@ -57,12 +57,14 @@ class TrainingPanel(Vertical):
     def compose(self) -> ComposeResult:
         yield Static("", id="gpu-work", markup=False)
         table = DataTable(id="runs", cursor_type="row")
-        table.add_columns("run", "task", "profile", "status", "step")
+        # fixed widths: auto-sized columns re-flow a frame after each refresh (a picture taken then differs)
+        for label, width in (("run", 20), ("task", 10), ("profile", 12), ("status", 9), ("step", 7)):
+            table.add_column(label, width=width)
         yield table
         yield ProgressBar(id="run-progress", show_eta=False)
         yield Static("", id="run-stats", markup=False)
+        yield Static("", id="run-warnings", markup=False)  # above the chart: a short panel never hides it
         yield LossChart(id="loss-chart")
-        yield Static("", id="run-warnings", markup=False)
 
     @property
     def selected(self) -> RunView | None:
@@ -128,8 +130,9 @@ class TrainingPanel(Vertical):
         stats.update("\n".join(parts))
         chart.plot([(m["step"], m["loss"]) for m in rv.metrics if "loss" in m],
                    [(m["step"], m["eval_loss"]) for m in evals], s["total"] or 1, self.bands)
-        warns = [m["warning"] for m in rv.metrics if m.get("warning")]
-        warnings.update("\n".join(f"⚠ {w}" for w in warns[-2:]))
+        # each warning names its step: its loss is that step's, not the latest one shown above
+        warns = [f"⚠ step {m.get('step', '?')}: {m['warning']}" for m in rv.metrics if m.get("warning")]
+        warnings.update("\n".join(warns[-2:]))
 
     def action_new(self) -> None:
         self.post_message(self.Action("new", None))
