@@ -134,7 +134,7 @@ def test_self_check_on_the_24_layer_mxfp4_model_with_an_imported_recipe_adapter(
     fast.warm_up()
     base = selfcheck.compare(fast, ReferenceDecoder(model, 1024), tokenizer, None)
     print(f"self-check, base (24 layers, MXFP4): {base.line()}; worst {base.worst:.3g} (tolerance "
-          f"{base.tolerance:g}), top-1 {base.top1}; {base.seconds:.2f} s")
+          f"{base.tolerance:g}, one-ulp input noise {base.noise:.3g}), top-1 {base.top1}; {base.seconds:.2f} s")
     lora, state = read_weights(imported.path, "cuda", config.num_local_experts)
     model = get_peft_model(model, lora, adapter_name="recipe").eval()
     set_peft_model_state_dict(model, state, adapter_name="recipe")
@@ -142,7 +142,8 @@ def test_self_check_on_the_24_layer_mxfp4_model_with_an_imported_recipe_adapter(
     assert fast.prepare("recipe") is not None and fast.select("recipe"), fast.reason
     spec = selfcheck.compare(fast, ReferenceDecoder(model, 1024), tokenizer, "recipe")
     print(f"self-check, imported recipe adapter ({imported.manifest.description}): {spec.line()}; worst "
-          f"{spec.worst:.3g}, top-1 {spec.top1}; {spec.seconds:.2f} s")
+          f"{spec.worst:.3g} (tolerance {spec.tolerance:g}, one-ulp input noise {spec.noise:.3g}), top-1 {spec.top1}; "
+          f"{spec.seconds:.2f} s")
     assert base.ok and spec.ok, (base, spec)
     assert base.seconds < 10 and spec.seconds < 10
 

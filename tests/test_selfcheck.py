@@ -63,6 +63,7 @@ def test_a_correct_fast_decoder_passes(demo, path):
     model = dense if path == "bf16" else mx
     base = verdict(model, tok)
     assert base.ok and base.worst < base.tolerance and base.seconds < 10, base
+    assert base.tolerance == selfcheck.TOLERANCE["float32"] and base.line() == "agrees", base  # a conclusive check
     spec = verdict(with_adapter(model), tok, "spec")
     assert spec.ok, spec
 
