@@ -138,6 +138,15 @@ def private(path: Path) -> None:
             continue
 
 
+def _kept_answer(t: TurnRow) -> str:
+    """What the chat kept of a stored reply as context for the next turn, by the rule of
+    `engine.serve.chat.context_answer`: its final answer; a reply cancelled or cut at the token limit with
+    no final answer kept nothing; one that ended on its own with no channel kept its text."""
+    if t.final or t.stats.get("stop") in ("cancelled", "length"):
+        return t.final
+    return t.raw
+
+
 class History:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -307,7 +316,8 @@ class History:
         conversation (`engine.serve.chat.Engine.ask`), so it is not context either."""
         earlier = self._rows("conversation_id=? AND id<? AND status IN ('complete','cancelled')",
                              (turn.conversation_id, turn.id), limit=1_000_000)
-        return [*turn.context, *[p for t in earlier for p in (("user", t.prompt), ("assistant", t.final or t.raw))]]
+        kept = [(t.prompt, answer) for t in earlier if (answer := _kept_answer(t))]
+        return [*turn.context, *[p for prompt, answer in kept for p in (("user", prompt), ("assistant", answer))]]
 
     def tasks(self) -> list[str]:
         """Every task some turn is labelled with."""
