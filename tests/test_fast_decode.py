@@ -72,22 +72,11 @@ def _router_gap(model, ids) -> float:
     from ties."""
     import torch
 
-    from engine.serve.experts import router_modules
-
-    k, gaps = model.config.num_experts_per_tok, []
-
-    def hook(_m, _i, out):
-        top = out[0].float().topk(k + 1, dim=-1).values
-        gaps.append((top[..., k - 1] - top[..., k]).min().item())
-
-    hooks = [r.register_forward_hook(hook) for r in router_modules(model)]
-    try:
-        with torch.no_grad():
-            model(input_ids=ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    return min(gaps)
+    k = model.config.num_experts_per_tok
+    with torch.no_grad():
+        layers = model(input_ids=ids, output_router_logits=True).router_logits
+    return min((top[..., k - 1] - top[..., k]).min().item()
+               for top in (logits.float().topk(k + 1, dim=-1).values for logits in layers))
 
 
 def _clear_prompt(model, names, shape, min_gap=1e-3):
