@@ -16,11 +16,11 @@ from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Vertical
 from textual.widgets import Button, Checkbox, DataTable, Input, Label, Select, Static
 
 from engine import names
-from tui.screens.forms import Dismissable
+from tui.screens.forms import Dismissable, start_or_cancel
 from tui.widgets.loss_chart import SERIES_STYLES, LossChart
 
 
@@ -50,10 +50,7 @@ class NewExperimentScreen(Dismissable):
             yield Select([(Text(p), p) for p in self.profiles], value=self.default_profile, allow_blank=False,
                          id="exp-profile")
             yield Checkbox("when the training GPU idles (else: now, behind your runs)", id="exp-idle")
-            yield Static("", id="run-error")
-            with Horizontal(classes="buttons"):
-                yield Button("Start (Ctrl+S)", id="start", variant="primary")
-                yield Button("Cancel (Esc)", id="cancel")
+            yield from start_or_cancel()
 
     @on(Input.Submitted)
     @on(Button.Pressed, "#start")

@@ -188,6 +188,14 @@ class SettingsScreen(Dismissable):
         self.dismiss(None)
 
 
+def start_or_cancel() -> ComposeResult:
+    """How every form that starts training ends: its error line, then Start and Cancel."""
+    yield Static("", id="run-error")
+    with Horizontal(classes="buttons"):
+        yield Button("Start (Ctrl+S)", id="start", variant="primary")
+        yield Button("Cancel (Esc)", id="cancel")
+
+
 @dataclass
 class NewRun:
     task: str
@@ -225,10 +233,7 @@ class NewRunScreen(Dismissable):
             yield Select([(Text(f"{name} · {p.max_steps} steps"), name) for name, p in sorted(self.profiles.items())],
                          value=self.default_profile, allow_blank=False, id="profile")
             yield Static(self._about(self.default_profile), id="profile-about", markup=False)
-            yield Static("", id="run-error")
-            with Horizontal(classes="buttons"):
-                yield Button("Start (Ctrl+S)", id="start", variant="primary")
-                yield Button("Cancel (Esc)", id="cancel")
+            yield from start_or_cancel()
 
     @on(Input.Submitted)
     @on(Button.Pressed, "#start")
