@@ -112,3 +112,24 @@ def _adapter_maker(settings, demo_model_dir):
         return store.publish(out, manifest)
 
     return make
+
+
+@pytest.fixture(autouse=True, scope="module")
+def transformers_own_gpt_oss():
+    """Each test module starts with transformers' own GPT-OSS classes. unsloth swaps GptOssTopKRouter and
+    GptOssExperts in `modeling_gpt_oss` for its bitsandbytes versions process-wide (a router whose weight
+    lives at `router.linear`), so a demo model loaded later in the same test worker got a router that
+    never read the checkpoint's weights: every expert tied. What a module's tests patch there is undone
+    after them (module scope, so that it comes before the module's own module-scoped models load)."""
+    import sys
+
+    module = sys.modules.get("transformers.models.gpt_oss.modeling_gpt_oss")
+    saved = dict(vars(module)) if module is not None else None
+    for name in ("GptOssTopKRouter", "GptOssExperts"):  # swapped before this module: the originals
+        if module is not None and hasattr(module, f"_original_{name}"):
+            setattr(module, name, getattr(module, f"_original_{name}"))
+    yield
+    if module is not None and saved is not None:
+        for name, value in saved.items():
+            if vars(module).get(name) is not value:
+                setattr(module, name, value)
