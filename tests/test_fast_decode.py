@@ -98,7 +98,7 @@ def _clear_prompt(model, names, shape, min_gap=1e-3):
     raise AssertionError("no prompt without a routing near-tie in 200 seeds")
 
 
-def test_matches_reference_with_and_without_a_specialist(base):
+def compare_with_and_without_specialists(base) -> None:
     """Prompts longer than the sliding window (64) and than a prefill chunk, two rows in lockstep."""
     decoder = FastDecoder(base, max_len=512, prefill_chunk=40)
     model = _random_lora(base, "math", seed=1)
@@ -122,6 +122,21 @@ def test_matches_reference_with_and_without_a_specialist(base):
                 assert _max_error(model, decoder, ids) < 5e-4, name
     finally:
         model.unload()  # give the module-scoped base model back without LoRA layers
+
+
+def test_matches_reference_with_and_without_a_specialist(demo_model_dir):
+    """Run in a fresh interpreter: other tests in a worker import unsloth, which swaps transformers'
+    GPT-OSS classes process-wide, and a demo model loaded after that routes on weights it never read."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from transformers import AutoModelForCausalLM; "
+            "from tests.test_fast_decode import compare_with_and_without_specialists as run; torch.manual_seed(0); "
+            f"run(AutoModelForCausalLM.from_pretrained({str(demo_model_dir)!r}, dtype=torch.float32).eval())")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_refuses_what_it_cannot_run(base):
