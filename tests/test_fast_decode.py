@@ -79,7 +79,7 @@ def _router_gap(model, ids) -> float:
                for top in (logits.float().topk(k + 1, dim=-1).values for logits in layers))
 
 
-def _clear_prompt(model, names, shape, min_gap=1e-3):
+def _clear_prompt(model, names, shape, min_gap=1e-4):
     """The first seeded prompt whose routing has no near-tie under any of `names` (None: the base)."""
     import torch
 
