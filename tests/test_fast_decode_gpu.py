@@ -232,3 +232,35 @@ def test_mxfp4_prefill_and_reused_prefix_at_real_width_are_within_bf16_noise():
     print(f"4-layer MXFP4 slice vs fp32: grouped prefill {grouped:.1e}, routed pairs {routed:.1e}, reused prefix "
           f"{reused:.1e}; {dec.note or 'compiled'}")
     assert grouped < 2 * routed + 1e-2 and reused < 2 * routed + 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the device)")
+@pytest.mark.parametrize("window", [0, 128])
+def test_attention_kernels_at_real_width_match_the_reference(window):
+    """engine/serve/attention.py at GPT-OSS-20B's heads over an 8448-slot bf16 cache: the decode kernels
+    (the position read on the device) and flash prefill with the sink correction (a chunk after a reused
+    prefix) against the fp32 reference over the same slots; bf16 output rounding apart."""
+    from engine.serve import attention
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    b, kv, g, hd, max_len = 1, 8, 8, 64, 8448
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, device="cuda", generator=gen) * scale).to(torch.bfloat16)
+
+    k, v = rnd(b, kv, max_len, hd, scale=2.0), rnd(b, kv, max_len, hd)
+    sinks = rnd(kv * g)
+    for pos in (0, 100, 129, 4000, max_len - 1):
+        q = rnd(b, kv * g, hd)
+        p = torch.tensor([pos], device="cuda")
+        got = attention.decode(q, k, v, p, sinks, 0.125, window).float()
+        want = attention.exact_decode(q.float(), k.float(), v.float(), p, sinks, 0.125, window)
+        assert (got - want).abs().max() / want.abs().max() < 2e-2, pos
+    start, t = 1000, 700
+    first = max(0, start - window + 1) if window else 0
+    q = rnd(b, kv * g, t, hd)
+    keys, values = k[:, :, first:start + t], v[:, :, first:start + t]
+    pos, kpos = torch.arange(start, start + t, device="cuda"), torch.arange(first, start + t, device="cuda")
+    got = attention.flash_prefill(q, keys, values, sinks, 0.125, window).float()
+    want = attention.reference(q.float(), keys.float(), values.float(), pos, kpos, sinks, 0.125, window)
+    assert (got - want).abs().max() / want.abs().max() < 2e-2

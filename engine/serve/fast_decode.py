@@ -30,7 +30,6 @@ from typing import Any
 from engine.train.targets import ATTENTION, FUSED_EXPERTS
 
 EXPERT_PARAMS = tuple(p.rsplit(".", 1)[1] for p in FUSED_EXPERTS)  # gate_up_proj, down_proj
-BUCKET = 256  # eager attention reads the cache up to the next multiple of this
 PREFILL_CHUNK = 512  # prompt tokens per attention chunk of a prefill: bounds the scores' memory
 MOE_ROWS = 4096  # prompt rows per grouped expert pass of a prefill: bounds the routed activations' memory
 GROUPED_ROWS = 64  # from this many prompt rows, a prefill dequantizes MXFP4 experts for grouped matmuls
@@ -127,9 +126,6 @@ class FastDecoder:
             cos, sin = self.hf.model.rotary_emb(emb[:1].to(self.dtype), pos[None])
             self.cos, self.sin = cos[0], sin[0]
             self.arange = pos
-            # a step on a sliding layer reads only its window: the slots at these offsets from its position
-            self.window = {w["window"]: torch.arange(1 - w["window"], 1, device=self.device)
-                           for w in self.layers if 0 < w["window"] < max_len}
         self.batch = 0
         self.length = 0  # tokens in the cache
         # prefix reuse: the tokens whose keys and values the cache holds ([batch, max_len], the first `length`
@@ -148,6 +144,8 @@ class FastDecoder:
 
     # ----- weights
     def _layer_weights(self, layer: Any) -> dict[str, Any]:
+        import torch
+
         attn, mlp = layer.self_attn, layer.mlp
         experts, router = _unwrap(mlp.experts), _unwrap(mlp.router)
         w: dict[str, Any] = {
@@ -156,9 +154,11 @@ class FastDecoder:
             "sinks": attn.sinks, "window": attn.sliding_window or 0, "scaling": attn.scaling,
             "router_w": router.weight, "router_b": router.bias, "alpha": experts.alpha, "limit": experts.limit,
         }
-        for p in ATTENTION:
-            m = _unwrap(getattr(attn, p))
-            w[f"{p[0]}_w"], w[f"{p[0]}_b"] = m.weight, m.bias
+        qkv = [_unwrap(getattr(attn, p)) for p in ATTENTION[:3]]
+        w["qkv_w"] = _rows_of_one(qkv)
+        w["qkv_b"] = None if qkv[0].bias is None else torch.cat([m.bias.detach() for m in qkv])
+        o = _unwrap(attn.o_proj)
+        w["o_w"], w["o_b"] = o.weight, o.bias
         for p in EXPERT_PARAMS:
             w[f"{p}_bias"] = getattr(experts, f"{p}_bias")
             if _is_mxfp4(experts):  # stays 4-bit: the kernels read blocks and scales as the checkpoint has them
@@ -170,7 +170,7 @@ class FastDecoder:
                 w[p] = getattr(experts, p)
         # loaders keep some small tensors in fp32 (unsloth: the biases); a copy in the compute dtype keeps
         # every matmul in one dtype
-        for k in ("q_b", "k_b", "v_b", "o_b", "router_b", "gate_up_proj_bias", "down_proj_bias", "router_w"):
+        for k in ("qkv_b", "o_b", "router_b", "gate_up_proj_bias", "down_proj_bias", "router_w"):
             if w[k] is not None and w[k].dtype != self.dtype:
                 w[k] = w[k].detach().to(self.dtype)
         return w
@@ -333,9 +333,9 @@ class FastDecoder:
         return self.reason is None
 
     # ----- the forward pass
-    def _forward(self, ids: Any, pos: Any, span: int, lora: _Pack | None, block: Any = None) -> tuple[Any, Any, Any]:
-        """Logits of each row's last position for `ids` [batch, 1] at position `pos` [1], attending to the
-        first `span` cache slots (sliding layers: to their window's); also the routing [layer, batch, k]."""
+    def _forward(self, ids: Any, pos: Any, lora: _Pack | None, block: Any = None) -> tuple[Any, Any, Any]:
+        """Logits of each row's last position for `ids` [batch, 1] at position `pos` [1] (a device tensor:
+        attention reads the live slots up to it); also the routing [layer, batch, k]."""
         import torch
         import torch.nn.functional as F
 
@@ -343,9 +343,7 @@ class FastDecoder:
         h = F.embedding(ids, self.hf.model.embed_tokens.weight).to(self.dtype)
         routes_i, routes_w = [], []
         for i, w in enumerate(self.layers):
-            window = self.window.get(w["window"])
-            kpos, first = (self.arange[:span], 0) if window is None else (pos[-1] + window, None)
-            h, top_i, top_w = block(h, pos, kpos, first, self.k_cache[i], self.v_cache[i], self.cos[pos],
+            h, top_i, top_w = block(h, pos, None, None, self.k_cache[i], self.v_cache[i], self.cos[pos],
                                     self.sin[pos], w, lora.layers[i] or None if lora is not None else None, self.dims)
             routes_i.append(top_i)
             routes_w.append(top_w)
@@ -354,9 +352,6 @@ class FastDecoder:
         return _unwrap(self.hf.lm_head)(last), torch.stack(routes_i), torch.stack(routes_w)
 
     # ----- prefill and steps
-    def _span(self, end: int) -> int:
-        return min(self.max_len, -(-end // BUCKET) * BUCKET)
-
     def reusable(self, ids: Any) -> int:
         """How many of prompt `ids`' first tokens the cache already holds for the selected adapter: the
         longest prefix every row shares with what was fed since the last prefill, the prompt's last token
@@ -398,20 +393,24 @@ class FastDecoder:
     def _prefill_forward(self, ids: Any, start: int) -> tuple[Any, Any, Any]:
         """Prompt tokens `ids` [batch, t] at positions `start`...: layer by layer over the whole prompt, so
         that a layer's experts are read (MXFP4: dequantized into a transient bf16 copy for grouped
-        matmuls) once however long the prompt is; attention in chunks that bound its scores' memory, over
-        only the live part of the cache (on sliding layers, the window)."""
+        matmuls) once however long the prompt is; attention over only the live part of the cache (on
+        sliding layers, the window): flash attention on CUDA, else in chunks that bound its scores' memory."""
         import torch
         import torch.nn.functional as F
+
+        from engine.serve.attention import flash_applies
 
         b, t = ids.shape
         end = start + t
         h = F.embedding(ids, self.hf.model.embed_tokens.weight).to(self.dtype)
+        flash = t > 1 and flash_applies(h.device, h.dtype, self.head_dim)
         flat = h.view(1, b * t, -1)  # the experts see rows, batch-major
         routes_i, routes_w = [], []
         for i, w in enumerate(self.layers):
             lora = self.active.layers[i] or None if self.active is not None else None
             window = w["window"]
-            step = self._chunk(b, self.prefill_chunk + window if window else end)
+            # flash attention holds no scores: the whole prompt at once; the reference in chunks
+            step = t if flash else self._chunk(b, self.prefill_chunk + window if window else end)
             for s in range(0, t, step):
                 e = min(t, s + step)
                 first = max(0, start + s - window + 1) if window else 0
@@ -456,9 +455,8 @@ class FastDecoder:
         with torch.inference_mode():
             if not self.graphs:
                 pos = self.arange[self.length:self.length + 1]
-                logits, *routes = self._forward(tokens.view(-1, 1).to(self.device), pos,
-                                                self._span(self.length + 1), self.active)
-            else:  # a graph reads the whole cache (masked) on full-attention layers: one graph for every position
+                logits, *routes = self._forward(tokens.view(-1, 1).to(self.device), pos, self.active)
+            else:  # a graph reads the position from a device tensor: one graph for every position
                 logits, *routes = self._replay(tokens)
             self.history[:, self.length] = tokens.view(-1)
         self.length += 1
@@ -468,7 +466,7 @@ class FastDecoder:
 
     def _step_block(self) -> Any:
         """The layer function graph steps run: compiled once (fixed shapes: one token per row, the
-        whole cache as attention span, so one compilation serves every position)."""
+        position a device tensor, so one compilation serves every position)."""
         import torch
 
         if not self.compile:
@@ -497,19 +495,34 @@ class FastDecoder:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side), _compile_config():  # warm-up outside capture: compiles, sets up cuBLAS
                 try:
-                    self._forward(self._tok, self._pos, self.max_len, lora, block)
+                    self._forward(self._tok, self._pos, lora, block)
                 except Exception as e:  # a torch.compile failure must cost speed, not the reply
                     self.compile, self.compiled, block = False, None, _block
                     self.note = f"torch.compile failed, steps run uncompiled: {type(e).__name__}: {e}"[:500]
-                    self._forward(self._tok, self._pos, self.max_len, lora, block)
+                    self._forward(self._tok, self._pos, lora, block)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                outputs = self._forward(self._tok, self._pos, self.max_len, lora, block)
+                outputs = self._forward(self._tok, self._pos, lora, block)
             self._graphs[key] = (graph, outputs)
         graph, outputs = self._graphs[key]
         graph.replay()
         return outputs
+
+
+def _rows_of_one(linears: list[Any]) -> Any:
+    """The weights of `linears` (same input) stacked as one [sum of outputs, in] tensor, so that one GEMV
+    computes them all; the modules' own weights become views of it: the stack costs no memory."""
+    import torch
+
+    weights = [m.weight for m in linears]
+    with torch.no_grad():
+        stacked = torch.cat([wt.detach() for wt in weights])
+        row = 0
+        for wt in weights:
+            wt.data = stacked[row:row + wt.shape[0]]
+            row += wt.shape[0]
+    return stacked
 
 
 def torch_size(dtype: Any) -> int:
@@ -558,21 +571,16 @@ def _block(h: Any, pos: Any, kpos: Any, first: int | None, k_cache: Any, v_cache
 def _attend(h: Any, pos: Any, kpos: Any, first: int | None, k_cache: Any, v_cache: Any, cos: Any, sin: Any,
             w: dict, lora: dict | None, dims: tuple[int, int, int, int, int]) -> Any:
     """The attention half of a layer (residual added): writes the keys and values of positions `pos` into
-    the caches and attends to slots `kpos`: a range starting at slot `first`, or (`first` None: a step
-    on a sliding layer, whose graph cannot slice at its position) gathered, those below 0 masked."""
+    the caches and attends to slots `kpos` starting at slot `first`, or (`kpos` None: a one-token step,
+    whose graph serves every position) to every live slot (engine/serve/attention.py)."""
     import torch
-    import torch.nn.functional as F
+
+    from engine.serve import attention
 
     heads, kv_heads, hd, _, _ = dims
     b, t, _ = h.shape
-    g = heads // kv_heads
-
-    # attention with per-head sinks (an extra logit in each softmax denominator)
     x = _rms(h, w["ln1"], w["eps1"])
-    q, k, v = F.linear(x, w["q_w"], w["q_b"]), F.linear(x, w["k_w"], w["k_b"]), F.linear(x, w["v_w"], w["v_b"])
-    if lora is not None and "qkv.A" in lora:  # two small matmuls for all three
-        dq, dk, dv = ((x @ lora["qkv.A"]) @ lora["qkv.B"]).split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
-        q, k, v = q + dq, k + dk, v + dv
+    q, k, v = _lin(x, w["qkv_w"], w["qkv_b"], lora, "qkv").split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
     q = q.view(b, t, heads, hd).transpose(1, 2)
     k = k.view(b, t, kv_heads, hd).transpose(1, 2)
     v = v.view(b, t, kv_heads, hd).transpose(1, 2)
@@ -584,23 +592,7 @@ def _attend(h: Any, pos: Any, kpos: Any, first: int | None, k_cache: Any, v_cach
     q, k = rope(q), rope(k)
     k_cache.index_copy_(2, pos, k)
     v_cache.index_copy_(2, pos, v)
-    span = kpos.shape[0]
-    if first is None:
-        slots = kpos.clamp(min=0)
-        keys, values = k_cache.index_select(2, slots), v_cache.index_select(2, slots)
-    else:
-        keys, values = k_cache[:, :, first:first + span], v_cache[:, :, first:first + span]
-    allowed = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] >= 0)
-    if w["window"]:
-        allowed = allowed & (kpos[None, :] > pos[:, None] - w["window"])
-    scores = (q.reshape(b, kv_heads, g * t, hd) @ keys.transpose(-1, -2)).float() * w["scaling"]
-    scores = scores.view(b, kv_heads, g, t, span).masked_fill(~allowed, float("-inf"))
-    sink = w["sinks"].float().view(1, kv_heads, g, 1)
-    top = torch.maximum(scores.amax(-1), sink)
-    p = torch.exp(scores - top[..., None])
-    p = p / (p.sum(-1) + torch.exp(sink - top))[..., None]
-    out = (p.to(values.dtype).view(b, kv_heads, g * t, span) @ values).view(b, kv_heads, g, t, hd)
-    out = out.permute(0, 3, 1, 2, 4).reshape(b, t, heads * hd)
+    out = attention.attend(q, k_cache, v_cache, pos, kpos, first, w["sinks"], w["scaling"], w["window"])
     return h + _lin(out, w["o_w"], w["o_b"], lora, "o_proj")
 
 
