@@ -181,7 +181,7 @@ class FastDecoder:
 
         layers: list[dict[str, Any]] = []
         seen = 0
-        for layer in self.hf.model.layers:
+        for i, layer in enumerate(self.hf.model.layers):
             parts: dict[str, Any] = {}
             qkv: list[tuple[Any, Any] | int] = []  # (A^T, s*B^T) per q/k/v, or its output width when not adapted
             for p in ATTENTION:
@@ -230,13 +230,29 @@ class FastDecoder:
 
                         parts[f"{param}.A"] = pack_gate_up_a(parts[f"{param}.A"])
                 wrapper = wrapper.base_layer
-            layers.append({k: t.to(self.dtype).contiguous() for k, t in parts.items()})
+            layers.append(self._with_router({k: t.to(self.dtype).contiguous() for k, t in parts.items()}, i))
         total = sum(1 for m in self.hf.modules() if name in (getattr(m, "lora_A", None) or {}))
         if total != seen:
             return f"{name} adapts {total - seen} module(s) besides attention and experts"
         if not seen:
             return f"{name}{NOT_ATTACHED}"
         return _Pack(name, layers)
+
+    def _with_router(self, parts: dict[str, Any], i: int) -> dict[str, Any]:
+        """MXFP4 experts with gate_up LoRA: its packed A ([experts * r, hidden]) and layer `i`'s router
+        weight stacked as "router.W"/"router.b", so that one GEMV gives every expert's x·A and the
+        router's logits (they read the same x); "gate_up_proj.A" becomes a view of it."""
+        import torch
+
+        a = parts.get("gate_up_proj.A")
+        if a is None or a.dim() != 2:
+            return parts
+        w = self.layers[i]
+        parts["router.W"] = torch.cat([a, w["router_w"].to(a.dtype)])
+        parts["gate_up_proj.A"] = parts["router.W"][:a.shape[0]]
+        if w["router_b"] is not None:
+            parts["router.b"] = torch.cat([a.new_zeros(a.shape[0]), w["router_b"].to(a.dtype)])
+        return parts
 
     def select(self, name: str | None) -> bool:
         """Apply adapter `name` (attached to the PEFT model) from the next token on; None for the base.
@@ -288,11 +304,14 @@ class FastDecoder:
     def pack_estimate(self, state: dict[str, Any]) -> int:
         """Device memory the packed copy of an adapter with PEFT state dict `state` will take, before it
         is loaded (the residency budget counts it first): each factor in the compute dtype, expert ranks
-        padded as `_pack` pads them, and q/k/v's B as the block-diagonal product of the three."""
+        padded as `_pack` pads them, q/k/v's B as the block-diagonal product of the three, and with MXFP4
+        experts a copy of the router beside gate_up's A (`_with_router`; counted for every layer with an
+        expert LoRA, so at most one router too many when only down is adapted)."""
         import re
 
         size = torch_size(self.dtype)
         qkv_rank: dict[str, int] = {}
+        expert_rank: dict[str, int] = {}
         total = 0
         for key, t in state.items():
             if t.dim() != 2 or "lora_" not in key:
@@ -303,6 +322,8 @@ class FastDecoder:
                 padded = max(16, 1 << (rank - 1).bit_length())
                 width = t.shape[1] if ".lora_A." in key else t.shape[0]
                 total += self.num_experts * padded * width
+                if layer and ".lora_A." in key:
+                    expert_rank[layer.group(1)] = max(expert_rank.get(layer.group(1), 0), padded)
             elif re.search(r"\.[qkv]_proj\.lora_A\.", key) and layer:
                 qkv_rank[layer.group(1)] = qkv_rank.get(layer.group(1), 0) + t.shape[0]
                 total += t.numel()
@@ -310,6 +331,9 @@ class FastDecoder:
                 total += t.numel()
         qkv_width = (self.heads + 2 * self.kv_heads) * self.head_dim
         total += sum(rank * qkv_width for rank in qkv_rank.values())
+        if "routed" in self.layers[0]:  # router.W [experts * r + experts, hidden] and router.b
+            hidden = self.hf.config.hidden_size
+            total += sum(self.num_experts * (hidden + rank + 1) for rank in expert_rank.values())
         return total * size
 
     def pack_bytes(self, name: str) -> int:
@@ -317,7 +341,9 @@ class FastDecoder:
         pack = self.packs.get(name)
         if not isinstance(pack, _Pack):
             return 0
-        return sum(t.numel() * t.element_size() for layer in pack.layers for t in layer.values())
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for layer in pack.layers for t in layer.values()}
+        return sum(storages.values())
 
     def forget(self, name: str) -> None:
         """Drop the packed copy of `name` and its graphs (unloaded or replaced on disk), and the cache it
@@ -607,10 +633,16 @@ def _moe(h: Any, w: dict, lora: dict | None, dims: tuple[int, int, int, int, int
     _, _, _, top_k, num_experts = dims
     b, t, d = h.shape
     x = _rms(h, w["ln2"], w["eps2"]).reshape(-1, d)
-    top_v, top_i = torch.topk(F.linear(x, w["router_w"], w["router_b"]), top_k, dim=-1)
+    xa = None
+    if lora is not None and "router.W" in lora:  # the router's logits and gate_up LoRA's x·A, one product
+        xa, logits = F.linear(x, lora["router.W"], lora.get("router.b")).split([lora["gate_up_proj.A"].shape[0],
+                                                                              num_experts], dim=-1)
+    else:
+        logits = F.linear(x, w["router_w"], w["router_b"])
+    top_v, top_i = torch.topk(logits, top_k, dim=-1)
     gates = torch.softmax(top_v, dim=-1, dtype=top_v.dtype)
     if "routed" in w and weights is None:  # MXFP4: mxfp4_kernels.routed_experts
-        return h + w["routed"](x, top_i, gates, w, lora).view(b, t, d), top_i, gates
+        return h + w["routed"](x, top_i, gates, w, lora, xa).view(b, t, d), top_i, gates
     moe = _grouped_experts(x, top_i, gates, weights or w, w, lora, num_experts)
     return h + moe.view(b, t, d), top_i, gates
 

@@ -287,27 +287,35 @@ def _(act, experts, gate, blocks, scales, bias, xa, lora_b):
 
 
 def routed_experts(x: torch.Tensor, top_i: torch.Tensor, weights: torch.Tensor, w: dict[str, Any],
-                   lora: dict[str, Any] | None) -> torch.Tensor:
+                   lora: dict[str, Any] | None, xa: torch.Tensor | None = None) -> torch.Tensor:
     """The MoE output for rows `x` [n, hidden] routed to experts `top_i` [n, k] with `weights` [n, k]:
     the fast decoder's MXFP4 expert step (`w` holds the layer's blocks/scales/biases, `lora` the packed
     adapter's expert factors: B as [experts, r, out], gate_up's A as [experts * r, hidden] (see
-    `pack_gate_up_a`), down's as [experts, in, r])."""
+    `pack_gate_up_a`), down's as [experts, in, r]). `xa`: x·A of gate_up's LoRA when the caller has it
+    (fast_decode computes it in the router's product)."""
     n, k = top_i.shape
-    experts, perm = torch.sort(top_i.reshape(-1))
-    rows = perm // k
-    gate = weights.reshape(-1)[perm]
+    if n == 1:  # one row routes to k distinct experts: no pairs to group, no order to find
+        experts, perm, gate = top_i.reshape(-1), None, weights.reshape(-1)
+        rows = torch.zeros_like(experts)
+    else:  # sorted by expert, pairs that share one read its weights back to back (from L2)
+        experts, perm = torch.sort(top_i.reshape(-1))
+        rows = perm // k
+        gate = weights.reshape(-1)[perm]
 
     # an adapter may adapt either expert weight alone: each is decided on its own
     up_lora = lora is not None and "gate_up_proj.A" in lora
     down_lora = lora is not None and "down_proj.A" in lora
     # every expert's x·A at once: one dense product (A packed as [experts * rank, hidden]) beats a routed one
-    xa = torch.nn.functional.linear(x, lora["gate_up_proj.A"]) if up_lora else None
+    if up_lora and xa is None:
+        xa = torch.nn.functional.linear(x, lora["gate_up_proj.A"])
     act = gate_up(x, rows, experts, w["gate_up_proj_blocks"], w["gate_up_proj_scales"], w["gate_up_proj_bias"],
                   xa, lora["gate_up_proj.B"] if up_lora else None, w["alpha"], w["limit"])
     xd = lora_a(act, torch.arange(act.shape[0], device=x.device), experts, lora["down_proj.A"]) if down_lora else None
     y = down(act, experts, gate, w["down_proj_blocks"], w["down_proj_scales"], w["down_proj_bias"], xd,
              lora["down_proj.B"] if down_lora else None)
-    return y.new_empty(y.shape).index_copy_(0, perm, y).view(n, k, -1).sum(1)
+    if perm is not None:
+        y = y.new_empty(y.shape).index_copy_(0, perm, y)
+    return y.view(n, k, -1).sum(1)
 
 
 def pack_gate_up_a(a: torch.Tensor) -> torch.Tensor:
