@@ -33,7 +33,7 @@ GROUPS = (
     ("experts gate_up (MXFP4)", r"gate_up_kernel"),
     ("experts down (MXFP4)", r"down_kernel"),
     ("expert LoRA A", r"lora_a_kernel"),
-    ("attention (Triton)", r"attn|attention|flash"),
+    ("attention (Triton)", r"attn|attention|flash|_decode_kernel|_combine_kernel"),
     ("cuBLAS GEMM/GEMV", r"gemv|gemm|cutlass|xmma|sm\d\d_|ampere_|cublas|splitK"),
     ("inductor fused", r"^triton_"),
     ("sort", r"sort|radix"),
@@ -81,6 +81,21 @@ def step_wall(dec, steps: int, nxt: list[int]) -> tuple[float, list[int]]:
     return (time.perf_counter() - t) / steps * 1e3, nxt
 
 
+def without_flash(dec, n: int, vocab: int) -> dict[str, float]:
+    """ppN with the prefill's attention in chunks over fp32 scores (engine/serve/attention.py's reference),
+    where this tree has flash prefill: what flash attention changes at this length."""
+    try:
+        from engine.serve import attention
+    except ImportError:
+        return {}
+    flash = attention.flash_applies
+    attention.flash_applies = lambda *args: False
+    try:
+        return {f"pp{n} no flash": prefill_rate(dec, n, vocab, 3)}
+    finally:
+        attention.flash_applies = flash
+
+
 def main() -> None:
     import torch
 
@@ -97,7 +112,14 @@ def main() -> None:
     ap.add_argument("--tg", type=int, default=128)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--tensor-cores", action="store_true", help="MXFP4 expert kernels on tensor cores")
     a = ap.parse_args()
+    if a.tensor_cores:
+        from engine.serve import mxfp4_kernels
+
+        if not hasattr(mxfp4_kernels, "TENSOR_CORES"):
+            raise SystemExit("--tensor-cores: this tree's MXFP4 kernels have no tensor-core variant")
+        mxfp4_kernels.TENSOR_CORES = True
     contexts, pp = counts(a.contexts, "--contexts"), counts(a.pp, "--pp")
     gpu = torch.cuda.is_available()
     dev = "cuda" if gpu else "cpu"
@@ -135,7 +157,9 @@ def main() -> None:
                   f"kernels, {sum(n for _, n in kernels.values())} launches", flush=True)
         one = torch.randint(0, vocab // 2, (1, 1), generator=gen).to(dev)
         rates = {f"tg{a.tg}": decode_rate(dec, one, a.tg, repeat=2)[0]}
-        rates.update({f"pp{n}": prefill_rate(dec, n, vocab, 2) for n in pp})
+        prefill_rate(dec, min(pp), vocab, 1)  # warm-up
+        rates.update({f"pp{n}": prefill_rate(dec, n, vocab, 3) for n in pp})
+        rates.update(without_flash(dec, min(pp), vocab))
         result["rates"][key] = rates
         print(key, {k: round(v, 1) for k, v in rates.items()}, flush=True)
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if gpu else float("nan")
@@ -174,7 +198,8 @@ def print_tables(result: dict, top: int) -> None:
     print("\n| tok/s | " + " | ".join(result["rates"]) + " |")
     print("|---" * (len(result["rates"]) + 1) + "|")
     for test in next(iter(result["rates"].values())):
-        print(f"| {test} | " + " | ".join(f"{r[test]:,.1f}" for r in result["rates"].values()) + " |")
+        print(f"| {test} | " + " | ".join(f"{r.get(test, float('nan')):,.1f}" for r in result["rates"].values())
+              + " |")
 
 
 if __name__ == "__main__":
