@@ -163,14 +163,10 @@ print("kernels ok")
 """
 
 
-@pytest.mark.parametrize("tensor_cores", [False, True])
-def test_triton_kernels_match_the_exact_path_in_the_interpreter(tensor_cores):
-    """The GPU kernels' arithmetic, run by Triton's CPU interpreter (which must be on before triton loads),
-    with the expert kernels' products in fp32 and on tensor cores (fp16 dots)."""
+def test_triton_kernels_match_the_exact_path_in_the_interpreter():
+    """The GPU kernels' arithmetic, run by Triton's CPU interpreter (which must be on before triton loads)."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    check = KERNEL_CHECK.replace("as K\n", f"as K\nK.TENSOR_CORES = {tensor_cores}\n", 1)
-    assert check != KERNEL_CHECK
-    out = subprocess.run([sys.executable, "-W", "ignore", "-c", check], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", KERNEL_CHECK], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "kernels ok" in out.stdout, out.stderr[-3000:]
 

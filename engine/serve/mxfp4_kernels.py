@@ -36,10 +36,6 @@ from engine.serve.mxfp4 import dequantize, swiglu
 BJ, BN, BKB, BK_LORA = 16, 32, 8, 256  # gate/up units and down rows per program, scale blocks per step
 DQ_BLOCKS = 64  # scale blocks per program of the dequantizing kernel
 WARPS = 4
-# the expert kernels' multiply-adds on tensor cores (fp16 dots, fp32 accumulation) rather than in fp32 on
-# the CUDA cores, where decoding each 4-bit code (bit operations, an fp16->fp32 conversion) bounds them;
-# read when a kernel is launched (a CUDA graph keeps what it captured)
-TENSOR_CORES = False
 
 
 # ----- Triton
@@ -58,48 +54,14 @@ def _scale(s):
 
 
 @triton.jit
-def _rows_dot(w_ptr, s_ptr, rows, kbs, mask, xe, xo, KB, TC: tl.constexpr):
-    """Σ over scale blocks `kbs` of weight rows `rows` (absolute, [R]) times x (even/odd halves, [BKB, 16]).
-    TC: the products on tensor cores (see `_rows_dot_tc`)."""
-    if TC:
-        return _rows_dot_tc(w_ptr, s_ptr, rows, kbs, mask, xe, xo, KB)
+def _rows_dot(w_ptr, s_ptr, rows, kbs, mask, xe, xo, KB):
+    """Σ over scale blocks `kbs` of weight rows `rows` (absolute, [R]) times x (even/odd halves, [BKB, 16])."""
     c = tl.arange(0, 16)
     off = rows[:, None] * KB + kbs[None, :]
     codes = tl.load(w_ptr + off[:, :, None] * 16 + c[None, None, :], mask=mask[:, :, None], other=0).to(tl.int32)
     s = tl.load(s_ptr + off, mask=mask, other=0)
     part = tl.sum(_e2m1(codes & 15) * xe[None, :, :] + _e2m1(codes >> 4) * xo[None, :, :], axis=2)
     return tl.sum(part * _scale(s), axis=1)
-
-
-@triton.jit
-def _x_operand(xh):
-    """x's values [BKB, 16] as the fp16 right operand of a per-block dot, [BKB, 16, 16] with x in column 0
-    (zeros elsewhere), split into a high and a low fp16 part (together ~22 bits: bf16 x is exact in the
-    high one)."""
-    col = tl.arange(0, 16)
-    x3 = tl.where(col[None, None, :] == 0, xh[:, :, None], 0.0)
-    hi = x3.to(tl.float16)
-    return hi, (x3 - hi.to(tl.float32)).to(tl.float16)
-
-
-@triton.jit
-def _rows_dot_tc(w_ptr, s_ptr, rows, kbs, mask, xe, xo, KB):
-    """`_rows_dot` with the multiply-adds on tensor cores: each byte's two codes become fp16 values
-    (e2m1 * 2^-14, exact) by bit placement alone, no conversion instruction; one batched dot per scale
-    block (fp32 accumulation) against x padded to 16 columns; the block's scale applied after, in fp32."""
-    c = tl.arange(0, 16)
-    off = kbs[:, None] + rows[None, :] * KB  # [BKB, R]
-    codes = tl.load(w_ptr + off[:, :, None] * 16 + c[None, None, :], mask=mask.T[:, :, None], other=0).to(tl.int32)
-    lo = (((codes & 7) << 9) | ((codes & 8) << 12)).to(tl.uint16).to(tl.float16, bitcast=True)
-    hi = (((codes & 0x70) << 5) | ((codes & 0x80) << 8)).to(tl.uint16).to(tl.float16, bitcast=True)
-    xe_hi, xe_lo = _x_operand(xe)
-    xo_hi, xo_lo = _x_operand(xo)
-    part = tl.dot(lo, xe_hi)
-    part = tl.dot(lo, xe_lo, part)
-    part = tl.dot(hi, xo_hi, part)
-    part = tl.dot(hi, xo_lo, part)  # [BKB, R, 16]: column 0 holds the block sums
-    s = tl.load(s_ptr + off, mask=mask.T, other=0)
-    return tl.sum(tl.sum(part, axis=2) * _scale(s), axis=0)
 
 
 @triton.jit
@@ -123,7 +85,7 @@ def _lora_b(xa_ptr, b_ptr, e, cols, mask, width, R: tl.constexpr):
 @triton.jit
 def _gate_up_kernel(x_ptr, rows_ptr, experts_ptr, w_ptr, s_ptr, bias_ptr, xa_ptr, b_ptr, out_ptr,
                     INTER, KB, E, alpha, limit, HAS_LORA: tl.constexpr, R: tl.constexpr, BJ: tl.constexpr,
-                    BKB: tl.constexpr, TC: tl.constexpr):
+                    BKB: tl.constexpr):
     p = tl.program_id(1)
     row = tl.load(rows_ptr + p).to(tl.int64)
     e = tl.load(experts_ptr + p).to(tl.int64)
@@ -137,8 +99,8 @@ def _gate_up_kernel(x_ptr, rows_ptr, experts_ptr, w_ptr, s_ptr, bias_ptr, xa_ptr
         mk = kbs < KB
         xe, xo = _x_halves(x_ptr, row * KB * 32, kbs, mk)
         m2 = mj[:, None] & mk[None, :]
-        acc_g += _rows_dot(w_ptr, s_ptr, gate_rows, kbs, m2, xe, xo, KB, TC)
-        acc_u += _rows_dot(w_ptr, s_ptr, gate_rows + 1, kbs, m2, xe, xo, KB, TC)
+        acc_g += _rows_dot(w_ptr, s_ptr, gate_rows, kbs, m2, xe, xo, KB)
+        acc_u += _rows_dot(w_ptr, s_ptr, gate_rows + 1, kbs, m2, xe, xo, KB)
     acc_g += tl.load(bias_ptr + gate_rows, mask=mj, other=0.0).to(tl.float32)
     acc_u += tl.load(bias_ptr + gate_rows + 1, mask=mj, other=0.0).to(tl.float32)
     if HAS_LORA:  # xa is [rows, experts * R]: every expert's x·A for each token row
@@ -153,8 +115,7 @@ def _gate_up_kernel(x_ptr, rows_ptr, experts_ptr, w_ptr, s_ptr, bias_ptr, xa_ptr
 
 @triton.jit
 def _down_kernel(x_ptr, experts_ptr, gate_ptr, w_ptr, s_ptr, bias_ptr, xa_ptr, b_ptr, out_ptr,
-                 N, KB, HAS_LORA: tl.constexpr, R: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr,
-                 TC: tl.constexpr):
+                 N, KB, HAS_LORA: tl.constexpr, R: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr):
     p = tl.program_id(1)
     e = tl.load(experts_ptr + p).to(tl.int64)
     n = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -165,7 +126,7 @@ def _down_kernel(x_ptr, experts_ptr, gate_ptr, w_ptr, s_ptr, bias_ptr, xa_ptr, b
         kbs = kb0 + tl.arange(0, BKB)
         mk = kbs < KB
         xe, xo = _x_halves(x_ptr, p.to(tl.int64) * KB * 32, kbs, mk)
-        acc += _rows_dot(w_ptr, s_ptr, rows, kbs, mn[:, None] & mk[None, :], xe, xo, KB, TC)
+        acc += _rows_dot(w_ptr, s_ptr, rows, kbs, mn[:, None] & mk[None, :], xe, xo, KB)
     acc += tl.load(bias_ptr + rows, mask=mn, other=0.0).to(tl.float32)
     if HAS_LORA:
         acc += _lora_b(xa_ptr + p * R, b_ptr, e, n, mn, N, R)
@@ -203,7 +164,7 @@ def triton_gate_up(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, b
     _gate_up_kernel[(triton.cdiv(inter, BJ), rows.shape[0])](
         x, rows, experts, blocks, scales, bias, xa if lora else x, lora_b if lora else x, out, inter,
         blocks.shape[2], blocks.shape[0], alpha, limit, HAS_LORA=lora, R=lora_b.shape[1] if lora else 1, BJ=BJ, BKB=BKB,
-        TC=TENSOR_CORES, num_warps=WARPS)
+        num_warps=WARPS)
     return out
 
 
@@ -215,8 +176,7 @@ def triton_down(act: torch.Tensor, experts: torch.Tensor, gate: torch.Tensor, bl
     lora = xa is not None
     _down_kernel[(triton.cdiv(n, BN), act.shape[0])](
         act, experts, gate, blocks, scales, bias, xa if lora else act, lora_b if lora else act, out, n,
-        blocks.shape[2], HAS_LORA=lora, R=lora_b.shape[1] if lora else 1, BN=BN, BKB=BKB, TC=TENSOR_CORES,
-        num_warps=WARPS)
+        blocks.shape[2], HAS_LORA=lora, R=lora_b.shape[1] if lora else 1, BN=BN, BKB=BKB, num_warps=WARPS)
     return out
 
 
