@@ -112,14 +112,7 @@ def main() -> None:
     ap.add_argument("--tg", type=int, default=128)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--tensor-cores", action="store_true", help="MXFP4 expert kernels on tensor cores")
     a = ap.parse_args()
-    if a.tensor_cores:
-        from engine.serve import mxfp4_kernels
-
-        if not hasattr(mxfp4_kernels, "TENSOR_CORES"):
-            raise SystemExit("--tensor-cores: this tree's MXFP4 kernels have no tensor-core variant")
-        mxfp4_kernels.TENSOR_CORES = True
     contexts, pp = counts(a.contexts, "--contexts"), counts(a.pp, "--pp")
     gpu = torch.cuda.is_available()
     dev = "cuda" if gpu else "cpu"
