@@ -16,11 +16,12 @@ are refused with a reason, and the engine uses the reference path for them.
 
 A prompt is prefilled layer by layer over all its tokens: attention over only the live part of the cache
 (engine/serve/attention.py: flash attention on CUDA, sinks exact via its log-sum-exp; elsewhere in chunks;
-a one-token step reads its position from the device, so one graph serves every position), the experts as grouped matmuls over every routed pair at once, MXFP4 experts dequantized
-into a transient bf16 copy once per layer (10x faster than running the decode kernels per pair, from
-2k tokens). The cache outlives a reply: the next prompt reuses the keys and values of the longest prefix
-it shares with what was decoded, when the same adapter computed them (attention LoRA makes them
-adapter-specific), so a conversation's next turn computes only its new tokens.
+a one-token step reads its position from the device, so one graph serves every position), the experts
+as grouped matmuls over every routed pair at once, MXFP4 experts dequantized into a transient bf16 copy
+once per layer (10x faster than running the decode kernels per pair, from 2k tokens). The cache
+outlives a reply: the next prompt reuses the keys and values of the longest prefix it shares with what
+was decoded, when the same adapter computed them (attention LoRA makes them adapter-specific), so
+a conversation's next turn computes only its new tokens.
 """
 
 from __future__ import annotations
