@@ -370,9 +370,10 @@ class FastDecoder:
         block = block or _block
         h = F.embedding(ids, self.hf.model.embed_tokens.weight).to(self.dtype)
         routes_i, routes_w = [], []
+        cos, sin = self.cos[pos], self.sin[pos]  # once for every layer (a gather each)
         for i, w in enumerate(self.layers):
-            h, top_i, top_w = block(h, pos, None, None, self.k_cache[i], self.v_cache[i], self.cos[pos],
-                                    self.sin[pos], w, lora.layers[i] or None if lora is not None else None, self.dims)
+            h, top_i, top_w = block(h, pos, None, None, self.k_cache[i], self.v_cache[i], cos, sin, w,
+                                    lora.layers[i] or None if lora is not None else None, self.dims)
             routes_i.append(top_i)
             routes_w.append(top_w)
         norm = self.hf.model.norm
@@ -584,8 +585,33 @@ def _lin(x: Any, weight: Any, bias: Any, lora: dict | None, key: str) -> Any:
 
     y = F.linear(x, weight, bias)
     if lora is not None and f"{key}.A" in lora:
-        y = y + (x @ lora[f"{key}.A"]) @ lora[f"{key}.B"]
+        a, b = lora[f"{key}.A"], lora[f"{key}.B"]
+        if x.shape[-2] == 1:  # a step: as reductions, which torch.compile fuses (see `_small_matmul`)
+            return y + _small_matmul(_small_matmul(x, a), b).to(y.dtype)
+        y = y + (x @ a) @ b
     return y
+
+
+def _small_matmul(x: Any, m: Any) -> Any:
+    """x [..., 1, k] @ m [k, n] in fp32, written as a product and a sum: compiled, it is a reduction kernel
+    that fuses with its neighbours (the LoRA's x·A and its ·B, which as matmuls cost a launch each, or
+    three with cuBLAS's split-K, for a few thousand multiply-adds)."""
+    return (x.float()[..., :, None] * m.float()).sum(-2)
+
+
+def _top_k(logits: Any, k: int) -> tuple[Any, Any]:
+    """torch.topk(logits, k) for a step's few rows, as k max-reductions over the experts: compiled, one
+    small fused kernel where torch.topk launches two (a gather and a sort). Ties go to the lower index."""
+    import torch
+
+    values, indices = [], []
+    experts = torch.arange(logits.shape[-1], device=logits.device)
+    for _ in range(k):
+        v, i = logits.max(-1, keepdim=True)
+        values.append(v)
+        indices.append(i)
+        logits = logits.masked_fill(experts == i, float("-inf"))
+    return torch.cat(values, -1), torch.cat(indices, -1)
 
 
 def _block(h: Any, pos: Any, kpos: Any, first: int | None, k_cache: Any, v_cache: Any, cos: Any, sin: Any,
@@ -641,7 +667,7 @@ def _moe(h: Any, w: dict, lora: dict | None, dims: tuple[int, int, int, int, int
                                                                               num_experts], dim=-1)
     else:
         logits = F.linear(x, w["router_w"], w["router_b"])
-    top_v, top_i = torch.topk(logits, top_k, dim=-1)
+    top_v, top_i = _top_k(logits, top_k) if t == 1 else torch.topk(logits, top_k, dim=-1)
     gates = torch.softmax(top_v, dim=-1, dtype=top_v.dtype)
     if "routed" in w and weights is None:  # MXFP4: mxfp4_kernels.routed_experts
         return h + w["routed"](x, top_i, gates, w, lora, xa).view(b, t, d), top_i, gates
