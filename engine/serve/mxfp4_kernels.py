@@ -41,9 +41,16 @@ WARPS = 4
 # ----- Triton
 @triton.jit
 def _e2m1(code):
-    """4-bit codes (int32) -> e2m1 value * 2^-14: sign and the 3 magnitude bits placed into an fp16's
-    sign, exponent and mantissa, which also makes the subnormal 0.5 come out right."""
+    """A byte's low 4-bit code (int32) -> e2m1 value * 2^-14: sign and the 3 magnitude bits placed into an
+    fp16's sign, exponent and mantissa, which also makes the subnormal 0.5 come out right."""
     bits = ((code & 7) << 9) | ((code & 8) << 12)
+    return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _e2m1_high(byte):
+    """`_e2m1` of a byte's high code, placed straight from the byte (no shift down first)."""
+    bits = ((byte & 0x70) << 5) | ((byte & 0x80) << 8)
     return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
@@ -60,7 +67,7 @@ def _rows_dot(w_ptr, s_ptr, rows, kbs, mask, xe, xo, KB):
     off = rows[:, None] * KB + kbs[None, :]
     codes = tl.load(w_ptr + off[:, :, None] * 16 + c[None, None, :], mask=mask[:, :, None], other=0).to(tl.int32)
     s = tl.load(s_ptr + off, mask=mask, other=0)
-    part = tl.sum(_e2m1(codes & 15) * xe[None, :, :] + _e2m1(codes >> 4) * xo[None, :, :], axis=2)
+    part = tl.sum(_e2m1(codes) * xe[None, :, :] + _e2m1_high(codes) * xo[None, :, :], axis=2)
     return tl.sum(part * _scale(s), axis=1)
 
 
@@ -188,7 +195,7 @@ def _dequant_kernel(w_ptr, s_ptr, out_ptr, NBLK, BLOCKS: tl.constexpr):
     c = tl.arange(0, 16)
     codes = tl.load(w_ptr + b[:, None] * 16 + c[None, :], mask=m[:, None], other=0).to(tl.int32)
     s = _scale(tl.load(s_ptr + b, mask=m, other=0))[:, None]
-    values = tl.interleave(_e2m1(codes & 15) * s, _e2m1(codes >> 4) * s)  # low nibble first
+    values = tl.interleave(_e2m1(codes) * s, _e2m1_high(codes) * s)  # low nibble first
     tl.store(out_ptr + b[:, None] * 32 + tl.arange(0, 32)[None, :], values.to(out_ptr.dtype.element_ty),
              mask=m[:, None])
 
