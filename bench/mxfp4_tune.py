@@ -57,7 +57,7 @@ def main() -> None:
     (gb, gs), (db, ds) = mx(2 * i, h), mx(h, i)
     gbias = torch.randn(e, 2 * i, device="cuda", generator=gen).bfloat16()
     dbias = torch.randn(e, h, device="cuda", generator=gen).bfloat16()
-    shipped = {"BJ": K.BJ, "BN": K.BN, "BKB": K.BKB, "WARPS": K.WARPS}
+    shipped = {"BJ": K.BJ, "BN": K.BN, "BKB_UP": K.BKB_UP, "BKB_DOWN": K.BKB_DOWN, "WARPS": K.WARPS}
     print(f"{torch.cuda.get_device_name()}; shipped {shipped}")
     for pairs in (4, 32):
         experts = torch.sort(torch.randperm(e, device="cuda", generator=gen)[:pairs] if pairs <= e else
@@ -66,25 +66,27 @@ def main() -> None:
         x = torch.randn(pairs // 4, h, device="cuda", generator=gen).bfloat16()
         act = torch.randn(pairs, i, device="cuda", generator=gen).bfloat16()
         gate = torch.rand(pairs, device="cuda", generator=gen).bfloat16()
-        runs = {"gate_up": (("BJ", (8, 16, 32)),
+        runs = {"gate_up": ("BJ", "BKB_UP",
                             partial(K.triton_gate_up, x, rows, experts, gb, gs, gbias, None, None, 1.702, 7.0)),
-                "down": (("BN", (16, 32, 64)), partial(K.triton_down, act, experts, gate, db, ds, dbias, None, None))}
-        for name, ((tile, tiles), fn) in runs.items():
+                "down": ("BN", "BKB_DOWN", partial(K.triton_down, act, experts, gate, db, ds, dbias, None, None))}
+        for name, (tile, step, fn) in runs.items():
             want = fn().float()
             results = []
-            for t, bkb, warps in itertools.product(tiles, (4, 8, 16), (2, 4, 8)):
+            for t, bkb, warps in itertools.product((16, 32, 64), (4, 8, 16, 32), (4, 8)):
                 setattr(K, tile, t)
-                K.BKB, K.WARPS = bkb, warps
+                setattr(K, step, bkb)
+                K.WARPS = warps
                 err = ((fn().float() - want).abs().max() / want.abs().max()).item()
                 results.append((gpu_us(fn, a.reps), t, bkb, warps, err))
                 for k, v in shipped.items():
                     setattr(K, k, v)
             results.sort()
-            print(f"\n{name}, {pairs} pairs: µs | {tile} | BKB | warps | rel. diff from shipped")
+            print(f"\n{name}, {pairs} pairs: µs | {tile} | {step} | warps | rel. diff from shipped")
+            mine = (shipped[tile], shipped[step], shipped["WARPS"])
             for us, t, bkb, warps, err in results[:6]:
-                mark = " (shipped)" if (t, bkb, warps) == (shipped[tile], shipped["BKB"], shipped["WARPS"]) else ""
+                mark = " (shipped)" if (t, bkb, warps) == mine else ""
                 print(f"  {us:7.1f} | {t:3d} | {bkb:3d} | {warps} | {err:.1e}{mark}")
-            ship = next(r for r in results if (r[1], r[2], r[3]) == (shipped[tile], shipped["BKB"], shipped["WARPS"]))
+            ship = next(r for r in results if r[1:4] == mine)
             print(f"  shipped: {ship[0]:.1f} µs")
 
 
