@@ -207,3 +207,25 @@ def test_detokenizer_deltas_add_up_to_the_full_decode(tokenizer, text):
     detok = Detokenizer(tokenizer)
     assert "".join(detok.push(i) for i in ids) == tokenizer.decode(ids, skip_special_tokens=False)
 
+
+
+@pytest.mark.parametrize("spare", [0, 3, 8])  # A (rank 6) apart, apart (too few rows), in the spare rows
+@pytest.mark.parametrize("t", [1, 5])  # a step (the products as reductions) and a prompt chunk
+def test_lora_projection_reads_x_a_from_spare_weight_rows_when_it_fits(spare, t):
+    import torch
+
+    from engine.serve import fast_decode as fd
+
+    gen = torch.Generator().manual_seed(0)
+    linears = [torch.nn.Linear(16, n) for n in (12, 4, 4)]
+    wide = fd._rows_of_one(linears, spare)
+    assert all(m.weight.data_ptr() == wide[row:].data_ptr() for m, row in zip(linears, (0, 12, 16), strict=True))
+    bias = torch.cat([m.bias.detach() for m in linears])
+    w = {"qkv_wide": wide, "qkv_w": wide[:20], "qkv_b": bias, "qkv_bwide": torch.cat([bias, bias.new_zeros(spare)])}
+    lora = {"qkv.A": torch.randn(16, 6, generator=gen), "qkv.B": torch.randn(6, 20, generator=gen)}
+    if fd._fits(wide, 20, lora["qkv.A"]):
+        wide[20:26] = lora["qkv.A"].t()
+    x = torch.randn(2, t, 16, generator=gen)
+    want = torch.cat([m(x) for m in linears], -1) + (x @ lora["qkv.A"]) @ lora["qkv.B"]
+    with torch.no_grad():
+        torch.testing.assert_close(fd._lin(x, w, lora, "qkv", "qkv"), want)

@@ -34,6 +34,7 @@ from engine.train.targets import ATTENTION, FUSED_EXPERTS
 EXPERT_PARAMS = tuple(p.rsplit(".", 1)[1] for p in FUSED_EXPERTS)  # gate_up_proj, down_proj
 PREFILL_CHUNK = 512  # prompt tokens per attention chunk of a prefill: bounds the scores' memory
 MOE_ROWS = 4096  # prompt rows per grouped expert pass of a prefill: bounds the routed activations' memory
+SLOT_QKV, SLOT_O = 192, 64  # spare weight rows for the attention LoRA's A: q/k/v up to rank 64 each, o_proj 64
 GROUPED_ROWS = 64  # from this many prompt rows, a prefill dequantizes MXFP4 experts for grouped matmuls
 SCORES_BYTES = 256 * 2**20  # and at long contexts fewer: one layer's fp32 scores stay under this
 NOT_ATTACHED = " is not attached to the model"
@@ -143,6 +144,7 @@ class FastDecoder:
         self.routes: tuple[Any, Any] | None = None  # last forward's (indices, weights): [layer, row, k]
         self._graphs: dict[tuple, tuple[Any, Any]] = {}
         self._pool = None
+        self._slots: _Pack | None = None  # the adapter whose attention LoRA A the spare weight rows hold
 
     # ----- weights
     def _layer_weights(self, layer: Any) -> dict[str, Any]:
@@ -156,11 +158,14 @@ class FastDecoder:
             "sinks": attn.sinks, "window": attn.sliding_window or 0, "scaling": attn.scaling,
             "router_w": router.weight, "router_b": router.bias, "alpha": experts.alpha, "limit": experts.limit,
         }
+        # q/k/v stacked, and o_proj, each with spare rows below ("qkv_wide"/"o_wide"): the active adapter's
+        # LoRA A goes there (`_fill_slots`), so that one GEMV gives the projection and x·A
         qkv = [_unwrap(getattr(attn, p)) for p in ATTENTION[:3]]
-        w["qkv_w"] = _rows_of_one(qkv)
-        w["qkv_b"] = None if qkv[0].bias is None else torch.cat([m.bias.detach() for m in qkv])
         o = _unwrap(attn.o_proj)
-        w["o_w"], w["o_b"] = o.weight, o.bias
+        for key, linears, spare in (("qkv", qkv, SLOT_QKV), ("o", [o], SLOT_O)):
+            w[f"{key}_wide"] = _rows_of_one(linears, spare)
+            w[f"{key}_w"] = w[f"{key}_wide"][:sum(m.out_features for m in linears)]
+            w[f"{key}_b"] = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
         for p in EXPERT_PARAMS:
             w[f"{p}_bias"] = getattr(experts, f"{p}_bias")
             if _is_mxfp4(experts):  # stays 4-bit: the kernels read blocks and scales as the checkpoint has them
@@ -175,7 +180,28 @@ class FastDecoder:
         for k in ("qkv_b", "o_b", "router_b", "gate_up_proj_bias", "down_proj_bias", "router_w"):
             if w[k] is not None and w[k].dtype != self.dtype:
                 w[k] = w[k].detach().to(self.dtype)
+        for key, spare in (("qkv", SLOT_QKV), ("o", SLOT_O)):  # the spare rows' outputs get no bias
+            bias = w[f"{key}_b"]
+            w[f"{key}_bwide"] = None if bias is None else torch.cat([bias, bias.new_zeros(spare)])
         return w
+
+    def _fill_slots(self) -> None:
+        """Put the active adapter's attention LoRA A into the spare rows below q/k/v and o_proj (where it
+        fits), unless they hold it already: a forward with that adapter then reads x·A from the base GEMV.
+        Its graphs read the rows, so every prefill and step calls this first."""
+        import torch
+
+        pack = self.active
+        if pack is None or self._slots is pack:
+            return
+        with torch.no_grad():
+            for w, layer in zip(self.layers, pack.layers, strict=True):
+                for key, lora_key in (("qkv", "qkv"), ("o", "o_proj")):
+                    a = layer.get(f"{lora_key}.A")
+                    n = w[f"{key}_w"].shape[0]
+                    if a is not None and _fits(w[f"{key}_wide"], n, a):
+                        w[f"{key}_wide"][n:n + a.shape[1]].copy_(a.t())
+        self._slots = pack
 
     def _pack(self, name: str) -> _Pack | str:
         """Read adapter `name`'s factors from the PEFT layers. A string says why it cannot be packed."""
@@ -353,6 +379,8 @@ class FastDecoder:
         pack = self.packs.pop(name, None)
         if pack is not None and self._owner is pack:
             self._valid, self._owner = False, None
+        if pack is not None and self._slots is pack:
+            self._slots = None
         for key in [k for k in self._graphs if k[1] == name]:
             del self._graphs[key]
 
@@ -401,6 +429,7 @@ class FastDecoder:
         b, t = ids.shape
         if t >= self.max_len:
             raise ValueError(f"prompt of {t} tokens does not fit the {self.max_len}-token cache")
+        self._fill_slots()
         with torch.inference_mode():
             if b != self.batch:
                 shape = (b, self.kv_heads, self.max_len, self.head_dim)
@@ -481,6 +510,7 @@ class FastDecoder:
         if self.full:
             raise ValueError(f"the {self.max_len}-token cache is full")
         valid, self._valid = self._valid, False  # until the step has written its keys and values
+        self._fill_slots()
         with torch.inference_mode():
             if not self.graphs:
                 pos = self.arange[self.length:self.length + 1]
@@ -539,14 +569,15 @@ class FastDecoder:
         return outputs
 
 
-def _rows_of_one(linears: list[Any]) -> Any:
-    """The weights of `linears` (same input) stacked as one [sum of outputs, in] tensor, so that one GEMV
-    computes them all; the modules' own weights become views of it: the stack costs no memory."""
+def _rows_of_one(linears: list[Any], spare: int) -> Any:
+    """The weights of `linears` (same input) stacked as one [sum of outputs + spare, in] tensor (the spare
+    rows zero), so that one GEMV computes them all; the modules' own weights become views of it: the stack
+    costs only its spare rows."""
     import torch
 
     weights = [m.weight for m in linears]
     with torch.no_grad():
-        stacked = torch.cat([wt.detach() for wt in weights])
+        stacked = torch.cat([wt.detach() for wt in weights] + [weights[0].new_zeros(spare, weights[0].shape[1])])
         row = 0
         for wt in weights:
             wt.data = stacked[row:row + wt.shape[0]]
@@ -580,16 +611,29 @@ def _rms(x: Any, weight: Any, eps: float) -> Any:
     return (weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
 
 
-def _lin(x: Any, weight: Any, bias: Any, lora: dict | None, key: str) -> Any:
+def _fits(wide: Any, n: int, a: Any) -> bool:
+    """Whether LoRA A `a` [in, r] fits the spare rows of `wide` below its first `n`."""
+    return wide.shape[0] - n >= a.shape[1]
+
+
+def _lin(x: Any, w: dict, lora: dict | None, key: str, lora_key: str) -> Any:
+    """x · w[key_w]^T + w[key_b], with the LoRA `lora_key` of `lora`: its x·A from the spare rows of the
+    same GEMV when A fits them (`FastDecoder._fill_slots` put it there), and a step's products with B as
+    reductions, which torch.compile fuses with what follows (see `_small_matmul`)."""
     import torch.nn.functional as F
 
-    y = F.linear(x, weight, bias)
-    if lora is not None and f"{key}.A" in lora:
-        a, b = lora[f"{key}.A"], lora[f"{key}.B"]
-        if x.shape[-2] == 1:  # a step: as reductions, which torch.compile fuses (see `_small_matmul`)
-            return y + _small_matmul(_small_matmul(x, a), b).to(y.dtype)
-        y = y + (x @ a) @ b
-    return y
+    weight, bias = w[f"{key}_w"], w[f"{key}_b"]
+    if lora is None or f"{lora_key}.A" not in lora:
+        return F.linear(x, weight, bias)
+    a, b = lora[f"{lora_key}.A"], lora[f"{lora_key}.B"]
+    n, r = weight.shape[0], a.shape[1]
+    if _fits(w[f"{key}_wide"], n, a):
+        wide_b = w[f"{key}_bwide"]
+        y, xa = F.linear(x, w[f"{key}_wide"][:n + r], None if wide_b is None else wide_b[:n + r]).split([n, r], -1)
+    else:
+        y = F.linear(x, weight, bias)
+        xa = _small_matmul(x, a) if x.shape[-2] == 1 else x @ a
+    return y + (_small_matmul(xa, b).to(y.dtype) if x.shape[-2] == 1 else xa @ b)
 
 
 def _small_matmul(x: Any, m: Any) -> Any:
@@ -634,7 +678,7 @@ def _attend(h: Any, pos: Any, kpos: Any, first: int | None, k_cache: Any, v_cach
     heads, kv_heads, hd, _, _ = dims
     b, t, _ = h.shape
     x = _rms(h, w["ln1"], w["eps1"])
-    q, k, v = _lin(x, w["qkv_w"], w["qkv_b"], lora, "qkv").split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
+    q, k, v = _lin(x, w, lora, "qkv", "qkv").split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
     q = q.view(b, t, heads, hd).transpose(1, 2)
     k = k.view(b, t, kv_heads, hd).transpose(1, 2)
     v = v.view(b, t, kv_heads, hd).transpose(1, 2)
@@ -647,7 +691,7 @@ def _attend(h: Any, pos: Any, kpos: Any, first: int | None, k_cache: Any, v_cach
     k_cache.index_copy_(2, pos, k)
     v_cache.index_copy_(2, pos, v)
     out = attention.attend(q, k_cache, v_cache, pos, kpos, first, w["sinks"], w["scaling"], w["window"])
-    return h + _lin(out, w["o_w"], w["o_b"], lora, "o_proj")
+    return h + _lin(out, w, lora, "o", "o_proj")
 
 
 def _moe(h: Any, w: dict, lora: dict | None, dims: tuple[int, int, int, int, int],
