@@ -12,7 +12,7 @@ llama.cpp counterpart: its LoRA converter takes no fused-expert LoRA.
   token read back to the host before the next step, as the engine's loop does; tok/s, median of --reps.
 - ppN: an N-token prompt through prefill up to its last token's logits; N / seconds, median of --reps
   after one warm-up prefill.
-The decoder holds one cache of max(pp) + 256 tokens; on the GPU a step's graph reads all of it.
+The decoder holds one cache of max(pp) + 256 tokens; a step reads only its live part.
 """
 
 from __future__ import annotations

@@ -90,8 +90,8 @@ def main() -> None:
         cap = "uncapped"
         if ours["cap_gb"]:
             cap = f"capped at {ours['cap_gb']:g} GiB, peak {ours['peak_gib']:.1f} GiB allocated"
-        print(f"ours: fast decoder, MXFP4 experts, a {ours['context']}-token cache (a GPU graph step reads all of "
-              f"it), {cap}" + (f"; {ours['note']}" if ours.get("note") else "") + ". attn-LoRA: the same rank-16 "
+        print(f"ours: fast decoder, MXFP4 experts, a {ours['context']}-token cache (a step reads its live part), "
+              f"{cap}" + (f"; {ours['note']}" if ours.get("note") else "") + ". attn-LoRA: the same rank-16 "
               "LoRA on q/k/v/o both sides; specialist: rank 16 on attention + all experts (no llama.cpp converter "
               "takes LoRA on fused experts).")
     else:

@@ -15,9 +15,9 @@ the engine's loop does (one token at a time, greedy, the token read back to the 
    forward over the same dequantized weights, beside transformers' own bf16 forward as the noise floor.
 
 Each speed is printed beside its bandwidth bound: the bytes a token reads (weights of attention,
-router, lm_head and the routed experts, the LoRA factors, and the KV cache, which a graph step reads
-whole) over the device-to-device copy bandwidth measured in the same run; and projected to a 936 GB/s
-card (RTX 3090): the bytes at 936 GB/s plus the time the H100 spends beyond its own bound.
+router, lm_head and the routed experts, the LoRA factors, and the live part of the KV cache) over the
+device-to-device copy bandwidth measured in the same run; and projected to a 936 GB/s card (RTX 3090):
+the bytes at 936 GB/s plus the time the H100 spends beyond its own bound.
 Without a GPU it runs a tiny model on the CPU, to check the script itself.
 """
 
@@ -90,25 +90,28 @@ def decode_rate(dec, ids, tokens: int, repeat: int = 2) -> tuple[float, float]:
 
 def bytes_per_token(dec, lora: bool) -> float:
     """Bytes one decode step must read: every layer's dense weights, the experts the last step routed to
-    (each read once however many rows chose it), lm_head, the LoRA factors, the KV cache (a graph step
-    reads it whole on full-attention layers, the window on sliding ones)."""
+    (each read once however many rows chose it), lm_head, the LoRA factors, the KV cache (its live part on
+    full-attention layers, the window on sliding ones)."""
     total = 0.0
     for i, w in enumerate(dec.layers):  # the experts the last step routed to, per layer
         routed = dec.routes[0][i].unique().numel() / dec.num_experts if dec.routes else 1.0
         for key, t in w.items():
-            if hasattr(t, "element_size") and not key.startswith(("ln", "sinks")):
+            # "*_wide": the stacked q/k/v and o_proj weights with their spare rows, read through "*_w" views
+            if hasattr(t, "element_size") and not key.startswith(("ln", "sinks")) and "wide" not in key:
                 expert = key.startswith(("gate_up_proj", "down_proj"))
                 total += t.numel() * t.element_size() * (routed if expert else 1)
     if lora and dec.active is not None:
         for i, layer in enumerate(dec.active.layers):
             routed = dec.routes[0][i].unique().numel() / dec.num_experts if dec.routes else 1.0
             for key, t in layer.items():
+                if key == "gate_up_proj.A" and "router.W" in layer:  # a view of router.W, read whole
+                    continue
                 expert = key.startswith(("gate_up_proj", "down_proj"))
                 total += t.numel() * t.element_size() * (routed if expert else 1)
     head = dec.hf.lm_head.weight
     total += head.numel() * head.element_size()
     for w, k, v in zip(dec.layers, dec.k_cache, dec.v_cache, strict=True):
-        share = min(w["window"], dec.max_len) / dec.max_len if w["window"] else 1.0
+        share = min(w["window"] or dec.length, dec.length, dec.max_len) / dec.max_len
         total += (k.numel() * k.element_size() + v.numel() * v.element_size()) * share
     return total
 
