@@ -60,7 +60,8 @@ def live_slots(pos: int, window: int) -> tuple[int, int]:
 # ----- one-token steps
 @triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, MAX_LEN, WINDOW, SPLITS, scaling,
-                   G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BN: tl.constexpr):
+                   G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BN: tl.constexpr,
+                   PRECISION: tl.constexpr):
     """Program (b * kv_heads + head, split): the G query heads of one key/value head over CHUNK live slots;
     writes their unnormalized output, running max and denominator for the combine kernel."""
     bh = tl.program_id(0).to(tl.int64)
@@ -83,14 +84,14 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, MAX_LEN, W
         n = n0 + tl.arange(0, BN)
         mn = n < stop
         k = tl.load(k_ptr + base + n[:, None] * D + d[None, :], mask=mn[:, None], other=0.0)
-        sc = tl.dot(q, tl.trans(k)) * scaling
+        sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling
         sc = tl.where(mn[None, :], sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, 1))
         p = tl.exp(sc - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + base + n[:, None] * D + d[None, :], mask=mn[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     row = (bh * G + g) * SPLITS + s
     tl.store(o_ptr + row[:, None] * D + d[None, :], acc, mask=mg[:, None])
@@ -126,7 +127,8 @@ def triton_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     lsum = torch.empty_like(m)
     _decode_kernel[(b * kv_heads, splits)](q.contiguous(), k_cache, v_cache, pos, o, m, lsum, max_len, window, splits,
                                            scaling, G=g, GP=max(16, triton.next_power_of_2(g)), D=hd, CHUNK=CHUNK,
-                                           BN=BLOCK_N, num_warps=WARPS)
+                                           BN=BLOCK_N, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                                           num_warps=WARPS)
     out = q.new_empty(b, heads * hd)
     _combine_kernel[(b * heads,)](o, m, lsum, sinks, out, heads, splits, D=hd, SP=triton.next_power_of_2(splits),
                                   num_warps=WARPS)
@@ -146,10 +148,11 @@ def exact_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, sinks: torch.Tensor,
            scaling: float, window: int) -> torch.Tensor:
     """One token per row: q [b, heads, hd] at position `pos` ([1], on the device) over the cache slots up to
-    it (the last `window` of them when `window` > 0); [b, heads * hd]. The Triton kernels on CUDA for 16-bit
-    caches, the reference elsewhere."""
-    kernel = q.is_cuda and k_cache.dtype in (torch.bfloat16, torch.float16) and k_cache.is_contiguous()
-    return (triton_decode if kernel else exact_decode)(q, k_cache, v_cache, pos, sinks, scaling, window)
+    it (the last `window` of them when `window` > 0); [b, heads * hd]. The Triton kernels on CUDA (fp32 in
+    IEEE precision, not TF32), the reference elsewhere. The caches must be contiguous (the decoder's are)."""
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("decode attention reads contiguous [batch, kv_heads, slots, head_dim] caches")
+    return (triton_decode if q.is_cuda else exact_decode)(q, k_cache, v_cache, pos, sinks, scaling, window)
 
 
 @decode.register_fake
@@ -159,9 +162,11 @@ def _(q, k_cache, v_cache, pos, sinks, scaling, window):
 
 # ----- a prompt's tokens
 def flash_applies(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether `flash_prefill` runs: CUDA from sm_80 on, 16-bit, head size a multiple of 8 up to 256."""
+    """Whether `flash_prefill` runs: CUDA from sm_80 on, a torch built with flash attention, 16-bit, head
+    size a multiple of 8 up to 256."""
     return (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and head_dim <= 256
-            and head_dim % 8 == 0 and torch.cuda.get_device_capability(device) >= (8, 0))
+            and head_dim % 8 == 0 and torch.backends.cuda.is_flash_attention_available()
+            and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
 def flash_prefill(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sinks: torch.Tensor, scaling: float,
