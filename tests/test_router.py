@@ -257,3 +257,53 @@ def test_encoder_vectors_last_between_processes(tmp_path, monkeypatch):
     assert np.array_equal(first, again)
     stored = next((tmp_path / "router").glob("fake-*.npz"))
     assert stored.stat().st_mode & 0o777 == 0o600
+
+
+def test_the_cascade_asks_e5_only_where_use_is_unsure(router):
+    """USE (~1.5 ms) settles prompts it routes, and prompts in its languages where it finds nothing near;
+    e5 (~15-30 ms) reads the rest. Reading every prompt with both gives the same choices here."""
+    cases = [("Calcule 12 fois 12, s'il te plaît.", "math", ("use",)),  # USE routes it
+             ("Write a poem about the northern lights.", "base", ("use",)),  # English, nothing near
+             ("कृपया 36 और 27 का गुणनफल बताइए।", "math", ("use", "e5")),  # Hindi: USE does not read it
+             ("सर्दियों में बाल झड़ने से कैसे रोकें?", "base", ("use", "e5"))]
+    full = Router(threshold=0.4, cascade=False).fit({t: prompts(t) for t in TASKS})
+    for prompt, choice, encoders in cases:
+        d = router.route(prompt)
+        assert (d.choice, d.encoders) == (choice, encoders), d.explain()
+        assert d.as_dict()["encoders"] == list(encoders)
+        every = full.route(prompt)
+        assert (every.choice, every.encoders) == (choice, ("use", "e5")), every.explain()
+
+
+def test_language_of_names_the_language_and_how_sure():
+    from engine.serve.router import USE_LANGUAGES, language_of
+
+    assert language_of("Tôi muốn học tiếng Anh vào buổi tối.")[0] == "vi"
+    lang, p = language_of("Wie viel kostet eine Fahrkarte nach Berlin?")
+    assert lang == "de" and lang in USE_LANGUAGES and 0.5 < p <= 1.0
+    assert 0.0 <= language_of("\x00\x01 ")[1] <= 1.0  # nothing to read: an answer, not an error
+
+
+def test_e5_loses_the_directions_that_only_tell_languages_apart():
+    """The shipped unrelated prompts ask the same kinds of things in 33 languages: once the language
+    directions are out, their per-language means sit much closer together, and the directions are
+    orthonormal (the projection removes them and nothing else)."""
+    import numpy as np
+
+    from engine.serve.router import ENCODERS, LANGUAGE_DIRECTIONS, unrelated_languages
+
+    e5 = ENCODERS["e5"]
+    shipped, langs = list(unrelated_prompts()), unrelated_languages()
+    vectors = e5.encode(shipped, cache=True)
+    drop = e5._drop
+    assert drop.shape == (LANGUAGE_DIRECTIONS, vectors.shape[1])
+    assert np.allclose(drop @ drop.T, np.eye(LANGUAGE_DIRECTIONS), atol=1e-4)
+    assert np.abs(vectors @ drop.T).max() < 1e-4
+
+    def spread(x):
+        means = np.stack([x[[v == lang for v in langs]].mean(axis=0) for lang in sorted(set(langs))])
+        return float(np.linalg.norm(means - means.mean(axis=0), axis=1).mean())
+
+    raw = np.stack([e5._cache[t] for t in shipped]) - e5._mean
+    before = spread(raw / np.linalg.norm(raw, axis=1, keepdims=True))
+    assert spread(vectors) < 0.6 * before
