@@ -38,9 +38,10 @@ sys.path[:0] = [str(ROOT)]
 TASKS = ("math", "code", "translate")
 TRAINED = {"en", "fr", "de", "es"}  # the languages of the specialists' data
 USE_LANGS = {"ar", "de", "en", "es", "fr", "it", "ja", "ko", "nl", "pl", "pt", "ru", "th", "tr", "zh"}  # USE's own
-# name: (encoders, cascade). The router's default is the first: USE, then e5 only where USE is not sure.
-CANDIDATES = {"use>e5": (("use", "e5"), True), "use+e5": (("use", "e5"), False), "use": (("use",), True),
-              "e5": (("e5",), True)}
+# name: (views, cascade). The router's default is the first: USE, then e5 (twice where the prompt quotes
+# something: as written, and without the quoted text) only where USE is not sure.
+CANDIDATES = {"use>e5": (("use", "e5", "e5-unquoted"), True), "use+e5": (("use", "e5", "e5-unquoted"), False),
+              "use": (("use",), True), "e5": (("e5", "e5-unquoted"), True)}
 
 
 def pick(pool: dict[str, list[str]], n: int, seed: int, tasks=TASKS) -> dict[str, list[str]]:
@@ -53,7 +54,7 @@ def label_of(choice: str) -> str:
 
 
 def evaluate(make, pool, rows, n, seeds, tasks=TASKS):
-    """[(row, wanted label, predicted label, encoders that read it)] over all seeds; prompts of a task
+    """[(row, wanted label, predicted label, views that read it)] over all seeds; prompts of a task
     without a specialist count as none."""
     out = []
     for seed in range(seeds):
@@ -61,7 +62,7 @@ def evaluate(make, pool, rows, n, seeds, tasks=TASKS):
         for r in rows:
             want = r["label"] if r["label"] in tasks else "none"
             d = router.route(r["prompt"])
-            out.append((r, want, label_of(d.choice), d.encoders))
+            out.append((r, want, label_of(d.choice), d.views))
     return out
 
 
@@ -100,8 +101,8 @@ def main() -> None:
     print(f"{args.data}: {len(rows)} prompts, {len(langs)} languages; specialists learn from en/fr/de/es only; "
           f"{args.seeds} seeds per size; first fit (loads both encoders) {time.perf_counter() - started:.2f} s, "
           f"refit {Router(threshold=0.4).fit(pick(pool, 20, 1)).fit_seconds:.2f} s")
-    for name, (encoders, cascade) in CANDIDATES.items():
-        timed = Router(threshold=0.4, encoders=encoders, cascade=cascade).fit(pick(pool, 20, 0))
+    for name, (views, cascade) in CANDIDATES.items():
+        timed = Router(threshold=0.4, views=views, cascade=cascade).fit(pick(pool, 20, 0))
         times, best, wide = [], [], 0
         for r in rows:
             once = []
@@ -109,7 +110,7 @@ def main() -> None:
                 for encoder in ENCODERS.values():  # as a new prompt: embedded again each time
                     encoder.forget([r["prompt"]])
                 t = time.perf_counter()
-                wide += len(timed.route(r["prompt"]).encoders) > 1
+                wide += "e5" in timed.route(r["prompt"]).views
                 once.append((time.perf_counter() - t) * 1e3)
             times += once
             best.append(min(once))
@@ -119,13 +120,13 @@ def main() -> None:
               f"p99 {times[int(len(times) * 0.99)]:.2f} ms; each prompt's best of {args.repeat} "
               f"(what a busy shared box hides): p50 {statistics.median(best):.2f} ms, "
               f"p99 {best[int(len(best) * 0.99)]:.2f} ms; load average {os.getloadavg()[0]:.1f}"
-              + (f"; e5 read {wide / len(times):.0%} of the prompts" if len(encoders) > 1 else ""))
+              + (f"; e5 read {wide / len(times):.0%} of the prompts" if "use" in views else ""))
     for encoder in ENCODERS.values():  # every seed routes the same prompts: embed them once
         encoder.encode([r["prompt"] for r in rows], cache=True)
 
-    results = {(name, n): evaluate(lambda e=encoders, c=cascade: Router(threshold=0.4, encoders=e, cascade=c),
+    results = {(name, n): evaluate(lambda v=views, c=cascade: Router(threshold=0.4, views=v, cascade=c),
                                    pool, rows, n, args.seeds)
-               for name, (encoders, cascade) in CANDIDATES.items() for n in sizes}
+               for name, (views, cascade) in CANDIDATES.items() for n in sizes}
     cols = [f"{name} n={n}" for name in CANDIDATES for n in sizes]
     print("\n| held out | " + " | ".join(cols) + " |")
     print("| --- |" + " ---: |" * len(cols))

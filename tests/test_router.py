@@ -130,7 +130,7 @@ def test_a_lone_math_specialist_leaves_code_requests_to_base():
     English, is sure it is not math, so the cascade never asks e5."""
     only_math = Router(threshold=0.4).fit({"math": prompts("math", 10)})
     d = only_math.route("Write a Python function that reverses a list.")
-    assert d.choice == "base" and d.encoders == ("use",), d.explain()
+    assert d.choice == "base" and d.views == ("use",), d.explain()
 
 
 def test_decision_explains_top_runner_up_and_nearest_example(router):
@@ -262,17 +262,18 @@ def test_encoder_vectors_last_between_processes(tmp_path, monkeypatch):
 def test_the_cascade_asks_e5_only_where_use_is_unsure(router):
     """USE (~1.5 ms) settles prompts it routes, and prompts in its languages where it finds nothing near;
     e5 (~15-30 ms) reads the rest. Reading every prompt with both gives the same choices here."""
+    both = ("use", "e5", "e5-unquoted")
     cases = [("Calcule 12 fois 12, s'il te plaît.", "math", ("use",)),  # USE routes it
              ("Write a poem about the northern lights.", "base", ("use",)),  # English, nothing near
              ("कृपया 36 और 27 का गुणनफल बताइए।", "math", ("use", "e5")),  # Hindi: USE does not read it
-             ("सर्दियों में बाल झड़ने से कैसे रोकें?", "base", ("use", "e5"))]
+             ("सर्दियों में बाल झड़ने से कैसे रोकें?", "base", both)]
     full = Router(threshold=0.4, cascade=False).fit({t: prompts(t) for t in TASKS})
-    for prompt, choice, encoders in cases:
+    for prompt, choice, views in cases:
         d = router.route(prompt)
-        assert (d.choice, d.encoders) == (choice, encoders), d.explain()
-        assert d.as_dict()["encoders"] == list(encoders)
+        assert (d.choice, d.views) == (choice, views), d.explain()
+        assert d.as_dict()["views"] == list(views)
         every = full.route(prompt)
-        assert (every.choice, every.encoders) == (choice, ("use", "e5")), every.explain()
+        assert (every.choice, every.views) == (choice, both), every.explain()
 
 
 def test_language_of_names_the_language_and_how_sure():
@@ -285,7 +286,7 @@ def test_language_of_names_the_language_and_how_sure():
 
 
 def test_e5_loses_the_directions_that_only_tell_languages_apart():
-    """The shipped unrelated prompts ask the same kinds of things in 33 languages: once the language
+    """The shipped unrelated prompts ask the same kinds of things in 40 languages: once the language
     directions are out, their per-language means sit much closer together, and the directions are
     orthonormal (the projection removes them and nothing else)."""
     import numpy as np
@@ -301,7 +302,8 @@ def test_e5_loses_the_directions_that_only_tell_languages_apart():
     assert np.abs(vectors @ drop.T).max() < 1e-4
 
     def spread(x):
-        means = np.stack([x[[v == lang for v in langs]].mean(axis=0) for lang in sorted(set(langs))])
+        means = np.stack([x[[v == lang for v in langs]].mean(axis=0) for lang in set(langs)
+                          if langs.count(lang) >= 3])  # as the router does: one prompt's mean is its meaning
         return float(np.linalg.norm(means - means.mean(axis=0), axis=1).mean())
 
     raw = np.stack([e5._cache[t] for t in shipped]) - e5._mean
