@@ -309,3 +309,16 @@ def test_e5_loses_the_directions_that_only_tell_languages_apart():
     raw = np.stack([e5._cache[t] for t in shipped]) - e5._mean
     before = spread(raw / np.linalg.norm(raw, axis=1, keepdims=True))
     assert spread(vectors) < 0.6 * before
+
+
+def test_the_unquoted_view_reads_the_request_without_what_it_quotes():
+    from engine.serve.router import VIEWS, unquoted
+
+    assert unquoted("'Xin chào' tiếng Hàn là gì?") == "tiếng Hàn là gì?"
+    assert unquoted('Wie sagt man „guten Appetit" auf Polnisch?') == "Wie sagt man auf Polnisch?"
+    assert unquoted("「ありがとう」は英語で？ and «merci» or “thanks”") == "は英語で？ and or"
+    assert unquoted("It's Bob's car, no quotes here") == "It's Bob's car, no quotes here"
+    long = "'" + "x" * 200 + "' is too long to be a phrase"
+    assert unquoted(long) == long
+    view = VIEWS["e5-unquoted"]
+    assert view.encoder is VIEWS["e5"].encoder and view.text("say 'hi' in Thai") == "say in Thai"
