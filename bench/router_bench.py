@@ -92,7 +92,7 @@ def main() -> None:
     sizes = tuple(int(x) for x in args.sizes.split(","))
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
-    from engine.serve.router import ENCODERS, Router
+    from engine.serve.router import ENCODERS, VIEWS, Router
     from engine.train.dataset import load_examples
 
     pool = {t: list(dict.fromkeys(e.user_prompt for e in load_examples(str(ROOT / f"data/samples/{t}.jsonl")).examples))
@@ -125,8 +125,8 @@ def main() -> None:
               f"(what a busy shared box hides): p50 {statistics.median(best):.2f} ms, "
               f"p99 {best[int(len(best) * 0.99)]:.2f} ms; load average {os.getloadavg()[0]:.1f}"
               + (f"; e5 read {wide / len(times):.0%} of the prompts" if "use" in views else ""))
-    for encoder in ENCODERS.values():  # every seed routes the same prompts: embed them once
-        encoder.encode([r["prompt"] for r in rows], cache=True)
+    for view in VIEWS.values():  # every seed routes the same prompts: embed them once
+        view.encode([r["prompt"] for r in rows], cache=True)
 
     results = {(name, n): evaluate(lambda v=views, c=cascade: Router(threshold=0.4, views=v, cascade=c),
                                    pool, rows, n, args.seeds)
