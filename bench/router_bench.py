@@ -77,7 +77,7 @@ def share(results, key=lambda r, w: True) -> tuple[float, int]:
 
 def false_routes(results) -> float:
     none = [got != "none" for r, w, got, _ in results if w == "none"]
-    return sum(none) / len(none)
+    return sum(none) / len(none) if none else float("nan")
 
 
 def main() -> None:
