@@ -24,9 +24,13 @@ advice, and questions that name a specialist's subject but ask for something els
 never on how many other specialists exist.
 
 Why this calibration: per view, the margin is measured from where the most specialist-like 1 % of the
-unrelated prompts sit (each with itself left out, never below MIN_CENTRE), and the best view counts.
-So probability 0.5 means "as specialist-like as 1 in 100 unrelated prompts, by one view or another" in
-every language, with 2 specialists or 20. Below the threshold, base answers.
+unrelated prompts sit (each with itself left out), but never below MIN_CENTRE, and the best view counts.
+So probability 0.5 means "as specialist-like as 1 in 100 unrelated prompts, by one view or another, and
+at least MIN_CENTRE nearer a specialist's examples than the unrelated ones". With the mean example in
+the margin, the 1 % point of the shipped samples' specialists lies below MIN_CENTRE in every view, so
+MIN_CENTRE is what holds: 0.4 % of the tuning data's unrelated prompts routed, 0.6 % held out. Without
+the floor, tuning accuracy rose 1.2 points but a lone math specialist took 26 % of other tasks' and
+unrelated prompts (11 % with it). Below the threshold, base answers.
 
 Why examples in other programming languages: a code specialist's examples name Python; the encoders
 read "a SQL query" or "a Rust function" as another subject. An example that names a programming language
