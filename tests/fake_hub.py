@@ -3,8 +3,9 @@ repository and download its files (repo info, tree, HEAD and ranged GET on /reso
 through the real client code, its retries and Range requests, over a real socket.
 
 `cut_after` makes the server drop the connection after that many bytes of a file's body (a lost network);
-`claimed` makes it state other sizes than the real ones; `throttle_s` sleeps between 64 KiB chunks so a
-test can interrupt a download part way. Every request's method, path and Range header is kept in `requests`.
+`claimed` makes it state other sizes than the real ones; `throttle_s` sleeps between 64 KiB chunks;
+`hold_after` stops sending after that many bytes of a body until `release` is set, so a test can interrupt a
+download part way however slow the machine is. Every request's method, path and Range header is kept in `requests`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class FakeHub:
         self.claimed: dict[str, int] = {}  # path -> the size the hub says, when it is not the real one
         self.cut_after: int | None = None
         self.throttle_s = 0.0
+        self.hold_after: int | None = None
+        self.release = threading.Event()
         self.requests: list[tuple[str, str, str | None]] = []
         hub = self
 
@@ -126,6 +129,10 @@ class FakeHub:
                 h.close_connection = True
                 h.connection.shutdown(2)
                 return
+            if self.hold_after is not None and sent + len(piece) > self.hold_after:
+                h.wfile.flush()
+                self.release.wait(120)
+                self.hold_after = None  # once
             h.wfile.write(piece)
             sent += len(piece)
             if self.throttle_s:

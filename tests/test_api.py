@@ -342,7 +342,7 @@ async def test_the_apps_switch_serves_the_api_from_the_apps_own_engine(settings,
             c.models.list()
 
 
-def test_tandem_serve_prints_its_url_serves_and_stops_on_ctrl_c(settings_path, demo_model_dir):
+def test_tandem_serve_prints_its_url_serves_and_stops_on_ctrl_c(settings_path, demo_model_dir, tmp_path):
     import os
     import signal
     import subprocess
@@ -351,17 +351,26 @@ def test_tandem_serve_prints_its_url_serves_and_stops_on_ctrl_c(settings_path, d
     refused = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--host", "0.0.0.0"], capture_output=True,
                              text=True, timeout=120)
     assert refused.returncode == 1 and "api.token" in refused.stderr and "model ready" not in refused.stderr
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ})
-    try:
-        url = proc.stdout.readline().strip()
-        assert url.startswith("http://127.0.0.1:") and url.endswith("/v1"), proc.stderr.read()
-        assert [m.id for m in OpenAI(base_url=url, api_key="x", max_retries=0).models.list()] == ["auto", "base"]
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 130
-    finally:
-        proc.kill()
-        proc.communicate()
+    # stderr goes to a file: a pipe nobody reads blocks the server once it holds 64 KiB; -X faulthandler and
+    # SIGABRT on a hang put every thread's stack into it
+    with open(tmp_path / "serve.err", "w+") as err:
+        proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "engine.cli", "serve", "--port", "0"],
+                                stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ})
+        try:
+            url = proc.stdout.readline().strip()
+            assert url.startswith("http://127.0.0.1:") and url.endswith("/v1"), (tmp_path / "serve.err").read_text()
+            assert [m.id for m in OpenAI(base_url=url, api_key="x", max_retries=0).models.list()] == ["auto", "base"]
+            proc.send_signal(signal.SIGINT)
+            try:
+                code = proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGABRT)
+                proc.wait(10)
+                code = None
+            assert code == 130, (tmp_path / "serve.err").read_text()[-6000:]
+        finally:
+            proc.kill()
+            proc.communicate()
 
 
 def test_an_unreachable_backend_is_one_clear_error(settings, tmp_path):

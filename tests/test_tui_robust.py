@@ -2,6 +2,7 @@
 calls kept off the event loop, text from disk shown safely, every action in the palette."""
 
 import json
+import threading
 import time
 
 import engine.serve.generate as gen
@@ -55,8 +56,9 @@ async def test_saving_settings_during_a_reply_does_not_block(settings, settings_
     app = app_for(settings)
     async with app.run_test(size=(160, 48)) as pilot:
         await ready(pilot)
-        sample = gen._sample
-        monkeypatch.setattr(gen, "_sample", lambda *a: (time.sleep(0.05), sample(*a))[1])
+        sample, applied = gen._sample, threading.Event()
+        # the reply stays in flight until the save is seen applied (a slowed reply could end first on a busy box)
+        monkeypatch.setattr(gen, "_sample", lambda *a: (applied.wait(60), sample(*a))[1])
         await pilot.click("#prompt")
         await pilot.press(*"Tell me a story.", "enter")
         await until(pilot, lambda: app.generating)
@@ -65,6 +67,7 @@ async def test_saving_settings_during_a_reply_does_not_block(settings, settings_
         await pilot.press("ctrl+s")
         await until(pilot, lambda: app.settings.adapters.vram_budget_mb == 4096, timeout=30)
         assert app.generating  # applied while the reply still streams, not after it
+        applied.set()
         await pilot.press("escape")  # Esc still stops it
         await until(pilot, lambda: not app.generating, timeout=10)
 
