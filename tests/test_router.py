@@ -50,6 +50,15 @@ def test_unrelated_prompts_go_to_base(router, prompt):
     assert d.choice == "base" and d.reason == "below threshold", d.explain()
 
 
+@pytest.mark.parametrize("prompt", [
+    # issue 24: short chat turns; before the shipped set had any, 26 of 40 such went to a specialist
+    "ok", "thanks!", "lol", "yes", "no", "merci", "спасибо", "asante", "continue", ":)", "", "🙂🙂",
+])
+def test_short_chat_turns_go_to_base(router, prompt):
+    d = router.route(prompt)
+    assert d.choice == "base", d.explain()
+
+
 @pytest.mark.parametrize(("prompt", "task"), [
     ("Сколько будет 48 плюс 19?", "math"),  # Cyrillic, Japanese, Chinese, Arabic: none in the training data
     ("81を9で割るといくつですか？", "math"),

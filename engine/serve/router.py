@@ -18,7 +18,7 @@ py3langid says the prompt is in one of USE's languages and USE finds nothing nea
 
 Why this score: a specialist's margin is how much closer the prompt is to the specialist's nearest
 example, and (CENTROID_W) to its mean example, than to Tandem's shipped unrelated prompts
-(`engine/data/router_none.jsonl`: everyday questions, chit-chat, writing requests, grammar questions,
+(`engine/data/router_none.jsonl`: everyday questions, short chat turns, writing requests, grammar questions,
 advice, and questions that name a specialist's subject but ask for something else, in 40 languages;
 "none" corrections join them). It depends on that specialist's examples and the unrelated set only,
 never on how many other specialists exist.
