@@ -42,9 +42,10 @@ def closed(worker, timeout=10.0):
 
 def test_close_drops_queued_jobs_instead_of_running_them():
     worker = InferenceWorker()
-    gate, ran = threading.Event(), []
-    first = worker.submit(lambda: gate.wait(10))
+    gate, started, ran = threading.Event(), threading.Event(), []
+    first = worker.submit(lambda: (started.set(), gate.wait(10))[1])
     queued = [worker.submit(lambda i=i: ran.append(i)) for i in range(3)]
+    assert started.wait(10)  # running before close (on a busy box the worker may not have taken it yet)
     closing, _ = in_thread(worker.close)
     closed(worker)
     gate.set()

