@@ -4,8 +4,9 @@ through the real client code, its retries and Range requests, over a real socket
 
 `cut_after` makes the server drop the connection after that many bytes of a file's body (a lost network);
 `claimed` makes it state other sizes than the real ones; `throttle_s` sleeps between 64 KiB chunks;
-`hold_after` stops sending after that many bytes of a body until `release` is set, so a test can interrupt a
-download part way however slow the machine is. Every request's method, path and Range header is kept in `requests`.
+`hold_after` slows a body to a chunk every 0.25 s after that many bytes until `release` is set, so a test can
+interrupt a download part way however slow the machine is. Every request's method, path and Range header is
+kept in `requests`.
 """
 
 from __future__ import annotations
@@ -129,10 +130,9 @@ class FakeHub:
                 h.close_connection = True
                 h.connection.shutdown(2)
                 return
-            if self.hold_after is not None and sent + len(piece) > self.hold_after:
+            if self.hold_after is not None and sent + len(piece) > self.hold_after and not self.release.is_set():
                 h.wfile.flush()
-                self.release.wait(120)
-                self.hold_after = None  # once
+                self.release.wait(0.25)  # a trickle, not a stall: the client's read timeout never fires
             h.wfile.write(piece)
             sent += len(piece)
             if self.throttle_s:

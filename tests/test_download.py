@@ -130,8 +130,11 @@ def test_a_connection_lost_mid_file_is_retried_and_the_file_is_whole(tmp_path):
     assert len([p for m, p, _ in hub.requests if m == "GET" and p.endswith(SHARD)]) == 2
 
 
+# Ctrl+C as a terminal delivers it: a test run started in the background (a script's `cmd &`) ignores SIGINT,
+# and a child inherits that through exec
 CHILD = """
-import sys
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {root!r})
 from engine.serve import download
 download.fetch("acme/tiny", cache_dir={cache!r}, endpoint={endpoint!r})

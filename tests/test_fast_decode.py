@@ -8,6 +8,7 @@ from engine.harmony import Turn
 from engine.serve.fast_decode import FastDecoder, unsupported
 from engine.serve.generate import Detokenizer, Sampling, complete
 from engine.train.targets import ATTENTION, FUSED_EXPERTS
+from tests.tolerance import rounding_bound
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +46,11 @@ def _reference(model, ids):
 
 
 def _max_error(model, decoder, ids, steps=6):
-    """Greedy-extend `ids` through the decoder; worst logit difference from the full reference forward,
-    relative to the largest reference logit. The deliberately large random adapters make fp32 itself
-    this noisy: against an fp64 reference, transformers+PEFT in fp32 and this decoder are both ~1e-5
-    off; a wrong block or scale is off by 1e-1 and more."""
+    """Greedy-extend `ids` through the decoder: (worst logit difference from the full reference forward,
+    relative to the largest reference logit; tests/tolerance.py's bound for it over the whole sequence).
+    The deliberately large random adapters make fp32 itself this noisy: against an fp64 reference,
+    transformers+PEFT in fp32 and this decoder are both ~1e-5 off; a wrong block or scale is off by 1e-1
+    and more."""
     import torch
 
     def error(logits, ids):
@@ -62,7 +64,7 @@ def _max_error(model, decoder, ids, steps=6):
         ids = torch.cat([ids, nxt[:, None]], 1)
         logits = decoder.step(nxt)
         worst = max(worst, error(logits, ids))
-    return worst
+    return worst, max(5e-4, rounding_bound(model, ids))
 
 
 def _router_gap(model, ids) -> float:
@@ -114,12 +116,15 @@ def compare_with_and_without_specialists(base) -> None:
         for name in names:
             decoder.select(name)
             assert decoder.usable
+            # the bound grows where the fp32 reference itself is far from fp64 (a routing near-tie some
+            # generated token or a ×20 adapter lands on): both sides may then pick either expert
             if name is None:
                 with model.disable_adapter():
-                    assert _max_error(model, decoder, ids) < 5e-4
+                    worst, bound = _max_error(model, decoder, ids)
             else:
                 model.set_adapter(name)
-                assert _max_error(model, decoder, ids) < 5e-4, name
+                worst, bound = _max_error(model, decoder, ids)
+            assert worst < bound, (name, worst, bound)
     finally:
         model.unload()  # give the module-scoped base model back without LoRA layers
 
