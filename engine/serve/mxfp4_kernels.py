@@ -63,23 +63,48 @@ def _scale(s):
     return ((s.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)
 
 
+# The dot kernels place codes straight into fp32 bits (no conversion instruction per value: at batch 1 the
+# fp16 route's conversions, not the memory, bounded the expert kernels): a code is its e2m1 value * 2^-126,
+# the code 0.5 being fp32's subnormal 2^-127 (Triton keeps subnormals). x is lifted by 2^64 so that every
+# product with a weight stays a normal number, and each block's scale takes back 2^(126 - 64).
+@triton.jit
+def _e2m1_f32(code):
+    """A byte's low 4-bit code (int32) -> e2m1 value * 2^-126 as fp32 bits: sign to bit 31, the 3 magnitude
+    bits to the exponent's low 2 bits and the mantissa's top bit."""
+    return (((code & 7) << 22) | ((code & 8) << 28)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e2m1_f32_high(byte):
+    """`_e2m1_f32` of a byte's high code, placed straight from the byte."""
+    return (((byte & 0x70) << 18) | ((byte & 0x80) << 24)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot_scale(s):
+    """e8m0 codes -> 2^(s-127) * 2^126 / 2^64 = 2^(s-65), as fp32 bits: exact for s <= 192 (scales up to 2^65)."""
+    return ((s.to(tl.int32) + 62) << 23).to(tl.float32, bitcast=True)
+
+
 @triton.jit
 def _rows_dot(w_ptr, s_ptr, rows, kbs, mask, xe, xo, KB):
-    """Σ over scale blocks `kbs` of weight rows `rows` (absolute, [R]) times x (even/odd halves, [BKB, 16])."""
+    """Σ over scale blocks `kbs` of weight rows `rows` (absolute, [R]) times x (even/odd halves, [BKB, 16],
+    lifted by 2^64: `_x_halves`)."""
     c = tl.arange(0, 16)
     off = rows[:, None] * KB + kbs[None, :]
     codes = tl.load(w_ptr + off[:, :, None] * 16 + c[None, None, :], mask=mask[:, :, None], other=0).to(tl.int32)
     s = tl.load(s_ptr + off, mask=mask, other=0)
-    part = tl.sum(_e2m1(codes) * xe[None, :, :] + _e2m1_high(codes) * xo[None, :, :], axis=2)
-    return tl.sum(part * _scale(s), axis=1)
+    part = tl.sum(_e2m1_f32(codes) * xe[None, :, :] + _e2m1_f32_high(codes) * xo[None, :, :], axis=2)
+    return tl.sum(part * _dot_scale(s), axis=1)
 
 
 @triton.jit
 def _x_halves(x_ptr, base, kbs, mk):
+    """x's even and odd values of blocks `kbs`, in fp32, times 2^64 (see `_e2m1_f32`)."""
     c = tl.arange(0, 16)
     off = base + kbs[:, None] * 32 + 2 * c[None, :]
-    xe = tl.load(x_ptr + off, mask=mk[:, None], other=0.0).to(tl.float32)
-    xo = tl.load(x_ptr + off + 1, mask=mk[:, None], other=0.0).to(tl.float32)
+    xe = tl.load(x_ptr + off, mask=mk[:, None], other=0.0).to(tl.float32) * 18446744073709551616.0
+    xo = tl.load(x_ptr + off + 1, mask=mk[:, None], other=0.0).to(tl.float32) * 18446744073709551616.0
     return xe, xo
 
 
