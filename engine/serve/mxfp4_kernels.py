@@ -7,8 +7,8 @@ MXFP4 path) comes from the kernel hub, which an offline box cannot reach, and ha
 
 Work is a list of routed (token, expert) pairs sorted by expert, so pairs that share an expert read its
 weights back to back (from L2). Each kernel program takes one pair and a tile of output rows, reads that
-expert's 4-bit rows once, dequantizes in registers (e2m1 bits placed into fp16 ones, scale applied per
-32-value block) and accumulates in fp32; no bf16 copy of a weight is ever written. The adapter's expert
+expert's 4-bit rows once, dequantizes in registers (e2m1 bits placed straight into fp32 ones, scale
+applied per 32-value block) and accumulates in fp32; no bf16 copy of a weight is ever written. The adapter's expert
 LoRA rides along: the two expert kernels add (x·A)·B in their epilogue (x·A for gate_up is one dense
 product over every expert's A; for down a split-K kernel, since one program per pair looping over K
 was latency-bound). gate_up fuses GPT-OSS's clamped SwiGLU; down multiplies by the routing weight. Nothing
