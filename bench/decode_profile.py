@@ -99,7 +99,7 @@ def without_flash(dec, n: int, vocab: int) -> dict[str, float]:
 def main() -> None:
     import torch
 
-    from bench.shapes import gpt_oss_20b_config, random_adapter, random_mxfp4_model
+    from bench.shapes import cap_memory, gpt_oss_20b_config, random_adapter, random_mxfp4_model
     from engine.serve.fast_decode import FastDecoder
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -120,8 +120,7 @@ def main() -> None:
         a.layers, a.max_len, contexts, pp, a.tg, a.steps = 2, 256, [8, 40], [16, 64], 4, 2
     if a.max_len <= max(contexts + pp) + a.steps * 2 + a.tg:
         raise SystemExit(f"--max-len {a.max_len} is too short for the contexts, prompts and steps asked for")
-    if gpu and a.cap_gb:
-        torch.cuda.set_per_process_memory_fraction(a.cap_gb * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    cap_memory(a.cap_gb)
     cfg = None
     if not gpu:
         cfg = gpt_oss_20b_config(a.layers)

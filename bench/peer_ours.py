@@ -62,7 +62,7 @@ def main() -> None:
     import torch
     from peft import PeftModel
 
-    from bench.shapes import random_adapter
+    from bench.shapes import cap_memory, random_adapter
     from engine.serve.fast_decode import FastDecoder
     from engine.serve.mxfp4_load import load
 
@@ -84,8 +84,7 @@ def main() -> None:
 
     gpu = torch.cuda.is_available()
     dev = "cuda" if gpu else "cpu"
-    if gpu and a.cap_gb:
-        torch.cuda.set_per_process_memory_fraction(a.cap_gb * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    cap_memory(a.cap_gb)
     model = load(a.model, dev, torch.bfloat16)
     model = PeftModel.from_pretrained(model, str(a.lora), adapter_name="attn")
     model = random_adapter(model, "specialist", seed=1)

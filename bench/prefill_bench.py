@@ -80,7 +80,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from bench.serve_bench import bytes_per_token, decode_rate, free
-    from bench.shapes import gpt_oss_20b_config, random_adapter, random_mxfp4_model
+    from bench.shapes import cap_memory, gpt_oss_20b_config, random_adapter, random_mxfp4_model
     from engine.serve import fast_decode
     from engine.serve.fast_decode import FastDecoder
 
@@ -104,8 +104,7 @@ def main() -> None:
         rows.append((name, value, note))
         print(f"  {name}: {value} | {note}", flush=True)
 
-    if gpu and a.cap_gb:
-        torch.cuda.set_per_process_memory_fraction(a.cap_gb * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    cap_memory(a.cap_gb)
     model = random_mxfp4_model(a.layers, dev, torch.bfloat16 if gpu else torch.float32, config=cfg)
     for i, name in enumerate(("math", "code", "law")):
         model = random_adapter(model, name, seed=i + 1)

@@ -135,7 +135,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=8192, help="KV cache of the MXFP4 phase, filled at the end")
     a = ap.parse_args()
 
-    from bench.shapes import gpt_oss_20b_config, random_adapter, random_model, random_mxfp4_model
+    from bench.shapes import cap_memory, gpt_oss_20b_config, random_adapter, random_model, random_mxfp4_model
     from engine.serve.fast_decode import FastDecoder
 
     gpu = torch.cuda.is_available()
@@ -183,8 +183,7 @@ def main() -> None:
         free()
 
     # 2. MXFP4 experts, capped like a 24 GB card
-    if gpu and a.cap_gb:
-        torch.cuda.set_per_process_memory_fraction(a.cap_gb * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    cap_memory(a.cap_gb)
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()

@@ -6,6 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def cap_memory(cap_gb: float) -> None:
+    """Hold this process to `cap_gb` GiB of GPU 0, as a smaller card would (0, or no GPU: no cap)."""
+    import torch
+
+    if torch.cuda.is_available() and cap_gb:
+        torch.cuda.set_per_process_memory_fraction(cap_gb * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+
+
 def gpt_oss_20b_config(layers: int = 24):
     from transformers import GptOssConfig
 
