@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def terminal_sigint() -> None:
+    """`preexec_fn` for a child a test stops with Ctrl+C: SIGINT as a terminal delivers it. A test run started
+    as a background job (a script's `cmd &`) ignores SIGINT, and a child inherits that through exec."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 # Built once per checkout and shared by every test and test worker (engine.serve.demo_model locks the build).
 os.environ.setdefault("TANDEM_CACHE", str(ROOT / ".pytest_cache" / "tandem-cache"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -22,7 +22,7 @@ from engine.serve.generate import Sampling
 from engine.serve.worker import API, KEYBOARD, InferenceWorker
 from engine.service import Workstation
 from engine.settings import load
-from tests.conftest import ROOT, _adapter_maker
+from tests.conftest import ROOT, _adapter_maker, terminal_sigint
 from tests.test_adapters import prompts
 
 GREEDY = {"temperature": 0, "max_tokens": 24}
@@ -354,11 +354,9 @@ def test_tandem_serve_prints_its_url_serves_and_stops_on_ctrl_c(settings_path, d
     # stderr goes to a file: a pipe nobody reads blocks the server once it holds 64 KiB; -X faulthandler and
     # SIGABRT on a hang put every thread's stack into it
     with open(tmp_path / "serve.err", "w+") as err:
-        # preexec: Ctrl+C as a terminal delivers it (a test run started in the background ignores SIGINT,
-        # and a child inherits that through exec)
         proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "engine.cli", "serve", "--port", "0"],
                                 stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ},
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                                preexec_fn=terminal_sigint)
         try:
             url = proc.stdout.readline().strip()
             assert url.startswith("http://127.0.0.1:") and url.endswith("/v1"), (tmp_path / "serve.err").read_text()

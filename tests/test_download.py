@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from engine.serve import download
+from tests.conftest import terminal_sigint
 from tests.fake_hub import FakeHub
 
 # The file lists of the documented checkpoints, as their hub repositories ship them.
@@ -130,11 +131,8 @@ def test_a_connection_lost_mid_file_is_retried_and_the_file_is_whole(tmp_path):
     assert len([p for m, p, _ in hub.requests if m == "GET" and p.endswith(SHARD)]) == 2
 
 
-# Ctrl+C as a terminal delivers it: a test run started in the background (a script's `cmd &`) ignores SIGINT,
-# and a child inherits that through exec
 CHILD = """
-import signal, sys
-signal.signal(signal.SIGINT, signal.default_int_handler)
+import sys
 sys.path.insert(0, {root!r})
 from engine.serve import download
 download.fetch("acme/tiny", cache_dir={cache!r}, endpoint={endpoint!r})
@@ -148,7 +146,7 @@ def test_ctrl_c_keeps_the_part_and_the_next_start_resumes_it(tmp_path):
         hub.hold_after = 24 * 2**20  # past two of the client's 10 MiB writes; it stops there until the child is gone
         child = subprocess.Popen([sys.executable, "-c", CHILD.format(root=root, cache=str(tmp_path),
                                                                      endpoint=hub.endpoint)],
-                                 stderr=subprocess.PIPE, text=True)
+                                 stderr=subprocess.PIPE, text=True, preexec_fn=terminal_sigint)
         part = tmp_path / "models--acme--tiny" / "blobs" / f"{hub.etag(SHARD)}.tandem-part"
         deadline = time.monotonic() + 30
         while not (part.exists() and part.stat().st_size > 0) and time.monotonic() < deadline:
