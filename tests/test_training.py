@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from engine.settings import save, updated
 from engine.store.adapters import AdapterStore
 from engine.train.dataset import DatasetError, load_examples
 from engine.train.runs import Request, RunError, RunQueue
@@ -96,6 +97,10 @@ def test_quick_run_trains_publishes_and_records_metrics(train_settings):
 
 
 def test_stop_checkpoints_and_resume_continues_the_step_count(train_settings):
+    # 12 steps left too little room: on an idle box the run ended before the stop landed
+    steps = 48
+    train_settings = updated(train_settings, "training.profiles.tiny.max_steps", steps)
+    save(train_settings, train_settings.source)
     q = RunQueue(train_settings)
     run = q.submit(request(train_settings))
     wait_for(lambda: any(m.get("step", 0) >= 2 for m in run.metrics()), what="two steps")
@@ -103,16 +108,16 @@ def test_stop_checkpoints_and_resume_continues_the_step_count(train_settings):
     state = q.wait(run, timeout=120)
     assert state.status == "stopped", (run.dir / "output.log").read_text()[-3000:]
     stopped_at = state.step
-    assert 2 <= stopped_at < 12
+    assert 2 <= stopped_at < steps
     assert run.checkpoints and int(run.checkpoints[-1].name.split("-")[1]) == stopped_at
     with pytest.raises(RunError):
         q.stop(run.id)
     q.resume(run.id)
     state = q.wait(run, timeout=300)
     assert state.status == "finished", (run.dir / "output.log").read_text()[-3000:]
-    steps = [m["step"] for m in run.metrics() if "loss" in m]
-    assert steps[: stopped_at] == list(range(1, stopped_at + 1))
-    assert steps[stopped_at:] == list(range(stopped_at + 1, 13))  # continued, not restarted
+    done = [m["step"] for m in run.metrics() if "loss" in m]
+    assert done[: stopped_at] == list(range(1, stopped_at + 1))
+    assert done[stopped_at:] == list(range(stopped_at + 1, steps + 1))  # continued, not restarted
 
 
 def test_killed_process_marks_the_run_failed_and_queue_order_holds(train_settings):
