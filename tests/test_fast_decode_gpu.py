@@ -234,7 +234,6 @@ def test_mxfp4_prefill_and_reused_prefix_at_real_width_are_within_bf16_noise():
     print(f"4-layer MXFP4 slice vs fp32: grouped prefill {grouped:.1e}, routed pairs {routed:.1e}, reused prefix "
           f"{reused:.1e}; {dec.note or 'compiled'}")
     assert grouped < 2 * routed + 1e-2 and reused < 2 * routed + 1e-2
-    assert routed < 3e-2  # the routed kernels over 600 rows (gate_up's x·A read with its row stride)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the device)")
