@@ -41,9 +41,6 @@ from engine.serve.mxfp4 import dequantize, swiglu
 BJ, BN, BKB_UP, BKB_DOWN = 32, 32, 8, 16
 DQ_BLOCKS = 64  # scale blocks per program of the dequantizing kernel
 WARPS = 4
-# down at one row's pairs (top-k, up to this many): wider steps over K and 8 warps (mxfp4_tune.py: ~20 % a
-# launch at batch 1 on an H200, none at batch 8)
-FEW_PAIRS, BKB_DOWN_FEW, WARPS_DOWN_FEW = 4, 32, 8
 
 
 # ----- Triton
@@ -214,12 +211,10 @@ def triton_down(act: torch.Tensor, experts: torch.Tensor, gate: torch.Tensor, bl
     out = act.new_empty(act.shape[0], n)
     lora = xd is not None
     parts = xd.shape[1] if lora else 1
-    few = act.shape[0] <= FEW_PAIRS
     _down_kernel[(triton.cdiv(n, BN), act.shape[0])](
         act, experts, gate, blocks, scales, bias, xd if lora else act, lora_b if lora else act, out, n,
         blocks.shape[2], parts, HAS_LORA=lora, R=lora_b.shape[1] if lora else 1,
-        PARTS_P2=triton.next_power_of_2(parts), BN=BN, BKB=BKB_DOWN_FEW if few else BKB_DOWN,
-        num_warps=WARPS_DOWN_FEW if few else WARPS)
+        PARTS_P2=triton.next_power_of_2(parts), BN=BN, BKB=BKB_DOWN, num_warps=WARPS)
     return out
 
 
