@@ -41,6 +41,7 @@ from engine.serve.mxfp4 import dequantize, swiglu
 BJ, BN, BKB_UP, BKB_DOWN = 32, 32, 8, 16
 DQ_BLOCKS = 64  # scale blocks per program of the dequantizing kernel
 WARPS = 4
+STAGES = 3  # the expert kernels' loop pipelining depth (Triton's default on CUDA)
 
 
 # ----- Triton
@@ -193,7 +194,8 @@ def triton_gate_up(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, b
         x, rows, experts, blocks, scales, bias, xa if lora else x, lora_b if lora else x,
         down_a if down_lora else x, out, xd if down_lora else x, inter, blocks.shape[2], blocks.shape[0],
         xa.stride(0) if lora else 0, alpha, limit, HAS_LORA=lora, R=lora_b.shape[1] if lora else 1,
-        HAS_DOWN_A=down_lora, RD=down_a.shape[-1] if down_lora else 1, BJ=BJ, BKB=BKB_UP, num_warps=WARPS)
+        HAS_DOWN_A=down_lora, RD=down_a.shape[-1] if down_lora else 1, BJ=BJ, BKB=BKB_UP, num_warps=WARPS,
+        num_stages=STAGES)
     return out, xd
 
 
@@ -214,7 +216,8 @@ def triton_down(act: torch.Tensor, experts: torch.Tensor, gate: torch.Tensor, bl
     _down_kernel[(triton.cdiv(n, BN), act.shape[0])](
         act, experts, gate, blocks, scales, bias, xd if lora else act, lora_b if lora else act, out, n,
         blocks.shape[2], parts, HAS_LORA=lora, R=lora_b.shape[1] if lora else 1,
-        PARTS_P2=triton.next_power_of_2(parts), BN=BN, BKB=BKB_DOWN, num_warps=WARPS)
+        PARTS_P2=triton.next_power_of_2(parts), BN=BN, BKB=BKB_DOWN, num_warps=WARPS,
+        num_stages=STAGES)
     return out
 
 
