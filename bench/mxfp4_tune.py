@@ -6,7 +6,9 @@ specialist's expert LoRA, the shipped setting marked, every result checked again
     python bench/mxfp4_tune.py [--reps 50] [--pairs 4,32] [--tiles 16,32,64] [--steps 4,8,16,32]
                                [--warps 4,8] [--stages 3] [--lora]
 
-GPU only. The kernels read their tile sizes from module constants at launch; this sets them in turn."""
+GPU only. The kernels read their tile sizes from module constants at launch; this sets them in turn. The
+routed experts' weights stay in L2 across the timed launches, which a decode step's do not: confirm a
+setting in the whole step (decode_profile.py) before shipping it."""
 
 from __future__ import annotations
 

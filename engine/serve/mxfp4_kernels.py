@@ -35,13 +35,14 @@ import triton.language as tl
 
 from engine.serve.mxfp4 import dequantize, swiglu
 
-# gate/up units and down rows per program, scale blocks per step of each: the fastest of
-# bench/mxfp4_tune.py's grid at batch 1 on an H200 (gate_up 84 -> 61 µs, down 57 -> 45 µs a launch, timed
-# alone; at batch 8 within 2 % of the best)
-BJ, BN, BKB_UP, BKB_DOWN = 32, 32, 8, 16
+# gate/up units and down rows per program, scale blocks per step of each, loop pipelining stages. gate_up's
+# tiles from bench/mxfp4_tune.py's grid at batch 1 on an H200; down's 16 rows and 4 stages as the whole decode
+# step judged (decode_profile.py, H200, against 32 rows and Triton's default 3 stages: down's time a step
+# 469 -> 459 µs without an adapter, ~515 -> 493 µs with a specialist; 4 stages alone changed neither kernel;
+# the tune, whose weights stay in L2 across its launches, had 32 rows ahead by 3 %)
+BJ, BN, BKB_UP, BKB_DOWN, STAGES = 32, 16, 8, 16, 4
 DQ_BLOCKS = 64  # scale blocks per program of the dequantizing kernel
 WARPS = 4
-STAGES = 3  # the expert kernels' loop pipelining depth (Triton's default on CUDA)
 
 
 # ----- Triton
