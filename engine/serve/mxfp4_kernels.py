@@ -122,7 +122,7 @@ def _lora_b(xa, b_ptr, e, cols, mask, width, R: tl.constexpr):
 
 @triton.jit
 def _gate_up_kernel(x_ptr, rows_ptr, experts_ptr, w_ptr, s_ptr, bias_ptr, xa_ptr, b_ptr, a_down_ptr, out_ptr, xd_ptr,
-                    INTER, KB, E, XA_ROW, alpha, limit, HAS_LORA: tl.constexpr, R: tl.constexpr,
+                    INTER, KB, XA_ROW, alpha, limit, HAS_LORA: tl.constexpr, R: tl.constexpr,
                     HAS_DOWN_A: tl.constexpr, RD: tl.constexpr, BJ: tl.constexpr, BKB: tl.constexpr):
     p = tl.program_id(1)
     row = tl.load(rows_ptr + p).to(tl.int64)
@@ -193,7 +193,7 @@ def triton_gate_up(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, b
         xa = xa.contiguous()
     _gate_up_kernel[(tiles, rows.shape[0])](
         x, rows, experts, blocks, scales, bias, xa if lora else x, lora_b if lora else x,
-        down_a if down_lora else x, out, xd if down_lora else x, inter, blocks.shape[2], blocks.shape[0],
+        down_a if down_lora else x, out, xd if down_lora else x, inter, blocks.shape[2],
         xa.stride(0) if lora else 0, alpha, limit, HAS_LORA=lora, R=lora_b.shape[1] if lora else 1,
         HAS_DOWN_A=down_lora, RD=down_a.shape[-1] if down_lora else 1, BJ=BJ, BKB=BKB_UP, num_warps=WARPS,
         num_stages=STAGES)
