@@ -67,21 +67,29 @@ def _scale(s):
     return ((s.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)
 
 
-# The dot kernels place codes straight into fp32 bits (no conversion instruction per value: at batch 1 the
-# fp16 route's conversions, not the memory, bounded the expert kernels): a code is its e2m1 value * 2^-126,
-# the code 0.5 being fp32's subnormal 2^-127 (Triton keeps subnormals). x is lifted by 2^64 so that every
-# product with a weight stays a normal number, and each block's scale takes back 2^(126 - 64).
+# The dot kernels read the 4-bit codes as 32-bit words (8 codes each) and place each code straight into fp32
+# bits (no conversion instruction per value: at batch 1 the integer work of decoding, not the memory, bounds
+# the expert kernels): a code is its e2m1 value * 2^-126, the code 0.5 being fp32's subnormal 2^-127 (Triton
+# keeps subnormals). x is lifted by 2^64 so that every product with a weight stays a normal number, and each
+# block's scale takes back 2^(126 - 64).
 @triton.jit
-def _e2m1_f32(code):
-    """A byte's low 4-bit code (int32) -> e2m1 value * 2^-126 as fp32 bits: sign to bit 31, the 3 magnitude
-    bits to the exponent's low 2 bits and the mantissa's top bit."""
-    return (((code & 7) << 22) | ((code & 8) << 28)).to(tl.float32, bitcast=True)
+def _code_words(w):
+    """A word of 8 codes (int32, 4 bytes as stored) -> two words of 4 codes each, each code's 3 magnitude
+    bits where they were and its sign bit 9 bits above them: `a` holds bytes 0 and 2's codes, `b` bytes 1 and
+    3's, moved down a byte. Then one shift and one mask place any code (`_code_f32`): two operations a
+    value, and one select (a LOP3) a word for each of `a` and `b`."""
+    u = w.to(tl.uint32, bitcast=True)
+    a = u ^ ((u ^ (u << 6)) & 0xFF88FF88)  # bit select (one LOP3): u's bits outside the mask, u << 6's in it
+    hi = u >> 8
+    b = hi ^ ((hi ^ (u >> 2)) & 0xFF88FF88)
+    return a, b
 
 
 @triton.jit
-def _e2m1_f32_high(byte):
-    """`_e2m1_f32` of a byte's high code, placed straight from the byte."""
-    return (((byte & 0x70) << 18) | ((byte & 0x80) << 24)).to(tl.float32, bitcast=True)
+def _code_f32(a, shift: tl.constexpr):
+    """The code at bit 22 - `shift` of `_code_words`' word -> e2m1 value * 2^-126 as fp32 bits: the 3
+    magnitude bits to the exponent's low 2 bits and the mantissa's top bit, the sign to bit 31."""
+    return ((a << shift) & 0x81C00000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -91,25 +99,39 @@ def _dot_scale(s):
 
 
 @triton.jit
-def _rows_dot(w_ptr, s_ptr, rows, kbs, mask, xe, xo, KB):
-    """Σ over scale blocks `kbs` of weight rows `rows` (absolute, [R]) times x (even/odd halves, [BKB, 16],
-    lifted by 2^64: `_x_halves`)."""
-    c = tl.arange(0, 16)
+def _rows_dot(w_ptr, s_ptr, rows, kbs, mask, xs, KB):
+    """Each scale block's sum (scaled) of weight rows `rows` (absolute, [R]) times x over blocks `kbs`: [R,
+    BKB]. `w_ptr` holds the codes as int32 words (4 a block); `xs` is `_x_words`' 8 tensors. A thread holds
+    whole blocks: a block's sum needs no other thread's values."""
     off = rows[:, None] * KB + kbs[None, :]
-    codes = tl.load(w_ptr + off[:, :, None] * 16 + c[None, None, :], mask=mask[:, :, None], other=0).to(tl.int32)
+    words = tl.load(w_ptr + off[:, :, None] * 4 + tl.arange(0, 4)[None, None, :], mask=mask[:, :, None], other=0)
+    a, b = _code_words(words)
+    t = _code_f32(a, 22) * xs[0][None]  # bytes 0/2 low and high codes: values 0, 1, 4, 5 of the word
+    t += _code_f32(a, 18) * xs[1][None]
+    t += _code_f32(a, 6) * xs[4][None]
+    t += _code_f32(a, 2) * xs[5][None]
+    t += _code_f32(b, 22) * xs[2][None]  # bytes 1/3: values 2, 3, 6, 7
+    t += _code_f32(b, 18) * xs[3][None]
+    t += _code_f32(b, 6) * xs[6][None]
+    t += _code_f32(b, 2) * xs[7][None]
     s = tl.load(s_ptr + off, mask=mask, other=0)
-    part = tl.sum(_e2m1_f32(codes) * xe[None, :, :] + _e2m1_f32_high(codes) * xo[None, :, :], axis=2)
-    return tl.sum(part * _dot_scale(s), axis=1)
+    return tl.sum(t, axis=2) * _dot_scale(s)
 
 
 @triton.jit
-def _x_halves(x_ptr, base, kbs, mk):
-    """x's even and odd values of blocks `kbs`, in fp32, times 2^64 (see `_e2m1_f32`)."""
-    c = tl.arange(0, 16)
-    off = base + kbs[:, None] * 32 + 2 * c[None, :]
-    xe = tl.load(x_ptr + off, mask=mk[:, None], other=0.0).to(tl.float32) * 18446744073709551616.0
-    xo = tl.load(x_ptr + off + 1, mask=mk[:, None], other=0.0).to(tl.float32) * 18446744073709551616.0
-    return xe, xo
+def _x_words(x_ptr, base, kbs, mk):
+    """x's values of blocks `kbs` in fp32, times 2^64 (see `_code_f32`), as 8 tensors [BKB, 4]: the j-th
+    holds value j of each group of 8 (a code word's values: low code of byte k is value 2k, high 2k + 1)."""
+    off = base + kbs[:, None, None] * 32 + tl.arange(0, 4)[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    v = tl.load(x_ptr + off, mask=mk[:, None, None], other=0.0).to(tl.float32) * 18446744073709551616.0
+    even, odd = tl.split(tl.reshape(v, [kbs.shape[0], 4, 2, 2, 2]))  # value j = 4a + 2b + c: c splits first
+    e0, e1 = tl.split(even)
+    o0, o1 = tl.split(odd)
+    x0, x4 = tl.split(e0)
+    x2, x6 = tl.split(e1)
+    x1, x5 = tl.split(o0)
+    x3, x7 = tl.split(o1)
+    return x0, x1, x2, x3, x4, x5, x6, x7
 
 
 @triton.jit
@@ -130,15 +152,17 @@ def _gate_up_kernel(x_ptr, rows_ptr, experts_ptr, w_ptr, s_ptr, bias_ptr, xa_ptr
     j = tl.program_id(0) * BJ + tl.arange(0, BJ)
     mj = j < INTER
     gate_rows = e * 2 * INTER + 2 * j  # gate and up rows interleave
-    acc_g = tl.zeros([BJ], dtype=tl.float32)
-    acc_u = tl.zeros([BJ], dtype=tl.float32)
+    acc_g = tl.zeros([BJ, BKB], dtype=tl.float32)  # per block column: summed across threads once, at the end
+    acc_u = tl.zeros([BJ, BKB], dtype=tl.float32)
     for kb0 in range(0, KB, BKB):
         kbs = kb0 + tl.arange(0, BKB)
         mk = kbs < KB
-        xe, xo = _x_halves(x_ptr, row * KB * 32, kbs, mk)
+        xs = _x_words(x_ptr, row * KB * 32, kbs, mk)
         m2 = mj[:, None] & mk[None, :]
-        acc_g += _rows_dot(w_ptr, s_ptr, gate_rows, kbs, m2, xe, xo, KB)
-        acc_u += _rows_dot(w_ptr, s_ptr, gate_rows + 1, kbs, m2, xe, xo, KB)
+        acc_g += _rows_dot(w_ptr, s_ptr, gate_rows, kbs, m2, xs, KB)
+        acc_u += _rows_dot(w_ptr, s_ptr, gate_rows + 1, kbs, m2, xs, KB)
+    acc_g = tl.sum(acc_g, axis=1)
+    acc_u = tl.sum(acc_u, axis=1)
     acc_g += tl.load(bias_ptr + gate_rows, mask=mj, other=0.0).to(tl.float32)
     acc_u += tl.load(bias_ptr + gate_rows + 1, mask=mj, other=0.0).to(tl.float32)
     if HAS_LORA:  # xa holds every expert's x·A for each token row ([rows, experts * R], row stride XA_ROW)
@@ -165,12 +189,13 @@ def _down_kernel(x_ptr, experts_ptr, gate_ptr, w_ptr, s_ptr, bias_ptr, xd_ptr, b
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     mn = n < N
     rows = e * N + n
-    acc = tl.zeros([BN], dtype=tl.float32)
+    acc = tl.zeros([BN, BKB], dtype=tl.float32)
     for kb0 in range(0, KB, BKB):
         kbs = kb0 + tl.arange(0, BKB)
         mk = kbs < KB
-        xe, xo = _x_halves(x_ptr, p.to(tl.int64) * KB * 32, kbs, mk)
-        acc += _rows_dot(w_ptr, s_ptr, rows, kbs, mn[:, None] & mk[None, :], xe, xo, KB)
+        xs = _x_words(x_ptr, p.to(tl.int64) * KB * 32, kbs, mk)
+        acc += _rows_dot(w_ptr, s_ptr, rows, kbs, mn[:, None] & mk[None, :], xs, KB)
+    acc = tl.sum(acc, axis=1)
     acc += tl.load(bias_ptr + rows, mask=mn, other=0.0).to(tl.float32)
     if HAS_LORA:  # the pair's x·A: the sum of the partials that gate_up's tiles left ([pairs, PARTS, R])
         t = tl.arange(0, PARTS_P2)
@@ -192,12 +217,17 @@ def triton_gate_up(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, b
     if lora and xa.stride(1) != 1:
         xa = xa.contiguous()
     _gate_up_kernel[(tiles, rows.shape[0])](
-        x, rows, experts, blocks, scales, bias, xa if lora else x, lora_b if lora else x,
+        x, rows, experts, _words(blocks), scales, bias, xa if lora else x, lora_b if lora else x,
         down_a if down_lora else x, out, xd if down_lora else x, inter, blocks.shape[2],
         xa.stride(0) if lora else 0, alpha, limit, HAS_LORA=lora, R=lora_b.shape[1] if lora else 1,
         HAS_DOWN_A=down_lora, RD=down_a.shape[-1] if down_lora else 1, BJ=BJ, BKB=BKB_UP, num_warps=WARPS,
         num_stages=STAGES)
     return out, xd
+
+
+def _words(blocks: torch.Tensor) -> torch.Tensor:
+    """MXFP4 blocks [..., 16] uint8 viewed as [..., 4] int32 words, as the dot kernels read them (no copy)."""
+    return blocks.view(torch.int32)
 
 
 def _partials(x: torch.Tensor, pairs: int, parts: int, down_a: torch.Tensor | None) -> torch.Tensor:
@@ -215,7 +245,7 @@ def triton_down(act: torch.Tensor, experts: torch.Tensor, gate: torch.Tensor, bl
     lora = xd is not None
     parts = xd.shape[1] if lora else 1
     _down_kernel[(triton.cdiv(n, BN), act.shape[0])](
-        act, experts, gate, blocks, scales, bias, xd if lora else act, lora_b if lora else act, out, n,
+        act, experts, gate, _words(blocks), scales, bias, xd if lora else act, lora_b if lora else act, out, n,
         blocks.shape[2], parts, HAS_LORA=lora, R=lora_b.shape[1] if lora else 1,
         PARTS_P2=triton.next_power_of_2(parts), BN=BN, BKB=BKB_DOWN, num_warps=WARPS,
         num_stages=STAGES)
