@@ -27,6 +27,7 @@ torch's grouped GEMM (fast_decode.py), which reads each expert's weights per til
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -43,6 +44,9 @@ from engine.serve.mxfp4 import dequantize, swiglu
 BJ, BN, BKB_UP, BKB_DOWN, STAGES = 32, 16, 8, 16, 4
 DQ_BLOCKS = 64  # scale blocks per program of the dequantizing kernel
 WARPS = 4
+# PTX inline (one LOP3 in the code decoding) unless Triton's interpreter runs the kernels, which cannot run it:
+# the CPU tests then check the Triton twin's arithmetic, the GPU tests the PTX at real width
+ASM = os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 
 
 # ----- Triton
@@ -73,16 +77,24 @@ def _scale(s):
 # keeps subnormals). x is lifted by 2^64 so that every product with a weight stays a normal number, and each
 # block's scale takes back 2^(126 - 64).
 @triton.jit
-def _code_words(w):
+def _select(a, b, ASM: tl.constexpr):
+    """b's bits under the mask 0xFF88FF88, a's elsewhere (uint32). One LOP3 written out: from the and/or
+    form, LLVM narrows one mask by the bits it knows are zero and ptxas then needs three instructions.
+    ASM off (Triton's interpreter cannot run PTX) the same select in Triton arithmetic."""
+    if ASM:
+        return tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, 0xFF88FF88, 0xD8;", "=r,r,r", [a, b],
+                                         dtype=tl.uint32, is_pure=True, pack=1)
+    return a ^ ((a ^ b) & 0xFF88FF88)
+
+
+@triton.jit
+def _code_words(w, ASM: tl.constexpr):
     """A word of 8 codes (int32, 4 bytes as stored) -> two words of 4 codes each, each code's 3 magnitude
     bits where they were and its sign bit 9 bits above them: `a` holds bytes 0 and 2's codes, `b` bytes 1 and
     3's, moved down a byte. Then one shift and one mask place any code (`_code_f32`): two operations a
-    value, and one select (a LOP3) a word for each of `a` and `b`."""
+    value, and a shift or two and one select a word for each of `a` and `b`."""
     u = w.to(tl.uint32, bitcast=True)
-    a = u ^ ((u ^ (u << 6)) & 0xFF88FF88)  # bit select (one LOP3): u's bits outside the mask, u << 6's in it
-    hi = u >> 8
-    b = hi ^ ((hi ^ (u >> 2)) & 0xFF88FF88)
-    return a, b
+    return _select(u, u << 6, ASM), _select(u >> 8, u >> 2, ASM)
 
 
 @triton.jit
@@ -99,13 +111,13 @@ def _dot_scale(s):
 
 
 @triton.jit
-def _rows_dot(w_ptr, s_ptr, rows, kbs, mask, xs, KB):
+def _rows_dot(w_ptr, s_ptr, rows, kbs, mask, xs, KB, ASM: tl.constexpr):
     """Each scale block's sum (scaled) of weight rows `rows` (absolute, [R]) times x over blocks `kbs`: [R,
     BKB]. `w_ptr` holds the codes as int32 words (4 a block); `xs` is `_x_words`' 8 tensors. A thread holds
     whole blocks: a block's sum needs no other thread's values."""
     off = rows[:, None] * KB + kbs[None, :]
     words = tl.load(w_ptr + off[:, :, None] * 4 + tl.arange(0, 4)[None, None, :], mask=mask[:, :, None], other=0)
-    a, b = _code_words(words)
+    a, b = _code_words(words, ASM)
     t = _code_f32(a, 22) * xs[0][None]  # bytes 0/2 low and high codes: values 0, 1, 4, 5 of the word
     t += _code_f32(a, 18) * xs[1][None]
     t += _code_f32(a, 6) * xs[4][None]
@@ -145,7 +157,8 @@ def _lora_b(xa, b_ptr, e, cols, mask, width, R: tl.constexpr):
 @triton.jit
 def _gate_up_kernel(x_ptr, rows_ptr, experts_ptr, w_ptr, s_ptr, bias_ptr, xa_ptr, b_ptr, a_down_ptr, out_ptr, xd_ptr,
                     INTER, KB, XA_ROW, alpha, limit, HAS_LORA: tl.constexpr, R: tl.constexpr,
-                    HAS_DOWN_A: tl.constexpr, RD: tl.constexpr, BJ: tl.constexpr, BKB: tl.constexpr):
+                    HAS_DOWN_A: tl.constexpr, RD: tl.constexpr, BJ: tl.constexpr, BKB: tl.constexpr,
+                    ASM: tl.constexpr):
     p = tl.program_id(1)
     row = tl.load(rows_ptr + p).to(tl.int64)
     e = tl.load(experts_ptr + p).to(tl.int64)
@@ -159,8 +172,8 @@ def _gate_up_kernel(x_ptr, rows_ptr, experts_ptr, w_ptr, s_ptr, bias_ptr, xa_ptr
         mk = kbs < KB
         xs = _x_words(x_ptr, row * KB * 32, kbs, mk)
         m2 = mj[:, None] & mk[None, :]
-        acc_g += _rows_dot(w_ptr, s_ptr, gate_rows, kbs, m2, xs, KB)
-        acc_u += _rows_dot(w_ptr, s_ptr, gate_rows + 1, kbs, m2, xs, KB)
+        acc_g += _rows_dot(w_ptr, s_ptr, gate_rows, kbs, m2, xs, KB, ASM)
+        acc_u += _rows_dot(w_ptr, s_ptr, gate_rows + 1, kbs, m2, xs, KB, ASM)
     acc_g = tl.sum(acc_g, axis=1)
     acc_u = tl.sum(acc_u, axis=1)
     acc_g += tl.load(bias_ptr + gate_rows, mask=mj, other=0.0).to(tl.float32)
@@ -183,7 +196,7 @@ def _gate_up_kernel(x_ptr, rows_ptr, experts_ptr, w_ptr, s_ptr, bias_ptr, xa_ptr
 @triton.jit
 def _down_kernel(x_ptr, experts_ptr, gate_ptr, w_ptr, s_ptr, bias_ptr, xd_ptr, b_ptr, out_ptr, N, KB, PARTS,
                  HAS_LORA: tl.constexpr, R: tl.constexpr, PARTS_P2: tl.constexpr, BN: tl.constexpr,
-                 BKB: tl.constexpr):
+                 BKB: tl.constexpr, ASM: tl.constexpr):
     p = tl.program_id(1)
     e = tl.load(experts_ptr + p).to(tl.int64)
     n = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -194,7 +207,7 @@ def _down_kernel(x_ptr, experts_ptr, gate_ptr, w_ptr, s_ptr, bias_ptr, xd_ptr, b
         kbs = kb0 + tl.arange(0, BKB)
         mk = kbs < KB
         xs = _x_words(x_ptr, p.to(tl.int64) * KB * 32, kbs, mk)
-        acc += _rows_dot(w_ptr, s_ptr, rows, kbs, mn[:, None] & mk[None, :], xs, KB)
+        acc += _rows_dot(w_ptr, s_ptr, rows, kbs, mn[:, None] & mk[None, :], xs, KB, ASM)
     acc = tl.sum(acc, axis=1)
     acc += tl.load(bias_ptr + rows, mask=mn, other=0.0).to(tl.float32)
     if HAS_LORA:  # the pair's x·A: the sum of the partials that gate_up's tiles left ([pairs, PARTS, R])
@@ -220,7 +233,7 @@ def triton_gate_up(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, b
         x, rows, experts, _words(blocks), scales, bias, xa if lora else x, lora_b if lora else x,
         down_a if down_lora else x, out, xd if down_lora else x, inter, blocks.shape[2],
         xa.stride(0) if lora else 0, alpha, limit, HAS_LORA=lora, R=lora_b.shape[1] if lora else 1,
-        HAS_DOWN_A=down_lora, RD=down_a.shape[-1] if down_lora else 1, BJ=BJ, BKB=BKB_UP, num_warps=WARPS,
+        HAS_DOWN_A=down_lora, RD=down_a.shape[-1] if down_lora else 1, BJ=BJ, BKB=BKB_UP, ASM=ASM, num_warps=WARPS,
         num_stages=STAGES)
     return out, xd
 
@@ -247,7 +260,7 @@ def triton_down(act: torch.Tensor, experts: torch.Tensor, gate: torch.Tensor, bl
     _down_kernel[(triton.cdiv(n, BN), act.shape[0])](
         act, experts, gate, _words(blocks), scales, bias, xd if lora else act, lora_b if lora else act, out, n,
         blocks.shape[2], parts, HAS_LORA=lora, R=lora_b.shape[1] if lora else 1,
-        PARTS_P2=triton.next_power_of_2(parts), BN=BN, BKB=BKB_DOWN, num_warps=WARPS,
+        PARTS_P2=triton.next_power_of_2(parts), BN=BN, BKB=BKB_DOWN, ASM=ASM, num_warps=WARPS,
         num_stages=STAGES)
     return out
 
