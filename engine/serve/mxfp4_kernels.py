@@ -77,31 +77,39 @@ def _scale(s):
 # keeps subnormals). x is lifted by 2^64 so that every product with a weight stays a normal number, and each
 # block's scale takes back 2^(126 - 64).
 @triton.jit
-def _select(a, b, ASM: tl.constexpr):
-    """b's bits under the mask 0xFF88FF88, a's elsewhere (uint32). One LOP3 written out: from the and/or
-    form, LLVM narrows one mask by the bits it knows are zero and ptxas then needs three instructions.
-    ASM off (Triton's interpreter cannot run PTX) the same select in Triton arithmetic."""
+def _rotl(u, k: tl.constexpr):
+    """u rotated left by k bits (uint32; one funnel shift)."""
+    return (u << k) | (u >> (32 - k))
+
+
+@triton.jit
+def _select(a, b, MASK: tl.constexpr, ASM: tl.constexpr):
+    """b's bits under MASK, a's elsewhere (uint32). One LOP3 written out: from the and/or form, LLVM narrows
+    one mask by the bits it knows are zero and ptxas then needs three instructions. ASM off (Triton's
+    interpreter cannot run PTX) the same select in Triton arithmetic."""
     if ASM:
-        return tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, 0xFF88FF88, 0xD8;", "=r,r,r", [a, b],
+        return tl.inline_asm_elementwise(f"lop3.b32 $0, $1, $2, {MASK}, 0xD8;", "=r,r,r", [a, b],
                                          dtype=tl.uint32, is_pure=True, pack=1)
-    return a ^ ((a ^ b) & 0xFF88FF88)
+    return a ^ ((a ^ b) & MASK)
 
 
 @triton.jit
 def _code_words(w, ASM: tl.constexpr):
     """A word of 8 codes (int32, 4 bytes as stored) -> two words of 4 codes each, each code's 3 magnitude
-    bits where they were and its sign bit 9 bits above them: `a` holds bytes 0 and 2's codes, `b` bytes 1 and
-    3's, moved down a byte. Then one shift and one mask place any code (`_code_f32`): two operations a
-    value, and a shift or two and one select a word for each of `a` and `b`."""
+    bits where they were and its sign bit 9 bits above them (mod 32): `a` holds bytes 0 and 2's codes, `b`
+    bytes 1 and 3's. A rotation and two selects a word; then one shift (a rotation for b's upper two) and one
+    mask a value (`_code_f32`)."""
     u = w.to(tl.uint32, bitcast=True)
-    return _select(u, u << 6, ASM), _select(u >> 8, u >> 2, ASM)
+    r = _rotl(u, 6)  # each sign bit 6 bits up: 3 above its code's bit 0 -> 9
+    return _select(u, r, 0xFF88FF88, ASM), _select(u, r, 0x88FF88FF, ASM)
 
 
 @triton.jit
-def _code_f32(a, shift: tl.constexpr):
-    """The code at bit 22 - `shift` of `_code_words`' word -> e2m1 value * 2^-126 as fp32 bits: the 3
-    magnitude bits to the exponent's low 2 bits and the mantissa's top bit, the sign to bit 31."""
-    return ((a << shift) & 0x81C00000).to(tl.float32, bitcast=True)
+def _code_f32(moved):
+    """A `_code_words` word moved (shifted or rotated left) so that a code's magnitude sits at bits 22-24
+    and its sign at bit 31 -> that code's e2m1 value * 2^-126 as fp32 bits (the magnitude bits are the
+    exponent's low 2 bits and the mantissa's top bit)."""
+    return (moved & 0x81C00000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -118,14 +126,14 @@ def _rows_dot(w_ptr, s_ptr, rows, kbs, mask, xs, KB, ASM: tl.constexpr):
     off = rows[:, None] * KB + kbs[None, :]
     words = tl.load(w_ptr + off[:, :, None] * 4 + tl.arange(0, 4)[None, None, :], mask=mask[:, :, None], other=0)
     a, b = _code_words(words, ASM)
-    t = _code_f32(a, 22) * xs[0][None]  # bytes 0/2 low and high codes: values 0, 1, 4, 5 of the word
-    t += _code_f32(a, 18) * xs[1][None]
-    t += _code_f32(a, 6) * xs[4][None]
-    t += _code_f32(a, 2) * xs[5][None]
-    t += _code_f32(b, 22) * xs[2][None]  # bytes 1/3: values 2, 3, 6, 7
-    t += _code_f32(b, 18) * xs[3][None]
-    t += _code_f32(b, 6) * xs[6][None]
-    t += _code_f32(b, 2) * xs[7][None]
+    t = _code_f32(a << 22) * xs[0][None]  # bytes 0 and 2: values 0, 1, 4, 5 of the word (codes at bits 0, 4, 16, 20)
+    t += _code_f32(a << 18) * xs[1][None]
+    t += _code_f32(a << 6) * xs[4][None]
+    t += _code_f32(a << 2) * xs[5][None]
+    t += _code_f32(b << 14) * xs[2][None]  # bytes 1 and 3: values 2, 3, 6, 7 (codes at bits 8, 12, 24, 28)
+    t += _code_f32(b << 10) * xs[3][None]
+    t += _code_f32(_rotl(b, 30)) * xs[6][None]  # their signs sit at bits 1 and 5: a rotation, not a shift
+    t += _code_f32(_rotl(b, 26)) * xs[7][None]
     s = tl.load(s_ptr + off, mask=mask, other=0)
     return tl.sum(t, axis=2) * _dot_scale(s)
 
