@@ -27,7 +27,6 @@ torch's grouped GEMM (fast_decode.py), which reads each expert's weights per til
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -44,9 +43,6 @@ from engine.serve.mxfp4 import dequantize, swiglu
 BJ, BN, BKB_UP, BKB_DOWN, STAGES = 32, 16, 8, 16, 4
 DQ_BLOCKS = 64  # scale blocks per program of the dequantizing kernel
 WARPS = 4
-# PTX inline (one LOP3 in the code decoding) unless Triton's interpreter runs the kernels, which cannot run it:
-# the CPU tests then check the Triton twin's arithmetic, the GPU tests the PTX at real width
-ASM = os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 
 
 # ----- Triton
@@ -241,9 +237,15 @@ def triton_gate_up(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, b
         x, rows, experts, _words(blocks), scales, bias, xa if lora else x, lora_b if lora else x,
         down_a if down_lora else x, out, xd if down_lora else x, inter, blocks.shape[2],
         xa.stride(0) if lora else 0, alpha, limit, HAS_LORA=lora, R=lora_b.shape[1] if lora else 1,
-        HAS_DOWN_A=down_lora, RD=down_a.shape[-1] if down_lora else 1, BJ=BJ, BKB=BKB_UP, ASM=ASM, num_warps=WARPS,
+        HAS_DOWN_A=down_lora, RD=down_a.shape[-1] if down_lora else 1, BJ=BJ, BKB=BKB_UP, ASM=_asm(), num_warps=WARPS,
         num_stages=STAGES)
     return out, xd
+
+
+def _asm() -> bool:
+    """PTX inline in the dot kernels (one LOP3 in decoding) unless Triton's interpreter runs them, which
+    cannot run PTX: the CPU tests then check the Triton twin's arithmetic, the GPU tests the PTX at real width."""
+    return not triton.knobs.runtime.interpret
 
 
 def _words(blocks: torch.Tensor) -> torch.Tensor:
@@ -268,7 +270,7 @@ def triton_down(act: torch.Tensor, experts: torch.Tensor, gate: torch.Tensor, bl
     _down_kernel[(triton.cdiv(n, BN), act.shape[0])](
         act, experts, gate, _words(blocks), scales, bias, xd if lora else act, lora_b if lora else act, out, n,
         blocks.shape[2], parts, HAS_LORA=lora, R=lora_b.shape[1] if lora else 1,
-        PARTS_P2=triton.next_power_of_2(parts), BN=BN, BKB=BKB_DOWN, ASM=ASM, num_warps=WARPS,
+        PARTS_P2=triton.next_power_of_2(parts), BN=BN, BKB=BKB_DOWN, ASM=_asm(), num_warps=WARPS,
         num_stages=STAGES)
     return out
 
