@@ -24,18 +24,20 @@ advice, and questions that name a specialist's subject but ask for something els
 Fisher discriminant against the unrelated prompts adds to it (_discriminants): nearest-example cosine
 reads a prompt's topic as much as its request, so "I need my Japanese friend's words for 'I miss you'"
 or a priced word problem about rice sat nearer unrelated prompts than any example; whitening by the
-unrelated prompts' spread keeps what all examples share and they lack (on the tuning data 95.2 -> 96.7 %
-at 0.4 -> 0.8 % of unrelated prompts routed). It depends on that specialist's examples and the unrelated
+unrelated prompts' spread keeps what all examples share and they lack (on the tuning data 95.2 -> 96.9 %
+at 0.4 -> 0.7 % of unrelated prompts routed). Its scores of the unrelated prompts that set the centre
+(below) are in-sample: it was fit on them. It depends on that specialist's examples and the unrelated
 set only, never on how many other specialists exist.
 
 Why this calibration: per view, the margin is measured from where the most specialist-like 1 % of the
 unrelated prompts sit (each with itself left out), but never below MIN_CENTRE, and the best view counts.
 So probability 0.5 means "as specialist-like as 1 in 100 unrelated prompts, by one view or another, and
 at least MIN_CENTRE nearer a specialist's examples than the unrelated ones". With the mean example in
-the margin, the 1 % point of the shipped samples' specialists lies below MIN_CENTRE in every view, so
-MIN_CENTRE is what holds: 0.4 % of the tuning data's unrelated prompts routed, 0.6 % held out. Without
-the floor, tuning accuracy rose 1.2 points but a lone math specialist took 26 % of other tasks' and
-unrelated prompts (11 % with it). Below the threshold, base answers.
+the margin, the 1 % point of the shipped samples' specialists lies below MIN_CENTRE in every view (with
+the discriminant, in most views of most draws), so MIN_CENTRE is what holds: 0.7 % of the tuning data's
+unrelated prompts routed. Without the floor (before the discriminant), tuning accuracy rose 1.2 points
+but a lone math specialist took 26 % of other tasks' and unrelated prompts (11 % with it). Below the
+threshold, base answers.
 
 Why examples in other programming languages: a code specialist's examples name Python; the encoders
 read "a SQL query" or "a Rust function" as another subject. An example that names a programming language
@@ -76,13 +78,14 @@ OWN_Q = 0.1  # see fit: which shipped unrelated prompts a specialist's own examp
 CENTROID_W = 0.5  # weight of the specialist's mean example beside its nearest one (see _margins)
 # The discriminant term (see _discriminants and _margins): its weight per unit of the unrelated prompts'
 # spread; how far the covariance it whitens with is pulled towards a sphere (20 examples and ~700 prompts
-# in 384-512 dimensions); and how near (nearest example minus the unrelated side) a specialist's example
-# must be for it to count at all. On the tuning data (n=20, 5 seeds; accuracy / unrelated routed / a lone
-# math specialist's other prompts routed): without it 95.2 / 0.4 / 9.5 %; weight 0.015 everywhere
-# 97.3 / 1.4 / 13.4 % (a lone math specialist took "Write a Python function that reverses a list."
-# at 1.00: code is as unlike the unrelated prompts as math is); only near an example (-0.05)
-# 96.7 / 0.8 / 11.9 %, (0.0) 95.6 / 0.5 / 9.5 %. Shrinking by 0.3 or 0.7 moved nothing by > 0.1 point.
-DISCRIMINANT_W = 0.015
+# in 384-512 dimensions); and how near (nearest example minus the unrelated side) one of the specialist's
+# examples must be for it to count at all. On the tuning data (n=20, 5 seeds; accuracy / unrelated routed
+# / a lone math specialist's other prompts routed): without it 95.2 / 0.4 / 9.5 %; weight 0.015 with no
+# nearness asked 97.3 / 1.4 / 13.4 % (a lone math specialist took "Write a Python function that reverses
+# a list." at 1.00: code is as unlike the unrelated prompts as math is); asking -0.05: weight 0.015
+# 96.7 / 0.8 / 11.9 %, 0.02 96.9 / 0.7 / 12.1 %, 0.04 96.8 / 0.6 / 12.7 %; asking 0.0: 95.6 / 0.5 / 9.5 %.
+# Shrinking by 0.3 or 0.7 instead moved nothing by more than 0.1 point.
+DISCRIMINANT_W = 0.02
 DISCRIMINANT_SHRINK = 0.5
 DISCRIMINANT_NEAR = -0.05
 LANGUAGE_DIRECTIONS = 16  # how many directions of language, not meaning, e5's vectors lose (see Encoder)
