@@ -32,7 +32,6 @@ from bench.serve_bench import decode_rate, sync  # noqa: E402
 GROUPS = (
     ("experts gate_up (MXFP4)", r"gate_up_kernel"),
     ("experts down (MXFP4)", r"down_kernel"),
-    ("expert LoRA A", r"lora_a_kernel"),
     ("attention (Triton)", r"attn|attention|flash|_decode_kernel|_combine_kernel"),
     ("cuBLAS GEMM/GEMV", r"gemv|gemm|cutlass|xmma|sm\d\d_|ampere_|cublas|splitK"),
     ("inductor fused", r"^triton_"),

@@ -68,13 +68,15 @@ def test_mxfp4_kernels_at_real_width_match_exact_dequantization(pairs):
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
         x = rnd(pairs // 4, h).to(dtype)
         cast = [t.to(dtype) for t in (gbias, dbias, a, b, a2, b2, gate)]
-        xa = x @ K.pack_gate_up_a(cast[2]).T
-        act = K.triton_gate_up(x, rows, experts, gb, gs, cast[0], xa, cast[3], 1.702, 7.0)
-        xd = K.triton_lora_a(act, torch.arange(pairs, device="cuda"), experts, cast[4])
+        # xa as the decoder makes it: split from the router's product (rows strided by e * r + e)
+        xa = (x @ torch.cat([K.pack_gate_up_a(cast[2]), rnd(e, h).to(dtype)]).T).split([e * r, e], -1)[0]
+        act, xd = K.triton_gate_up(x, rows, experts, gb, gs, cast[0], xa, cast[3], cast[4], 1.702, 7.0)
         out = K.triton_down(act, experts, cast[6], db, ds, cast[1], xd, cast[5])
-        for got, want in ((xd, K.exact_lora_a(act, torch.arange(pairs, device="cuda"), experts, cast[4])),
-                          (act, K.exact_gate_up(x, rows, experts, gb, gs, cast[0], xa, cast[3], 1.702, 7.0)),
-                          (out, K.exact_down(act, experts, cast[6], db, ds, cast[1], xd, cast[5]))):
+        act_x, _ = K.exact_gate_up(x, rows, experts, gb, gs, cast[0], xa, cast[3], None, 1.702, 7.0)
+        # down's x·A from the kernel's own activations (their bf16 rounding then does not count twice)
+        xd_k = torch.stack([act[p].float() @ cast[4][experts[p]].float() for p in range(pairs)])[:, None]
+        for got, want in ((xd.sum(1, keepdim=True), xd_k), (act, act_x),
+                          (out, K.exact_down(act, experts, cast[6], db, ds, cast[1], xd_k, cast[5]))):
             err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
             assert err < tol, (dtype, err)
 
@@ -175,9 +177,9 @@ def test_grouped_prefill_experts_at_real_width_match_exact_dequantization():
 
     experts, perm = torch.sort(top_i.reshape(-1))
     rows, gate = perm // k, gates.reshape(-1)[perm]
-    act = K.exact_gate_up(x32, rows, experts, gb, gs, w32["gate_up_proj_bias"], F.linear(x32, lora32["gate_up_proj.A"]),
-                          lora32["gate_up_proj.B"], 1.702, 7.0)
-    xd = K.exact_lora_a(act, torch.arange(n * k, device="cuda"), experts, lora32["down_proj.A"])
+    act, xd = K.exact_gate_up(x32, rows, experts, gb, gs, w32["gate_up_proj_bias"],
+                              F.linear(x32, lora32["gate_up_proj.A"]), lora32["gate_up_proj.B"],
+                              lora32["down_proj.A"], 1.702, 7.0)
     y = K.exact_down(act, experts, gate, db, ds, w32["down_proj_bias"], xd, lora32["down_proj.B"])
     want = y.new_empty(y.shape).index_copy_(0, perm, y).view(n, k, -1).sum(1)
 

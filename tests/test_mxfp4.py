@@ -150,15 +150,21 @@ A, B = torch.randn(E, H, R, generator=gen), torch.randn(E, R, 2 * I, generator=g
 A2, B2 = torch.randn(E, I, R, generator=gen), torch.randn(E, R, H, generator=gen) * 0.1
 def close(a, b):
     assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5, (a, b)
-close(K.triton_lora_a(x, rows, experts, A), K.exact_lora_a(x, rows, experts, A))
-xa = x @ K.pack_gate_up_a(A).T
-for xa_, b_ in ((None, None), (xa, B)):
-    act = K.triton_gate_up(x, rows, experts, gb, gs, gbias, xa_, b_, 1.702, 7.0)
-    close(act, K.exact_gate_up(x, rows, experts, gb, gs, gbias, xa_, b_, 1.702, 7.0))
-xd = K.triton_lora_a(act, torch.arange(n * k), experts, A2)
-for xd_, b_ in ((None, None), (xd, B2)):
-    close(K.triton_down(act, experts, gate, db, ds, dbias, xd_, b_),
-          K.exact_down(act, experts, gate, db, ds, dbias, xd_, b_))
+# xa as the decoder makes it: split from the router's product, rows strided by experts * R + experts
+xa = (x @ torch.cat([K.pack_gate_up_a(A), torch.randn(E, H, generator=gen)]).T).split([E * R, E], -1)[0]
+assert not xa.is_contiguous()
+for xa_, b_, a2_ in ((None, None, None), (xa, B, None), (xa, B, A2), (None, None, A2)):
+    act, xd = K.triton_gate_up(x, rows, experts, gb, gs, gbias, xa_, b_, a2_, 1.702, 7.0)
+    act_x, xd_x = K.exact_gate_up(x, rows, experts, gb, gs, gbias, xa_, b_, a2_, 1.702, 7.0)
+    close(act, act_x)
+    if a2_ is None:
+        assert xd.numel() == 0 and xd_x.numel() == 0
+        continue
+    assert xd.shape == (n * k, -(-I // K.BJ), R) and xd_x.shape == (n * k, 1, R)  # a part per tile / one
+    close(xd.sum(1), xd_x[:, 0])
+    for xd_, b2_ in ((None, None), (xd, B2)):
+        close(K.triton_down(act, experts, gate, db, ds, dbias, xd_, b2_),
+              K.exact_down(act, experts, gate, db, ds, dbias, xd_x if xd_ is not None else None, b2_))
 print("kernels ok")
 """
 

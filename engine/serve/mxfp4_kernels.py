@@ -9,10 +9,12 @@ Work is a list of routed (token, expert) pairs sorted by expert, so pairs that s
 weights back to back (from L2). Each kernel program takes one pair and a tile of output rows, reads that
 expert's 4-bit rows once, dequantizes in registers (e2m1 bits placed straight into fp32 ones, scale
 applied per 32-value block) and accumulates in fp32; no bf16 copy of a weight is ever written. The adapter's expert
-LoRA rides along: the two expert kernels add (x·A)·B in their epilogue (x·A for gate_up is one dense
-product over every expert's A; for down a split-K kernel, since one program per pair looping over K
-was latency-bound). gate_up fuses GPT-OSS's clamped SwiGLU; down multiplies by the routing weight. Nothing
-here needs FP8, TMA or wgmma, so it runs on Ampere (sm_80/86) as on Hopper.
+LoRA rides along: the two expert kernels add (x·A)·B in their epilogue. x·A for gate_up is one dense
+product over every expert's A; for down, each gate_up program multiplies the tile of activations it
+holds by its rows of A and stores that partial sum in its own slot, which the down kernel's programs add
+up (no launch of its own, no zero-fill, no atomics). gate_up fuses GPT-OSS's clamped SwiGLU; down
+multiplies by the routing weight. Nothing here needs FP8, TMA or wgmma, so it runs on Ampere (sm_80/86)
+as on Hopper.
 
 Each is a torch custom op (opaque to torch.compile, capturable in CUDA graphs) whose CPU version is the
 exact dequantizing path, the one the tests check (the kernels are tested against it on a GPU, and in
@@ -33,10 +35,12 @@ import triton.language as tl
 
 from engine.serve.mxfp4 import dequantize, swiglu
 
-# gate/up units and down rows per program, scale blocks per step of each, x·A's K per program: the fastest of
-# bench/mxfp4_tune.py's grid at batch 1 on an H200 (gate_up 84 -> 61 µs, down 57 -> 45 µs a launch, timed
-# alone; at batch 8 within 2 % of the best)
-BJ, BN, BKB_UP, BKB_DOWN, BK_LORA = 32, 32, 8, 16, 256
+# gate/up units and down rows per program, scale blocks per step of each, loop pipelining stages. gate_up's
+# tiles from bench/mxfp4_tune.py's grid at batch 1 on an H200; down's 16 rows and 4 stages as the whole decode
+# step judged (decode_profile.py, H200, against 32 rows and Triton's default 3 stages: down's time a step
+# 469 -> 459 µs without an adapter, ~515 -> 493 µs with a specialist; 4 stages alone changed neither kernel;
+# the tune, whose weights stay in L2 across its launches, had 32 rows ahead by 3 %)
+BJ, BN, BKB_UP, BKB_DOWN, STAGES = 32, 16, 8, 16, 4
 DQ_BLOCKS = 64  # scale blocks per program of the dequantizing kernel
 WARPS = 4
 
@@ -109,18 +113,17 @@ def _x_halves(x_ptr, base, kbs, mk):
 
 
 @triton.jit
-def _lora_b(xa_ptr, b_ptr, e, cols, mask, width, R: tl.constexpr):
-    """(x·A) · B[e][:, cols] for one pair (`xa_ptr` at its R values): B is [experts, R, width]."""
+def _lora_b(xa, b_ptr, e, cols, mask, width, R: tl.constexpr):
+    """(x·A) · B[e][:, cols] for one pair, `xa` its R values in fp32: B is [experts, R, width]."""
     r = tl.arange(0, R)
-    xa = tl.load(xa_ptr + r).to(tl.float32)
     b = tl.load(b_ptr + (e * R + r[:, None]) * width + cols[None, :], mask=mask[None, :], other=0.0)
     return tl.sum(xa[:, None] * b.to(tl.float32), axis=0)
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, rows_ptr, experts_ptr, w_ptr, s_ptr, bias_ptr, xa_ptr, b_ptr, out_ptr,
-                    INTER, KB, E, alpha, limit, HAS_LORA: tl.constexpr, R: tl.constexpr, BJ: tl.constexpr,
-                    BKB: tl.constexpr):
+def _gate_up_kernel(x_ptr, rows_ptr, experts_ptr, w_ptr, s_ptr, bias_ptr, xa_ptr, b_ptr, a_down_ptr, out_ptr, xd_ptr,
+                    INTER, KB, XA_ROW, alpha, limit, HAS_LORA: tl.constexpr, R: tl.constexpr,
+                    HAS_DOWN_A: tl.constexpr, RD: tl.constexpr, BJ: tl.constexpr, BKB: tl.constexpr):
     p = tl.program_id(1)
     row = tl.load(rows_ptr + p).to(tl.int64)
     e = tl.load(experts_ptr + p).to(tl.int64)
@@ -138,19 +141,25 @@ def _gate_up_kernel(x_ptr, rows_ptr, experts_ptr, w_ptr, s_ptr, bias_ptr, xa_ptr
         acc_u += _rows_dot(w_ptr, s_ptr, gate_rows + 1, kbs, m2, xe, xo, KB)
     acc_g += tl.load(bias_ptr + gate_rows, mask=mj, other=0.0).to(tl.float32)
     acc_u += tl.load(bias_ptr + gate_rows + 1, mask=mj, other=0.0).to(tl.float32)
-    if HAS_LORA:  # xa is [rows, experts * R]: every expert's x·A for each token row
-        xa_at = xa_ptr + (row * E + e) * R
-        acc_g += _lora_b(xa_at, b_ptr, e, 2 * j, mj, 2 * INTER, R)
-        acc_u += _lora_b(xa_at, b_ptr, e, 2 * j + 1, mj, 2 * INTER, R)
+    if HAS_LORA:  # xa holds every expert's x·A for each token row ([rows, experts * R], row stride XA_ROW)
+        xa = tl.load(xa_ptr + row * XA_ROW + e * R + tl.arange(0, R)).to(tl.float32)
+        acc_g += _lora_b(xa, b_ptr, e, 2 * j, mj, 2 * INTER, R)
+        acc_u += _lora_b(xa, b_ptr, e, 2 * j + 1, mj, 2 * INTER, R)
     gate = tl.minimum(acc_g, limit)
     up = tl.minimum(tl.maximum(acc_u, -limit), limit)
-    act = (up + 1) * (gate * tl.sigmoid(gate * alpha))
-    tl.store(out_ptr + p * INTER + j, act.to(out_ptr.dtype.element_ty), mask=mj)
+    act = ((up + 1) * (gate * tl.sigmoid(gate * alpha))).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + p * INTER + j, act, mask=mj)
+    if HAS_DOWN_A:  # this tile's share of down's x·A (act as stored), into its own slot: no atomics, no zeroing
+        rd = tl.arange(0, RD)
+        a = tl.load(a_down_ptr + (e * INTER + j[:, None]) * RD + rd[None, :], mask=mj[:, None], other=0.0)
+        part = tl.sum(act.to(tl.float32)[:, None] * a.to(tl.float32), axis=0)
+        tl.store(xd_ptr + (p * tl.num_programs(0) + tl.program_id(0)) * RD + rd, part)
 
 
 @triton.jit
-def _down_kernel(x_ptr, experts_ptr, gate_ptr, w_ptr, s_ptr, bias_ptr, xa_ptr, b_ptr, out_ptr,
-                 N, KB, HAS_LORA: tl.constexpr, R: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr):
+def _down_kernel(x_ptr, experts_ptr, gate_ptr, w_ptr, s_ptr, bias_ptr, xd_ptr, b_ptr, out_ptr, N, KB, PARTS,
+                 HAS_LORA: tl.constexpr, R: tl.constexpr, PARTS_P2: tl.constexpr, BN: tl.constexpr,
+                 BKB: tl.constexpr):
     p = tl.program_id(1)
     e = tl.load(experts_ptr + p).to(tl.int64)
     n = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -163,55 +172,53 @@ def _down_kernel(x_ptr, experts_ptr, gate_ptr, w_ptr, s_ptr, bias_ptr, xa_ptr, b
         xe, xo = _x_halves(x_ptr, p.to(tl.int64) * KB * 32, kbs, mk)
         acc += _rows_dot(w_ptr, s_ptr, rows, kbs, mn[:, None] & mk[None, :], xe, xo, KB)
     acc += tl.load(bias_ptr + rows, mask=mn, other=0.0).to(tl.float32)
-    if HAS_LORA:
-        acc += _lora_b(xa_ptr + p * R, b_ptr, e, n, mn, N, R)
+    if HAS_LORA:  # the pair's x·A: the sum of the partials that gate_up's tiles left ([pairs, PARTS, R])
+        t = tl.arange(0, PARTS_P2)
+        parts = tl.load(xd_ptr + (p * PARTS + t[:, None]) * R + tl.arange(0, R)[None, :], mask=t[:, None] < PARTS,
+                        other=0.0)
+        acc += _lora_b(tl.sum(parts, axis=0), b_ptr, e, n, mn, N, R)
     acc *= tl.load(gate_ptr + p).to(tl.float32)
     tl.store(out_ptr + p * N + n, acc.to(out_ptr.dtype.element_ty), mask=mn)
 
 
-@triton.jit
-def _lora_a_kernel(x_ptr, rows_ptr, experts_ptr, a_ptr, out_ptr, K, R: tl.constexpr, BK: tl.constexpr):
-    """out[p] += x[rows[p], chunk] · A[experts[p]][chunk]: one program per pair and BK-wide chunk of K."""
-    p = tl.program_id(0)
-    row = tl.load(rows_ptr + p).to(tl.int64)
-    e = tl.load(experts_ptr + p).to(tl.int64)
-    r = tl.arange(0, R)
-    k = tl.program_id(1) * BK + tl.arange(0, BK)
-    mk = k < K
-    x = tl.load(x_ptr + row * K + k, mask=mk, other=0.0).to(tl.float32)
-    a = tl.load(a_ptr + (e * K + k[:, None]) * R + r[None, :], mask=mk[:, None], other=0.0).to(tl.float32)
-    tl.atomic_add(out_ptr + p * R + r, tl.sum(x[:, None] * a, axis=0))
-
-
-def triton_lora_a(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros(rows.shape[0], a.shape[-1], dtype=torch.float32, device=x.device)
-    _lora_a_kernel[(rows.shape[0], triton.cdiv(x.shape[1], BK_LORA))](x, rows, experts, a, out, x.shape[1],
-                                                                      R=a.shape[-1], BK=BK_LORA, num_warps=WARPS)
-    return out
-
-
 def triton_gate_up(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, blocks: torch.Tensor,
                    scales: torch.Tensor, bias: torch.Tensor, xa: torch.Tensor | None, lora_b: torch.Tensor | None,
-                   alpha: float, limit: float) -> torch.Tensor:
+                   down_a: torch.Tensor | None, alpha: float, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
     inter = blocks.shape[1] // 2
+    tiles = triton.cdiv(inter, BJ)
     out = x.new_empty(rows.shape[0], inter)
-    lora = xa is not None
-    _gate_up_kernel[(triton.cdiv(inter, BJ), rows.shape[0])](
-        x, rows, experts, blocks, scales, bias, xa if lora else x, lora_b if lora else x, out, inter,
-        blocks.shape[2], blocks.shape[0], alpha, limit, HAS_LORA=lora, R=lora_b.shape[1] if lora else 1, BJ=BJ,
-        BKB=BKB_UP, num_warps=WARPS)
-    return out
+    xd = _partials(x, rows.shape[0], tiles, down_a)
+    lora, down_lora = xa is not None, down_a is not None
+    if lora and xa.stride(1) != 1:
+        xa = xa.contiguous()
+    _gate_up_kernel[(tiles, rows.shape[0])](
+        x, rows, experts, blocks, scales, bias, xa if lora else x, lora_b if lora else x,
+        down_a if down_lora else x, out, xd if down_lora else x, inter, blocks.shape[2],
+        xa.stride(0) if lora else 0, alpha, limit, HAS_LORA=lora, R=lora_b.shape[1] if lora else 1,
+        HAS_DOWN_A=down_lora, RD=down_a.shape[-1] if down_lora else 1, BJ=BJ, BKB=BKB_UP, num_warps=WARPS,
+        num_stages=STAGES)
+    return out, xd
+
+
+def _partials(x: torch.Tensor, pairs: int, parts: int, down_a: torch.Tensor | None) -> torch.Tensor:
+    """Where gate_up leaves down's x·A: [pairs, parts, rank] fp32 partial sums, or an empty tensor."""
+    if down_a is None:
+        return x.new_empty(0, dtype=torch.float32)
+    return x.new_empty(pairs, parts, down_a.shape[-1], dtype=torch.float32)
 
 
 def triton_down(act: torch.Tensor, experts: torch.Tensor, gate: torch.Tensor, blocks: torch.Tensor,
-                scales: torch.Tensor, bias: torch.Tensor, xa: torch.Tensor | None,
+                scales: torch.Tensor, bias: torch.Tensor, xd: torch.Tensor | None,
                 lora_b: torch.Tensor | None) -> torch.Tensor:
     n = blocks.shape[1]
     out = act.new_empty(act.shape[0], n)
-    lora = xa is not None
+    lora = xd is not None
+    parts = xd.shape[1] if lora else 1
     _down_kernel[(triton.cdiv(n, BN), act.shape[0])](
-        act, experts, gate, blocks, scales, bias, xa if lora else act, lora_b if lora else act, out, n,
-        blocks.shape[2], HAS_LORA=lora, R=lora_b.shape[1] if lora else 1, BN=BN, BKB=BKB_DOWN, num_warps=WARPS)
+        act, experts, gate, blocks, scales, bias, xd if lora else act, lora_b if lora else act, out, n,
+        blocks.shape[2], parts, HAS_LORA=lora, R=lora_b.shape[1] if lora else 1,
+        PARTS_P2=triton.next_power_of_2(parts), BN=BN, BKB=BKB_DOWN, num_warps=WARPS,
+        num_stages=STAGES)
     return out
 
 
@@ -246,13 +253,6 @@ def _by_expert(experts: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     return [(e, (experts == e).nonzero().squeeze(1)) for e in experts.unique().tolist()]
 
 
-def exact_lora_a(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    out = torch.empty(rows.shape[0], a.shape[-1], dtype=torch.float32, device=x.device)
-    for e, sel in _by_expert(experts):
-        out[sel] = x[rows[sel]].float() @ a[e].float()
-    return out
-
-
 def _project(x: torch.Tensor, e: int, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor,
              xa: torch.Tensor | None, lora_b: torch.Tensor | None) -> torch.Tensor:
     y = x.float() @ dequantize(blocks[e], scales[e]).T + bias[e].float()
@@ -263,18 +263,24 @@ def _project(x: torch.Tensor, e: int, blocks: torch.Tensor, scales: torch.Tensor
 
 def exact_gate_up(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, blocks: torch.Tensor,
                   scales: torch.Tensor, bias: torch.Tensor, xa: torch.Tensor | None, lora_b: torch.Tensor | None,
-                  alpha: float, limit: float) -> torch.Tensor:
+                  down_a: torch.Tensor | None, alpha: float, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty(rows.shape[0], blocks.shape[1] // 2, dtype=torch.float32, device=x.device)
     for e, sel in _by_expert(experts):
         xa_e = None if xa is None else xa[rows[sel]].view(sel.shape[0], blocks.shape[0], -1)[:, e]
         out[sel] = swiglu(_project(x[rows[sel]], e, blocks, scales, bias, xa_e, lora_b), alpha, limit)
-    return out.to(x.dtype)
+    act = out.to(x.dtype)
+    xd = _partials(x, rows.shape[0], 1, down_a)  # one part: the whole x·A
+    if down_a is not None:
+        for e, sel in _by_expert(experts):
+            xd[sel, 0] = act[sel].float() @ down_a[e].float()
+    return act, xd
 
 
 def exact_down(act: torch.Tensor, experts: torch.Tensor, gate: torch.Tensor, blocks: torch.Tensor,
-               scales: torch.Tensor, bias: torch.Tensor, xa: torch.Tensor | None,
+               scales: torch.Tensor, bias: torch.Tensor, xd: torch.Tensor | None,
                lora_b: torch.Tensor | None) -> torch.Tensor:
     out = torch.empty(act.shape[0], blocks.shape[1], dtype=torch.float32, device=act.device)
+    xa = None if xd is None else xd.sum(1)
     for e, sel in _by_expert(experts):
         y = _project(act[sel], e, blocks, scales, bias, None if xa is None else xa[sel], lora_b)
         out[sel] = y * gate[sel, None].float()
@@ -282,42 +288,36 @@ def exact_down(act: torch.Tensor, experts: torch.Tensor, gate: torch.Tensor, blo
 
 
 # ----- custom ops: the Triton kernels on CUDA, the exact path elsewhere
-@torch.library.custom_op("tandem::mx_lora_a", mutates_args=())
-def lora_a(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """Each routed pair's x·A: [pairs, rank], fp32."""
-    return (triton_lora_a if x.is_cuda else exact_lora_a)(x, rows, experts, a)
-
-
-@lora_a.register_fake
-def _(x, rows, experts, a):
-    return x.new_empty(rows.shape[0], a.shape[-1], dtype=torch.float32)
-
-
 @torch.library.custom_op("tandem::mx_gate_up", mutates_args=())
 def gate_up(x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, blocks: torch.Tensor,
             scales: torch.Tensor, bias: torch.Tensor, xa: torch.Tensor | None, lora_b: torch.Tensor | None,
-            alpha: float, limit: float) -> torch.Tensor:
+            down_a: torch.Tensor | None, alpha: float, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
     """SwiGLU(x[rows] · W_gate_up[experts] + bias (+ LoRA)) per routed pair: [pairs, intermediate]. `xa` is
-    [rows, experts * rank], every expert's x·A for each row."""
+    [rows, experts * rank], every expert's x·A for each row. Also, with down's LoRA A `down_a` [experts,
+    intermediate, rank], the pairs' act·A as partial sums [pairs, parts, rank] fp32 for `down` (one part per
+    kernel tile on CUDA, one on the exact path; empty without `down_a`)."""
     return (triton_gate_up if x.is_cuda else exact_gate_up)(x, rows, experts, blocks, scales, bias, xa, lora_b,
-                                                            alpha, limit)
+                                                            down_a, alpha, limit)
 
 
 @gate_up.register_fake
-def _(x, rows, experts, blocks, scales, bias, xa, lora_b, alpha, limit):
-    return x.new_empty(rows.shape[0], blocks.shape[1] // 2)
+def _(x, rows, experts, blocks, scales, bias, xa, lora_b, down_a, alpha, limit):
+    inter = blocks.shape[1] // 2
+    return (x.new_empty(rows.shape[0], inter),
+            _partials(x, rows.shape[0], triton.cdiv(inter, BJ) if x.is_cuda else 1, down_a))
 
 
 @torch.library.custom_op("tandem::mx_down", mutates_args=())
 def down(act: torch.Tensor, experts: torch.Tensor, gate: torch.Tensor, blocks: torch.Tensor,
-         scales: torch.Tensor, bias: torch.Tensor, xa: torch.Tensor | None,
+         scales: torch.Tensor, bias: torch.Tensor, xd: torch.Tensor | None,
          lora_b: torch.Tensor | None) -> torch.Tensor:
-    """gate · (act · W_down[experts] + bias (+ LoRA)) per routed pair: [pairs, hidden]."""
-    return (triton_down if act.is_cuda else exact_down)(act, experts, gate, blocks, scales, bias, xa, lora_b)
+    """gate · (act · W_down[experts] + bias (+ LoRA, its x·A the sum over `xd`'s parts: `gate_up`)) per
+    routed pair: [pairs, hidden]."""
+    return (triton_down if act.is_cuda else exact_down)(act, experts, gate, blocks, scales, bias, xd, lora_b)
 
 
 @down.register_fake
-def _(act, experts, gate, blocks, scales, bias, xa, lora_b):
+def _(act, experts, gate, blocks, scales, bias, xd, lora_b):
     return act.new_empty(act.shape[0], blocks.shape[1])
 
 
@@ -343,11 +343,11 @@ def routed_experts(x: torch.Tensor, top_i: torch.Tensor, weights: torch.Tensor, 
     # every expert's x·A at once: one dense product (A packed as [experts * rank, hidden]) beats a routed one
     if up_lora and xa is None:
         xa = torch.nn.functional.linear(x, lora["gate_up_proj.A"])
-    act = gate_up(x, rows, experts, w["gate_up_proj_blocks"], w["gate_up_proj_scales"], w["gate_up_proj_bias"],
-                  xa, lora["gate_up_proj.B"] if up_lora else None, w["alpha"], w["limit"])
-    xd = lora_a(act, torch.arange(act.shape[0], device=x.device), experts, lora["down_proj.A"]) if down_lora else None
-    y = down(act, experts, gate, w["down_proj_blocks"], w["down_proj_scales"], w["down_proj_bias"], xd,
-             lora["down_proj.B"] if down_lora else None)
+    act, xd = gate_up(x, rows, experts, w["gate_up_proj_blocks"], w["gate_up_proj_scales"],
+                      w["gate_up_proj_bias"], xa, lora["gate_up_proj.B"] if up_lora else None,
+                      lora["down_proj.A"] if down_lora else None, w["alpha"], w["limit"])
+    y = down(act, experts, gate, w["down_proj_blocks"], w["down_proj_scales"], w["down_proj_bias"],
+             xd if down_lora else None, lora["down_proj.B"] if down_lora else None)
     if perm is not None:
         y = y.new_empty(y.shape).index_copy_(0, perm, y)
     return y.view(n, k, -1).sum(1)
