@@ -96,15 +96,15 @@ def bytes_per_token(dec, lora: bool) -> float:
     for i, w in enumerate(dec.layers):  # the experts the last step routed to, per layer
         routed = dec.routes[0][i].unique().numel() / dec.num_experts if dec.routes else 1.0
         for key, t in w.items():
-            # "*_wide": the stacked q/k/v and o_proj weights with their spare rows, read through "*_w" views
-            if hasattr(t, "element_size") and not key.startswith(("ln", "sinks")) and "wide" not in key:
+            if hasattr(t, "element_size") and not key.startswith(("ln", "sinks")):
                 expert = key.startswith(("gate_up_proj", "down_proj"))
                 total += t.numel() * t.element_size() * (routed if expert else 1)
     if lora and dec.active is not None:
         for i, layer in enumerate(dec.active.layers):
             routed = dec.routes[0][i].unique().numel() / dec.num_experts if dec.routes else 1.0
             for key, t in layer.items():
-                if key == "gate_up_proj.A" and "router.W" in layer:  # a view of router.W, read whole
+                # a view of router.W, read whole; attention reads the merged copy in place of the base weights
+                if (key == "gate_up_proj.A" and "router.W" in layer) or key.startswith(("qkv.", "o_proj.")):
                     continue
                 expert = key.startswith(("gate_up_proj", "down_proj"))
                 total += t.numel() * t.element_size() * (routed if expert else 1)

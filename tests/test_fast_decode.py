@@ -214,23 +214,38 @@ def test_detokenizer_deltas_add_up_to_the_full_decode(tokenizer, text):
 
 
 
-@pytest.mark.parametrize("spare", [0, 3, 8])  # A (rank 6) apart, apart (too few rows), in the spare rows
-@pytest.mark.parametrize("t", [1, 5])  # a step (the products as reductions) and a prompt chunk
-def test_lora_projection_reads_x_a_from_spare_weight_rows_when_it_fits(spare, t):
+def test_attention_lora_is_merged_for_the_selected_adapter_and_remerged_on_a_switch(base):
+    """The buffers a step reads hold W + PEFT's own delta for the selected adapter, a switch refills them
+    (back and forth gives the same logits), the base weights stay untouched, and the shared buffers are
+    not counted in any one adapter's packed bytes."""
     import torch
+    from peft import get_peft_model_state_dict
 
-    from engine.serve import fast_decode as fd
-
-    gen = torch.Generator().manual_seed(0)
-    linears = [torch.nn.Linear(16, n) for n in (12, 4, 4)]
-    wide = fd._rows_of_one(linears, spare)
-    assert all(m.weight.data_ptr() == wide[row:].data_ptr() for m, row in zip(linears, (0, 12, 16), strict=True))
-    bias = torch.cat([m.bias.detach() for m in linears])
-    w = {"qkv_wide": wide, "qkv_w": wide[:20], "qkv_b": bias, "qkv_bwide": torch.cat([bias, bias.new_zeros(spare)])}
-    lora = {"qkv.A": torch.randn(16, 6, generator=gen), "qkv.B": torch.randn(6, 20, generator=gen)}
-    if fd._fits(wide, 20, lora["qkv.A"]):
-        wide[20:26] = lora["qkv.A"].t()
-    x = torch.randn(2, t, 16, generator=gen)
-    want = torch.cat([m(x) for m in linears], -1) + (x @ lora["qkv.A"]) @ lora["qkv.B"]
-    with torch.no_grad():
-        torch.testing.assert_close(fd._lin(x, w, lora, "qkv", "qkv"), want)
+    model = _random_lora(_random_lora(base, "one", seed=5), "two", seed=6, modules=["q_proj", "o_proj"], rank=2)
+    try:
+        decoder = FastDecoder(model, max_len=64)
+        layer = model.get_base_model().model.layers[1].self_attn
+        q, o = layer.q_proj, layer.o_proj
+        base_q = q.get_base_layer().weight.detach().clone()
+        ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+        logits = {}
+        for name in ("one", "two", "one"):
+            decoder.select(name)
+            decoder.reuse = False
+            logits.setdefault(name, []).append(decoder.prefill(ids).clone())
+            merged = decoder.active.layers[1]
+            with torch.no_grad():
+                torch.testing.assert_close(merged["qkv.W"][:q.out_features], base_q + q.get_delta_weight(name))
+                torch.testing.assert_close(merged["o_proj.W"], o.get_base_layer().weight + o.get_delta_weight(name))
+        assert torch.equal(logits["one"][0], logits["one"][1])
+        assert (logits["one"][0] - logits["two"][0]).abs().max() > 1e-3
+        assert torch.equal(q.get_base_layer().weight, base_q)
+        decoder.select(None)
+        assert torch.equal(decoder.layers[1]["qkv_w"][:q.out_features], base_q)
+        shared = decoder.merged_bytes
+        assert shared == sum(4 * w[k].numel() for w in decoder.layers for k in ("qkv_w", "o_w"))
+        for name in ("one", "two"):
+            state = get_peft_model_state_dict(model, adapter_name=name)
+            assert decoder.pack_bytes(name) == decoder.pack_estimate(state)
+    finally:
+        model.unload()

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from textual.app import App
 
@@ -113,6 +114,37 @@ def test_a_python_trained_code_specialist_takes_other_programming_languages(rout
 def test_topic_without_the_task_stays_with_base(router, prompt):
     d = router.route(prompt)
     assert d.choice == "base", d.explain()
+
+
+@pytest.mark.parametrize(("prompt", "task"), [
+    # issue 24, round 3: requests unlike every example that the discriminant term (_discriminants) routes;
+    # each went to base (the integral to code) without it
+    ("Wenn ich 2000 Euro zu 3 % Zinsen für 4 Jahre anlege, wie viel habe ich am Ende?", "math"),
+    ("Kalau 3 kg beras harganya Rp45.000, berapa harga 7 kg?", "math"),
+    ("Compute the integral of 2x from 0 to 4.", "math"),
+    ("Nataka kumwandikia rafiki yangu Mfaransa \"nakutakia siku njema\" kwa lugha yake.", "translate"),
+    ("식당에서 \"계산서 주세요\"라고 일본어로 하려면 뭐라고 해요?", "translate"),
+    ("मुझे अपने जापानी दोस्त को \"तुम्हारी याद आती है\" लिखना है, जापानी में कैसे लिखूं?", "translate"),
+])
+def test_requests_unlike_any_example_are_routed_by_what_the_examples_share(router, prompt, task):
+    d = router.route(prompt)
+    assert (d.choice, d.reason) == (task, "routed"), d.explain()
+
+
+def test_the_discriminant_weighs_what_unrelated_prompts_do_not_vary_along():
+    """Two directions set the examples apart from the unrelated prompts by as much; the unrelated prompts
+    spread 10x wider along the first (their topics), so the discriminant leans on the second. Scaled so
+    that the unrelated prompts' scores spread by 1 around 0."""
+    from engine.serve.router import _discriminants
+
+    rng = np.random.default_rng(0)
+    neg = rng.normal(size=(600, 8)) * np.array([1.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
+    spec = rng.normal(size=(20, 8)) * 0.05 + np.array([1.0, 1.0, 0, 0, 0, 0, 0, 0])
+    w, mean = _discriminants(spec.astype(np.float32), np.zeros(20, int), neg.astype(np.float32), 1)
+    assert w.shape == (8, 1) and abs(w[1, 0]) > 5 * abs(w[0, 0])
+    scores = (neg - mean) @ w[:, 0]
+    assert abs(scores.mean()) < 1e-4 and abs(scores.std() - 1) < 1e-3
+    assert ((spec - mean) @ w[:, 0]).min() > np.quantile(scores, 0.999)
 
 
 def test_other_programming_languages_join_only_examples_that_name_one():
@@ -244,8 +276,6 @@ def test_the_encoder_reads_a_bounded_printable_text():
 def test_encoder_vectors_last_between_processes(tmp_path, monkeypatch):
     """Kept texts are embedded once per encoder version: a new process (a new Encoder) reads them back
     instead of embedding the shipped set and the examples again at every start."""
-    import numpy as np
-
     from engine.serve.router import Encoder
 
     monkeypatch.setenv("TANDEM_CACHE", str(tmp_path))
@@ -298,8 +328,6 @@ def test_e5_loses_the_directions_that_only_tell_languages_apart():
     """The shipped unrelated prompts ask the same kinds of things in 40 languages: once the language
     directions are out, their per-language means sit much closer together, and the directions are
     orthonormal (the projection removes them and nothing else)."""
-    import numpy as np
-
     from engine.serve.router import ENCODERS, LANGUAGE_DIRECTIONS, unrelated_languages
 
     e5 = ENCODERS["e5"]

@@ -8,9 +8,12 @@ matmuls over the routed (token, expert) pairs, an adapter's expert LoRA the same
 per-expert factors, and on CUDA each one-token step compiled (torch.compile fuses the element-wise
 kernels) and replayed as a CUDA graph. Tests compare its logits with the PEFT model's.
 
-An adapter's factors are packed once, when it is loaded; each adapter gets its own CUDA graphs, so a
-switch copies nothing. Experts in MXFP4 (engine/serve/mxfp4.py) stay 4-bit: their routed pairs run
-through mxfp4_kernels.py, with the adapter's expert LoRA folded into the kernels. Adapters that adapt
+An adapter's factors are packed once, when it is loaded; each adapter gets its own CUDA graphs. Its
+attention LoRA is merged into one copy of q/k/v and o_proj (W + (A·B)ᵀ, shared by all adapters and
+refilled when another one is selected: ~1.3 GB at the 20B shape, ~2 ms a switch), so that a step with a
+specialist runs attention as the base does, with no LoRA products and no extra launches. Experts in MXFP4
+(engine/serve/mxfp4.py) stay 4-bit: their routed pairs run through mxfp4_kernels.py, with the adapter's
+expert LoRA folded into the kernels. Adapters that adapt
 anything else (DoRA, bias, other modules), other quantized weights (bitsandbytes) and non-GPT-OSS models
 are refused with a reason, and the engine uses the reference path for them.
 
@@ -34,7 +37,6 @@ from engine.train.targets import ATTENTION, FUSED_EXPERTS
 EXPERT_PARAMS = tuple(p.rsplit(".", 1)[1] for p in FUSED_EXPERTS)  # gate_up_proj, down_proj
 PREFILL_CHUNK = 512  # prompt tokens per attention chunk of a prefill: bounds the scores' memory
 MOE_ROWS = 4096  # prompt rows per grouped expert pass of a prefill: bounds the routed activations' memory
-SLOT_QKV, SLOT_O = 192, 64  # spare weight rows for the attention LoRA's A: q/k/v up to rank 64 each, o_proj 64
 GROUPED_ROWS = 64  # from this many prompt rows, a prefill dequantizes MXFP4 experts for grouped matmuls
 SCORES_BYTES = 256 * 2**20  # and at long contexts fewer: one layer's fp32 scores stay under this
 NOT_ATTACHED = " is not attached to the model"
@@ -92,7 +94,8 @@ def _is_mxfp4(experts: Any) -> bool:
 class _Pack:
     """One adapter's LoRA factors in the decoder's layout, per layer: "qkv.A"/"qkv.B" (q, k and v fused:
     A side by side, B block-diagonal), "o_proj.A"/"o_proj.B", and per expert parameter its PEFT
-    factors; the LoRA scaling is folded into each B."""
+    factors; the LoRA scaling is folded into each B. "qkv.W"/"o_proj.W" are the decoder's shared buffers
+    that the attention factors are merged into while this adapter is selected."""
 
     name: str
     layers: list[dict[str, Any]]
@@ -144,7 +147,10 @@ class FastDecoder:
         self.routes: tuple[Any, Any] | None = None  # last forward's (indices, weights): [layer, row, k]
         self._graphs: dict[tuple, tuple[Any, Any]] = {}
         self._pool = None
-        self._slots: _Pack | None = None  # the adapter whose attention LoRA A the spare weight rows hold
+        # q/k/v and o_proj with the active adapter's attention LoRA merged in (`_merge`), a buffer per layer shared
+        # by every adapter's pack ("qkv.W"/"o_proj.W"), allocated when the first adapter with one is packed
+        self._merged: list[dict[str, Any]] = []
+        self._merged_for: _Pack | None = None  # the adapter whose LoRA the buffers hold
 
     # ----- weights
     def _layer_weights(self, layer: Any) -> dict[str, Any]:
@@ -158,13 +164,10 @@ class FastDecoder:
             "sinks": attn.sinks, "window": attn.sliding_window or 0, "scaling": attn.scaling,
             "router_w": router.weight, "router_b": router.bias, "alpha": experts.alpha, "limit": experts.limit,
         }
-        # q/k/v stacked, and o_proj, each with spare rows below ("qkv_wide"/"o_wide"): the active adapter's
-        # LoRA A goes there (`_fill_slots`), so that one GEMV gives the projection and x·A
+        # q/k/v stacked (one GEMV computes them), and o_proj
         qkv = [_unwrap(getattr(attn, p)) for p in ATTENTION[:3]]
-        o = _unwrap(attn.o_proj)
-        for key, linears, spare in (("qkv", qkv, SLOT_QKV), ("o", [o], SLOT_O)):
-            w[f"{key}_wide"] = _rows_of_one(linears, spare)
-            w[f"{key}_w"] = w[f"{key}_wide"][:sum(m.out_features for m in linears)]
+        for key, linears in (("qkv", qkv), ("o", [_unwrap(attn.o_proj)])):
+            w[f"{key}_w"] = _rows_of_one(linears)
             w[f"{key}_b"] = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
         for p in EXPERT_PARAMS:
             w[f"{p}_bias"] = getattr(experts, f"{p}_bias")
@@ -180,28 +183,33 @@ class FastDecoder:
         for k in ("qkv_b", "o_b", "router_b", "gate_up_proj_bias", "down_proj_bias", "router_w"):
             if w[k] is not None and w[k].dtype != self.dtype:
                 w[k] = w[k].detach().to(self.dtype)
-        for key, spare in (("qkv", SLOT_QKV), ("o", SLOT_O)):  # the spare rows' outputs get no bias
-            bias = w[f"{key}_b"]
-            w[f"{key}_bwide"] = None if bias is None else torch.cat([bias, bias.new_zeros(spare)])
         return w
 
-    def _fill_slots(self) -> None:
-        """Put the active adapter's attention LoRA A into the spare rows below q/k/v and o_proj (where it
-        fits), unless they hold it already: a forward with that adapter then reads x·A from the base GEMV.
-        Its graphs read the rows, so every prefill and step calls this first."""
+    def _merge(self) -> None:
+        """Merge the active adapter's attention LoRA into the buffers its graphs read ("qkv.W"/"o_proj.W":
+        W + (A·B)ᵀ, computed in fp32 and rounded once, as PEFT's merge does), unless they hold it already.
+        Every prefill and step calls this first."""
         import torch
 
         pack = self.active
-        if pack is None or self._slots is pack:
+        if pack is None or self._merged_for is pack:
             return
-        with torch.no_grad():
+        with torch.inference_mode():  # the buffers were made under it, with the pack (`prepare`)
             for w, layer in zip(self.layers, pack.layers, strict=True):
                 for key, lora_key in (("qkv", "qkv"), ("o", "o_proj")):
-                    a = layer.get(f"{lora_key}.A")
-                    n = w[f"{key}_w"].shape[0]
-                    if a is not None and _fits(w[f"{key}_wide"], n, a):
-                        w[f"{key}_wide"][n:n + a.shape[1]].copy_(a.t())
-        self._slots = pack
+                    if f"{lora_key}.W" in layer:
+                        a, b = layer[f"{lora_key}.A"].float(), layer[f"{lora_key}.B"].float()
+                        layer[f"{lora_key}.W"].copy_(torch.addmm(w[f"{key}_w"].float(), b.t(), a.t()))
+        self._merged_for = pack
+
+    def _merged_weight(self, i: int, lora_key: str) -> Any:
+        """Layer `i`'s buffer for q/k/v ("qkv") or o_proj ("o_proj") with an adapter merged in."""
+        import torch
+
+        if not self._merged:
+            self._merged = [{"qkv": torch.empty_like(w["qkv_w"]), "o_proj": torch.empty_like(w["o_w"])}
+                            for w in self.layers]
+        return self._merged[i][lora_key]
 
     def _pack(self, name: str) -> _Pack | str:
         """Read adapter `name`'s factors from the PEFT layers. A string says why it cannot be packed."""
@@ -258,7 +266,11 @@ class FastDecoder:
 
                         parts[f"{param}.A"] = pack_gate_up_a(parts[f"{param}.A"])
                 wrapper = wrapper.base_layer
-            layers.append(self._with_router({k: t.to(self.dtype).contiguous() for k, t in parts.items()}, i))
+            parts = self._with_router({k: t.to(self.dtype).contiguous() for k, t in parts.items()}, i)
+            for lora_key in ("qkv", "o_proj"):
+                if f"{lora_key}.A" in parts:
+                    parts[f"{lora_key}.W"] = self._merged_weight(i, lora_key)
+            layers.append(parts)
         total = sum(1 for m in self.hf.modules() if name in (getattr(m, "lora_A", None) or {}))
         if total != seen:
             return f"{name} adapts {total - seen} module(s) besides attention and experts"
@@ -284,8 +296,9 @@ class FastDecoder:
 
     def select(self, name: str | None) -> bool:
         """Apply adapter `name` (attached to the PEFT model) from the next token on; None for the base.
-        Nothing is copied: each adapter has its own CUDA graphs, reading its own tensors. False (with
-        `reason` set) when this decoder cannot run that adapter."""
+        Each adapter has its own CUDA graphs, reading its own tensors; its attention LoRA is merged into
+        the shared buffers now (`_merge`). False (with `reason` set) when this decoder cannot run that
+        adapter."""
         self.reason = None
         pack = None if name is None else self.prepare(name)
         if isinstance(pack, str):
@@ -294,6 +307,7 @@ class FastDecoder:
                 self.packs.pop(name, None)
             return False
         self.active = pack
+        self._merge()
         return True
 
     def record(self, on: bool) -> None:
@@ -369,9 +383,16 @@ class FastDecoder:
         pack = self.packs.get(name)
         if not isinstance(pack, _Pack):
             return 0
+        shared = {t.untyped_storage().data_ptr() for layer in self._merged for t in layer.values()}
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                     for layer in pack.layers for t in layer.values()}
-        return sum(storages.values())
+        return sum(n for ptr, n in storages.items() if ptr not in shared)
+
+    @property
+    def merged_bytes(self) -> int:
+        """Device memory of the buffers the selected adapter's attention LoRA is merged into (shared by all
+        adapters, allocated with the first one that adapts attention)."""
+        return sum(t.numel() * t.element_size() for layer in self._merged for t in layer.values())
 
     def forget(self, name: str) -> None:
         """Drop the packed copy of `name` and its graphs (unloaded or replaced on disk), and the cache it
@@ -379,8 +400,8 @@ class FastDecoder:
         pack = self.packs.pop(name, None)
         if pack is not None and self._owner is pack:
             self._valid, self._owner = False, None
-        if pack is not None and self._slots is pack:
-            self._slots = None
+        if pack is not None and self._merged_for is pack:
+            self._merged_for = None
         for key in [k for k in self._graphs if k[1] == name]:
             del self._graphs[key]
 
@@ -429,7 +450,7 @@ class FastDecoder:
         b, t = ids.shape
         if t >= self.max_len:
             raise ValueError(f"prompt of {t} tokens does not fit the {self.max_len}-token cache")
-        self._fill_slots()
+        self._merge()
         with torch.inference_mode():
             if b != self.batch:
                 shape = (b, self.kv_heads, self.max_len, self.head_dim)
@@ -510,7 +531,7 @@ class FastDecoder:
         if self.full:
             raise ValueError(f"the {self.max_len}-token cache is full")
         valid, self._valid = self._valid, False  # until the step has written its keys and values
-        self._fill_slots()
+        self._merge()
         with torch.inference_mode():
             if not self.graphs:
                 pos = self.arange[self.length:self.length + 1]
@@ -569,15 +590,14 @@ class FastDecoder:
         return outputs
 
 
-def _rows_of_one(linears: list[Any], spare: int) -> Any:
-    """The weights of `linears` (same input) stacked as one [sum of outputs + spare, in] tensor (the spare
-    rows zero), so that one GEMV computes them all; the modules' own weights become views of it: the stack
-    costs only its spare rows."""
+def _rows_of_one(linears: list[Any]) -> Any:
+    """The weights of `linears` (same input) stacked as one [sum of outputs, in] tensor, so that one GEMV
+    computes them all; the modules' own weights become views of it: the stack costs no memory."""
     import torch
 
     weights = [m.weight for m in linears]
     with torch.no_grad():
-        stacked = torch.cat([wt.detach() for wt in weights] + [weights[0].new_zeros(spare, weights[0].shape[1])])
+        stacked = torch.cat([wt.detach() for wt in weights])
         row = 0
         for wt in weights:
             wt.data = stacked[row:row + wt.shape[0]]
@@ -611,36 +631,13 @@ def _rms(x: Any, weight: Any, eps: float) -> Any:
     return (weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
 
 
-def _fits(wide: Any, n: int, a: Any) -> bool:
-    """Whether LoRA A `a` [in, r] fits the spare rows of `wide` below its first `n`."""
-    return wide.shape[0] - n >= a.shape[1]
-
-
 def _lin(x: Any, w: dict, lora: dict | None, key: str, lora_key: str) -> Any:
-    """x · w[key_w]^T + w[key_b], with the LoRA `lora_key` of `lora`: its x·A from the spare rows of the
-    same GEMV when A fits them (`FastDecoder._fill_slots` put it there), and a step's products with B as
-    reductions, which torch.compile fuses with what follows (see `_small_matmul`)."""
+    """x · W^T + b for q/k/v (`key` "qkv") or o_proj ("o"): W the base weight, or the buffer that the active
+    adapter's LoRA `lora_key` is merged into (`FastDecoder._merge`)."""
     import torch.nn.functional as F
 
-    weight, bias = w[f"{key}_w"], w[f"{key}_b"]
-    if lora is None or f"{lora_key}.A" not in lora:
-        return F.linear(x, weight, bias)
-    a, b = lora[f"{lora_key}.A"], lora[f"{lora_key}.B"]
-    n, r = weight.shape[0], a.shape[1]
-    if _fits(w[f"{key}_wide"], n, a):
-        wide_b = w[f"{key}_bwide"]
-        y, xa = F.linear(x, w[f"{key}_wide"][:n + r], None if wide_b is None else wide_b[:n + r]).split([n, r], -1)
-    else:
-        y = F.linear(x, weight, bias)
-        xa = _small_matmul(x, a) if x.shape[-2] == 1 else x @ a
-    return y + (_small_matmul(xa, b).to(y.dtype) if x.shape[-2] == 1 else xa @ b)
-
-
-def _small_matmul(x: Any, m: Any) -> Any:
-    """x [..., 1, k] @ m [k, n] in fp32, written as a product and a sum: compiled, it is a reduction kernel
-    that fuses with its neighbours (the LoRA's x·A and its ·B, which as matmuls cost a launch each, or
-    three with cuBLAS's split-K, for a few thousand multiply-adds)."""
-    return (x.float()[..., :, None] * m.float()).sum(-2)
+    merged = lora.get(f"{lora_key}.W") if lora is not None else None
+    return F.linear(x, w[f"{key}_w"] if merged is None else merged, w[f"{key}_b"])
 
 
 def _top_k(logits: Any, k: int) -> tuple[Any, Any]:
