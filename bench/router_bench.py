@@ -1,7 +1,7 @@
 """Router accuracy, abstention and latency on the held-out set (data/router_heldout2.jsonl), on one CPU core.
 
     python bench/router_bench.py [--seeds 5] [--data data/router_heldout2.jsonl] [--sizes 10,20,100] [--repeat 3]
-                                 [--misses]
+                                 [--names task|meaningless|none] [--misses]
 
 Specialists learn from the shipped datasets (data/samples/{math,code,translate}.jsonl: English, French,
 German and Spanish only; every code example is Python), drawing 10, 20 or 100 prompts each (code has 47
@@ -22,6 +22,10 @@ Prints, per training-set size, accuracy by label and language for each candidate
 USE first and e5 only where USE is not sure; use+e5: every view reads every prompt; USE alone; e5
 alone), the share of unrelated and topic prompts routed to a specialist, the same with 1, 2 or 3
 specialists, and p50/p99 latency on one core with each prompt embedded afresh.
+
+Each specialist is named as a user would name it (`tandem train --task math`): --names task (the
+default) passes math, code and translate to the router; meaningless passes s1, s2 and s3 (a name that
+says nothing of the task must change nothing); none passes no names.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 TASKS = ("math", "code", "translate")
+NAMES = {"task": {t: t for t in TASKS}, "meaningless": {t: f"s{k}" for k, t in enumerate(TASKS, 1)}, "none": {}}
 TRAINED = {"en", "fr", "de", "es"}  # the languages of the specialists' data
 USE_LANGS = {"ar", "de", "en", "es", "fr", "it", "ja", "ko", "nl", "pl", "pt", "ru", "th", "tr", "zh"}  # USE's own
 # name: (views, cascade). The router's default is the first: USE, then e5 (twice where the prompt quotes
@@ -60,12 +65,12 @@ def label_of(choice: str) -> str:
     return "none" if choice == "base" else choice
 
 
-def evaluate(make, pool, rows, n, seeds, tasks=TASKS):
+def evaluate(make, pool, rows, n, seeds, tasks=TASKS, names=NAMES["task"]):
     """[(row, wanted label, predicted label, views that read it)] over all seeds; prompts of a task
     without a specialist count as none."""
     out = []
     for seed in range(seeds):
-        router = make().fit(pick(pool, n, seed, tasks))
+        router = make().fit(pick(pool, n, seed, tasks), names=names)
         for r in rows:
             want = r["label"] if r["label"] in tasks else "none"
             d = router.route(r["prompt"])
@@ -89,6 +94,7 @@ def main() -> None:
     ap.add_argument("--data", default="data/router_heldout2.jsonl", help="one or more, comma-separated")
     ap.add_argument("--sizes", default="10,20,100")
     ap.add_argument("--repeat", type=int, default=3, help="times each prompt is routed for the latency figures")
+    ap.add_argument("--names", choices=tuple(NAMES), default="task", help="what the specialists are named")
     ap.add_argument("--misses", action="store_true", help="list the default router's misses (not on held-out data "
                                                            "you will tune on: looking at them is tuning)")
     args = ap.parse_args()
@@ -104,12 +110,14 @@ def main() -> None:
     langs = sorted({r["lang"] for r in rows}, key=lambda x: (x not in TRAINED, x not in USE_LANGS, x))
 
     started = time.perf_counter()
-    Router(threshold=0.4).fit(pick(pool, 20, 0))
+    names = NAMES[args.names]
+    Router(threshold=0.4).fit(pick(pool, 20, 0), names=names)
     print(f"{args.data}: {len(rows)} prompts, {len(langs)} languages; specialists learn from en/fr/de/es only; "
-          f"{args.seeds} seeds per size; first fit (loads both encoders) {time.perf_counter() - started:.2f} s, "
-          f"refit {Router(threshold=0.4).fit(pick(pool, 20, 1)).fit_seconds:.2f} s")
+          f"{args.seeds} seeds per size; names: {args.names}; "
+          f"first fit (loads both encoders) {time.perf_counter() - started:.2f} s, "
+          f"refit {Router(threshold=0.4).fit(pick(pool, 20, 1), names=names).fit_seconds:.2f} s")
     for name, (views, cascade) in CANDIDATES.items():
-        timed = Router(threshold=0.4, views=views, cascade=cascade).fit(pick(pool, 20, 0))
+        timed = Router(threshold=0.4, views=views, cascade=cascade).fit(pick(pool, 20, 0), names=names)
         times, best, wide = [], [], 0
         for r in rows:
             once = []
@@ -132,7 +140,7 @@ def main() -> None:
         view.encode([r["prompt"] for r in rows], cache=True)
 
     results = {(name, n): evaluate(lambda v=views, c=cascade: Router(threshold=0.4, views=v, cascade=c),
-                                   pool, rows, n, args.seeds)
+                                   pool, rows, n, args.seeds, names=names)
                for name, (views, cascade) in CANDIDATES.items() for n in sizes}
     cols = [f"{name} n={n}" for name in CANDIDATES for n in sizes]
     print("\n| held out | " + " | ".join(cols) + " |")
@@ -167,7 +175,7 @@ def main() -> None:
     print("| specialists | accuracy | unrelated + missing tasks routed |")
     print("| --- | ---: | ---: |")
     for tasks in (("math",), ("math", "code"), TASKS):
-        res = evaluate(lambda: Router(threshold=0.4), pool, rows, 20, args.seeds, tasks)
+        res = evaluate(lambda: Router(threshold=0.4), pool, rows, 20, args.seeds, tasks, names)
         print(f"| {', '.join(tasks)} | {share(res)[0]:.1%} | {false_routes(res):.1%} |")
 
     if not args.misses:

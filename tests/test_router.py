@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from textual.app import App
 
-from engine.serve.router import Router, RouterError, correct, router_for, unrelated_prompts
+from engine.serve.router import Router, RouterError, correct, name_text, router_for, unrelated_prompts
 from engine.store.corrections import RouterCorrections
 from engine.train.dataset import load_examples
 from tui.screens.route import RouteCorrection, RouteScreen
@@ -26,16 +26,22 @@ def prompts(task, n=20):
 
 @pytest.fixture(scope="module")
 def router():
+    """As the engine builds it: each specialist named for its task (`tandem train --task math`)."""
+    return Router(threshold=0.4).fit({t: prompts(t) for t in TASKS}, names={t: t for t in TASKS})
+
+
+@pytest.fixture(scope="module")
+def unnamed():
     return Router(threshold=0.4).fit({t: prompts(t) for t in TASKS})
 
 
-def fake_adapter(settings, name, examples, base):
+def fake_adapter(settings, name, examples, base, task=None):
     """A store entry the router reads (manifest + PEFT file names); the router never loads weights."""
     folder = settings.adapters_dir / name
     folder.mkdir(parents=True)
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     (folder / "adapter_model.safetensors").write_bytes(b"")
-    (folder / "manifest.json").write_text(json.dumps({"name": name, "task": name, "base_model": base,
+    (folder / "manifest.json").write_text(json.dumps({"name": name, "task": task or name, "base_model": base,
                                                       "prompts": examples}))
 
 
@@ -131,6 +137,39 @@ def test_requests_unlike_any_example_are_routed_by_what_the_examples_share(route
     assert (d.choice, d.reason) == (task, "routed"), d.explain()
 
 
+@pytest.mark.parametrize(("prompt", "task"), [
+    # issue 24, round 4: the math examples are all arithmetic; the name "math" covers a priced word
+    # problem in Vietnamese (base at 0.37 without names) and a circle's area in Korean (code at 0.95)
+    ("Nếu 1 kg thịt giá 150 nghìn thì 2,5 kg giá bao nhiêu?", "math"),
+    ("반지름이 5cm인 원의 넓이를 구해 주세요.", "math"),
+])
+def test_a_specialists_name_counts_where_its_examples_bear_it_out(router, unnamed, prompt, task):
+    d, before = router.route(prompt), unnamed.route(prompt)
+    assert d.choice == task and d.scores[task] > before.scores[task], (d.explain(), before.explain())
+
+
+@pytest.mark.parametrize("names", [{"math": "s1", "code": "s2", "translate": "s3"},
+                                   {"math": "alice", "code": "bob", "translate": "carol"}])
+def test_a_name_that_says_nothing_of_the_task_changes_nothing(unnamed, names):
+    """Where the examples do not bear a name out, it has no weight in any view. (e5 reads the math
+    examples as a little nearer "A s1 question" than the unrelated prompts are, digits beside digits, so
+    that name gets some: it then routes the Vietnamese word problem as the name "math" does.)"""
+    named = Router(threshold=0.4).fit({t: prompts(t) for t in TASKS}, names=names)
+    silent = [named.classes.index(t) for t in ("code", "translate")]
+    assert all(not s.names[:, silent].any() for s in named._spaces)
+    for prompt in ("반지름이 5cm인 원의 넓이를 구해 주세요.", "Write a SQL query that counts orders per day.",
+                   "¿Cómo se dice 'buenas noches' en alemán?", "Is being a sworn translator a well-paid job?",
+                   "Who won the Tour de France in 1998?", "ok", "danke", "🙂"):
+        d, before = named.route(prompt), unnamed.route(prompt)
+        assert d.choice == before.choice, (prompt, d.explain(), before.explain())
+
+
+def test_a_name_is_read_as_words_in_a_neutral_request():
+    assert name_text("sql_helper") == "A sql helper question"
+    assert name_text("fr-en.v2") == "A fr en v2 question"
+    assert name_text("") == "" and name_text("._-") == ""
+
+
 def test_the_discriminant_weighs_what_unrelated_prompts_do_not_vary_along():
     """Two directions set the examples apart from the unrelated prompts by as much; the unrelated prompts
     spread 10x wider along the first (their topics), so the discriminant leans on the second. Scaled so
@@ -196,6 +235,15 @@ def test_a_specialist_on_a_topic_the_unrelated_set_covers_still_gets_its_prompts
     assert r.route("How do I make pancakes for breakfast?").choice == "cooking"
     assert r.route("Как приготовить блины?").choice == "cooking"
     assert r.route("Who won the Tour de France in 1998?").choice == "base"
+
+
+def test_the_engine_names_each_specialist_for_its_task(settings, demo_base, unnamed):
+    """router_for passes each manifest's task: a specialist the user named "tutor-2" for --task math."""
+    for name, task in (("tutor-2", "math"), ("coder", "code"), ("words", "translate")):
+        fake_adapter(settings, name, prompts(task), demo_base, task=task)
+    prompt = "Nếu 1 kg thịt giá 150 nghìn thì 2,5 kg giá bao nhiêu?"
+    d = router_for(settings, demo_base).route(prompt)
+    assert d.choice == "tutor-2" and unnamed.route(prompt).choice == "base", d.explain()
 
 
 def test_corrections_become_examples_at_once_and_persist(settings, demo_base):
