@@ -46,6 +46,7 @@ class ModelSettings:
     dtype: str = "auto"
     record_experts: bool = True  # keep each reply's expert routing for the expert view
     fast_decode: bool = True  # static cache, routed-expert LoRA, CUDA graphs; off = transformers+PEFT forward
+    lm_head_8bit: bool = False  # fast decoder: int8 lm_head (half its bytes a step); off = the checkpoint's own
     chat_template: str = "tandem"  # chat prompts rendered by: tandem (engine/harmony.py) | checkpoint (its jinja)
     backend: str = ""  # "http(s)://host:port/v1" of an OpenAI-compatible server that answers instead; "" = local
     backend_token: str = ""  # bearer token the remote backend wants, if any

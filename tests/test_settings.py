@@ -31,6 +31,7 @@ def test_shipped_settings_load_and_paths_are_relative_to_file(settings, settings
         ("[gpus]\ninference = -1", "gpus.inference", "GPU index"),
         ('[gpus]\ntraining = "one"', "gpus.training", "integer"),
         ("[model]\nload_in_4bit = 1", "model.load_in_4bit", "true or false"),
+        ('[model]\nlm_head_8bit = "yes"', "model.lm_head_8bit", "true or false"),
         ("[model]\nmax_seq_length = true", "model.max_seq_length", "integer"),
         ("[chat]\ntop_p = 1.5", "chat.top_p", "(0, 1]"),
         ("[training.profiles.quick_test]\nlearning_rate = 3", "training.profiles.quick_test.learning_rate", "(0, 1)"),

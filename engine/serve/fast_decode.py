@@ -106,7 +106,7 @@ class FastDecoder:
     the engine calls it under the model's lock."""
 
     def __init__(self, model: Any, max_len: int, graphs: bool | None = None, compile: bool | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 prefill_chunk: int = PREFILL_CHUNK, lm_head_8bit: bool = False):
         import torch
 
         reason = unsupported(model)
@@ -126,6 +126,12 @@ class FastDecoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.top_k, self.num_experts = cfg.num_experts_per_tok, cfg.num_local_experts
         self.layers = [self._layer_weights(layer) for layer in self.hf.model.layers]
+        # the opt-in 8-bit lm_head (lm_head8.py), or None for the checkpoint's own; the bench may swap it
+        self.head8: Any = None
+        if lm_head_8bit:
+            from engine.serve.lm_head8 import Int8Head
+
+            self.head8 = Int8Head.of(_unwrap(self.hf.lm_head))
         self.dims = (self.heads, self.kv_heads, self.head_dim, self.top_k, self.num_experts)
         with torch.inference_mode():
             pos = torch.arange(max_len, device=self.device)
@@ -427,7 +433,10 @@ class FastDecoder:
             routes_w.append(top_w)
         norm = self.hf.model.norm
         last = _rms(h[:, -1], norm.weight, norm.variance_epsilon)
-        return _unwrap(self.hf.lm_head)(last), torch.stack(routes_i), torch.stack(routes_w)
+        return self._logits(last), torch.stack(routes_i), torch.stack(routes_w)
+
+    def _logits(self, last: Any) -> Any:
+        return (self.head8 or _unwrap(self.hf.lm_head))(last)
 
     # ----- prefill and steps
     def reusable(self, ids: Any) -> int:
@@ -507,7 +516,7 @@ class FastDecoder:
             routes_w.append(torch.cat(layer_w))
         norm = self.hf.model.norm
         last = _rms(h[:, -1], norm.weight, norm.variance_epsilon)
-        return _unwrap(self.hf.lm_head)(last), torch.stack(routes_i), torch.stack(routes_w)
+        return self._logits(last), torch.stack(routes_i), torch.stack(routes_w)
 
     def _chunk(self, b: int, span: int) -> int:
         """Prompt tokens per attention chunk: one layer's fp32 scores over `span` keys stay under SCORES_BYTES."""
@@ -568,7 +577,7 @@ class FastDecoder:
         self._tok.copy_(tokens.view(-1, 1))
         self._pos.fill_(self.length)
         lora = self.active
-        key = (self.batch, lora.name if lora is not None else None)
+        key = (self.batch, lora.name if lora is not None else None, self.head8 is not None)
         if key not in self._graphs:
             block = self._step_block()
             side = torch.cuda.Stream()

@@ -240,6 +240,6 @@ def fast_decoder(lm: LoadedModel, settings: Settings) -> tuple[Any, str]:
     reason = unsupported(lm.model)
     if reason:
         return None, reason
-    fast = FastDecoder(lm.model, max_len=lm.max_len)
+    fast = FastDecoder(lm.model, max_len=lm.max_len, lm_head_8bit=settings.model.lm_head_8bit)
     fast.warm_up()
     return fast, fast.note

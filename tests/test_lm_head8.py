@@ -1,0 +1,121 @@
+"""The opt-in 8-bit lm_head: its quantization, its Triton kernel in the interpreter against the exact path,
+and the fast decoder with it on (within the int8 rounding bound of the checkpoint's head) and off (unchanged)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.serve.fast_decode import FastDecoder, _unwrap
+from engine.serve.lm_head8 import Int8Head, dequantize, error_bound, exact_logits, logits, quantize
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quantize_rounds_each_row_to_its_own_scale():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 30, generator=gen) * torch.logspace(-3, 2, 40)[:, None]  # rows of very different sizes
+    w[7] = 0
+    codes, scales = quantize(w.to(torch.bfloat16))
+    assert codes.dtype == torch.int8 and codes.shape == (40, 32) and not codes[:, 30:].any()  # padded to 4
+    assert codes.abs().max() == 127 and (codes.abs().amax(1)[torch.arange(40) != 7] == 127).all()
+    assert not codes[7].any() and scales[7] == 1  # a row of zeros: no division by zero, logits 0
+    err = (dequantize(codes, scales, 30) - w.to(torch.bfloat16).float()).abs()
+    assert (err <= scales[:, None] / 2 * (1 + 1e-6)).all()
+    x = torch.randn(3, 30, generator=gen)
+    y = exact_logits(x, codes, scales)
+    assert (y[:, 7] == 0).all() and ((y - x @ w.T).abs() <= error_bound(x, scales) + 1e-4).all()
+
+
+KERNEL_CHECK = """
+import torch
+from engine.serve import lm_head8 as H
+
+gen = torch.Generator().manual_seed(1)
+for vocab, hidden, rows in ((100, 64, 1), (77, 30, 3), (5, 258, 2), (33, 4, 1)):
+    w = torch.randn(vocab, hidden, generator=gen)
+    w[vocab // 2] = 0
+    codes, scales = H.quantize(w)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(rows, hidden, generator=gen).to(dtype)
+        got, want = H.triton_logits(x, codes, scales), H.exact_logits(x, codes, scales)
+        assert got.dtype == dtype and got.shape == (rows, vocab), (got.dtype, got.shape)
+        tol = 1e-5 if dtype == torch.float32 else 2**-7
+        err = ((got.float() - want.float()).abs() / (want.float().abs() + 1)).max().item()
+        assert err <= tol, (vocab, hidden, rows, dtype, err)
+print("kernel ok")
+"""
+
+
+def test_triton_kernel_matches_the_exact_path_in_the_interpreter():
+    """The GPU kernel's arithmetic (codes placed into fp32 mantissas, masked tails of rows and columns),
+    run by Triton's CPU interpreter (which must be on before triton loads)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", KERNEL_CHECK], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "kernel ok" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def base(demo_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32).eval()
+
+
+def test_off_leaves_the_checkpoint_head(base):
+    off = FastDecoder(base, max_len=32)
+    on = FastDecoder(base, max_len=32, lm_head_8bit=True)
+    x = torch.randn(2, base.config.hidden_size)
+    assert off.head8 is None and torch.equal(off._logits(x), _unwrap(base.lm_head)(x))
+    assert isinstance(on.head8, Int8Head) and torch.equal(on._logits(x), logits(x, on.head8.codes, on.head8.scales))
+    ids = torch.tensor([[1, 50, 300, 7]])
+    assert torch.equal(off.prefill(ids), FastDecoder(base, max_len=32).prefill(ids))
+
+
+def _clear(top: torch.Tensor, bound: torch.Tensor) -> bool:
+    """Whether the int8 head cannot change this row's argmax: the top two logits further apart than both
+    of their rounding bounds together."""
+    values, index = top.topk(2)
+    return bool(values[0] - values[1] > bound[index].sum())
+
+
+def test_decoder_logits_stay_within_the_rounding_bound(base):
+    """Teacher-forced on the bf16 head's greedy tokens: every 8-bit logit within its bound, and the same
+    argmax wherever the margin is clear; then free-running greedy decoding with the 8-bit head gives the
+    same tokens while the margins stay clear."""
+    ref, dec = FastDecoder(base, max_len=64), FastDecoder(base, max_len=64, lm_head_8bit=True)
+    head, seen = dec.head8, []
+    dec.head8 = lambda last: (seen.append(last.clone()), head(last))[1]  # the hidden state the head reads
+    steps, clear, tokens, prompt = 12, [], [], torch.tensor([[200, 201, 5, 9]])
+    want, got = ref.prefill(prompt), dec.prefill(prompt)
+    for _ in range(steps):
+        bound = error_bound(seen[-1], head.scales)
+        with torch.inference_mode():  # both decoders fed their heads the same rows
+            assert torch.equal(want, _unwrap(base.lm_head)(seen[-1]))
+        assert ((got - want).abs() <= bound * (1 + 1e-5) + 1e-5).all()
+        clear.append(_clear(want[0], bound[0]))
+        if clear[-1]:
+            assert got.argmax() == want.argmax()
+        tokens.append(want.argmax(-1))
+        want, got = ref.step(tokens[-1]), dec.step(tokens[-1])
+    run = clear.index(False) if False in clear else steps  # the leading steps whose margins are clear
+    assert run >= 4, clear  # the greedy check below covers a few steps
+    dec.head8 = head
+    greedy = [dec.prefill(prompt).argmax(-1)]
+    for _ in range(run - 1):
+        greedy.append(dec.step(greedy[-1]).argmax(-1))
+    assert torch.equal(torch.cat(greedy), torch.cat(tokens[:run]))
+
+
+def test_the_setting_reaches_the_decoder(demo_model_dir, settings):
+    from engine.serve.model import fast_decoder, load_model
+    from engine.settings import updated
+
+    assert settings.model.lm_head_8bit is False  # the shipped file: the checkpoint's own head
+    on = updated(settings, "model.lm_head_8bit", True)
+    fast, note = fast_decoder(load_model(on), on)
+    assert isinstance(fast.head8, Int8Head) and not note
