@@ -2,6 +2,7 @@
 bandwidth bound, with the chat process capped as a 24 GB card would hold it.
 
     python bench/serve_bench.py [--layers 24] [--tokens 128] [--batch 8] [--cap-gb 24] [--context 8192]
+                                [--lm-head-8bit]
 
 Builds GPT-OSS-20B-shaped models with random weights (bench/shapes.py) and random rank-16 specialists
 on attention + all experts, held by PEFT as the engine holds them, and drives the fast decoder the way
@@ -11,6 +12,8 @@ the engine's loop does (one token at a time, greedy, the token read back to the 
 2. MXFP4 experts, with the process capped at --cap-gb (torch.cuda.set_per_process_memory_fraction) and
    a --context cache: decode at batch 1 and --batch, switch between resident adapters, time to first
    token, and the peak memory with three specialists resident and the context filled.
+   With --lm-head-8bit, also the opt-in 8-bit lm_head ([model] lm_head_8bit): decode at batch 1 without and
+   with a specialist, and its top-1 agreement with the bf16 head over --tokens greedy steps.
 3. Correctness on a 4-layer slice: the fast decoder's logits (MXFP4, specialist active) against an fp32
    forward over the same dequantized weights, beside transformers' own bf16 forward as the noise floor.
 
@@ -109,7 +112,7 @@ def bytes_per_token(dec, lora: bool) -> float:
                 expert = key.startswith(("gate_up_proj", "down_proj"))
                 total += t.numel() * t.element_size() * (routed if expert else 1)
     head = dec.hf.lm_head.weight
-    total += head.numel() * head.element_size()
+    total += dec.head8.nbytes if dec.head8 is not None else head.numel() * head.element_size()
     for w, k, v in zip(dec.layers, dec.k_cache, dec.v_cache, strict=True):
         share = min(w["window"] or dec.length, dec.length, dec.max_len) / dec.max_len
         total += (k.numel() * k.element_size() + v.numel() * v.element_size()) * share
@@ -133,6 +136,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--cap-gb", type=float, default=24.0, help="cap the MXFP4 phase's memory (0: no cap)")
     ap.add_argument("--context", type=int, default=8192, help="KV cache of the MXFP4 phase, filled at the end")
+    ap.add_argument("--lm-head-8bit", action="store_true", help="also measure the opt-in 8-bit lm_head (MXFP4 phase)")
     a = ap.parse_args()
 
     from bench.shapes import cap_memory, gpt_oss_20b_config, random_adapter, random_model, random_mxfp4_model
@@ -233,6 +237,8 @@ def main() -> None:
     speed(f"mxfp4: decode b{a.batch}, no adapter (per sequence)", dec, batch, False)
     dec.select("math")
     speed(f"mxfp4: decode b{a.batch}, specialist (per sequence)", dec, batch, True)
+    if a.lm_head_8bit:
+        int8_head(dec, prompt, a.tokens, speed, row)
     model = dec = None
     free()
     if gpu:
@@ -246,6 +252,44 @@ def main() -> None:
     width = [max(len(r[i]) for r in [head, *rows]) for i in range(3)]
     for name, value, bound, note in [head, *rows]:
         print(f"{name:<{width[0]}}  {value:>{width[1]}}  {bound:>{width[2]}}  {note}")
+
+
+def int8_head(dec, prompt, tokens: int, speed, row) -> None:
+    """The MXFP4 decoder with the 8-bit lm_head swapped in: decode b1 without and with a specialist, then its
+    top-1 agreement with the bf16 head: the specialist's greedy run with the bf16 head, teacher-forced again
+    with the 8-bit one (the same hidden states reach both heads), compared step by step."""
+    import torch
+
+    from engine.serve.fast_decode import _unwrap
+    from engine.serve.lm_head8 import Int8Head
+
+    sync()
+    t = time.perf_counter()
+    head = Int8Head.of(_unwrap(dec.hf.lm_head))
+    sync()
+    built = time.perf_counter() - t
+    dec.head8 = head
+    dec.select(None)
+    base = speed("mxfp4 + 8-bit lm_head: decode b1, no adapter", dec, prompt, False,
+                 f"head {head.nbytes / 1e9:.2f} GB, quantized in {built:.1f} s")
+    dec.select("math")
+    spec = speed("mxfp4 + 8-bit lm_head: decode b1, specialist", dec, prompt, True)
+    row("mxfp4 + 8-bit lm_head: specialist / no adapter", f"{spec / base * 100:.0f}%")
+    runs = []
+    for h in (None, head):
+        dec.head8, steps = h, []
+        logits = dec.prefill(prompt)
+        for i in range(tokens):
+            steps.append(logits.float().clone())
+            if i < tokens - 1:
+                nxt = runs[0][i].argmax(-1) if runs else logits.argmax(-1)
+                logits = dec.step(nxt)
+        runs.append(steps)
+    agree = sum(int(torch.equal(a.argmax(-1), b.argmax(-1))) for a, b in zip(*runs, strict=True))
+    rel = max(((b - a).abs().max() / a.abs().max()).item() for a, b in zip(*runs, strict=True))
+    row("8-bit lm_head vs bf16: top-1 agreement", f"{agree}/{tokens} steps", "",
+        f"greedy with the specialist, teacher-forced; max logit difference {rel:.1e} of the largest logit")
+    dec.head8 = None
 
 
 def check_correctness(cfg, dev: str, dtype, max_len: int, row) -> None:

@@ -119,3 +119,22 @@ def test_the_setting_reaches_the_decoder(demo_model_dir, settings):
     on = updated(settings, "model.lm_head_8bit", True)
     fast, note = fast_decoder(load_model(on), on)
     assert isinstance(fast.head8, Int8Head) and not note
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kernel_at_the_real_shape_on_the_gpu_and_in_a_graph():
+    """The kernel at GPT-OSS-20B's lm_head shape (bf16, as served) against the exact path, eagerly and
+    replayed from a CUDA graph."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = (torch.randn(201088, 2880, generator=gen, device="cuda") * 0.02).to(torch.bfloat16)
+    head = Int8Head(*quantize(w), None)
+    x = torch.randn(3, 2880, generator=gen, device="cuda").to(torch.bfloat16)
+    want = exact_logits(x.cpu(), head.codes.cpu(), head.scales.cpu()).float()
+    graph = torch.cuda.CUDAGraph()
+    head(x)  # compiles the kernel outside capture
+    with torch.cuda.graph(graph):
+        out = head(x)
+    graph.replay()
+    for got in (head(x), out):
+        assert got.dtype == torch.bfloat16
+        assert ((got.cpu().float() - want).abs() <= want.abs() * 2**-7 + 1e-3).all()

@@ -24,7 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-BN, BKW = 32, 64  # vocabulary rows and 32-bit code words (4 codes each) per program and loop step
+# vocabulary rows and 32-bit code words (4 codes each) per program and loop step: 16 words divide GPT-OSS's
+# 720 a row (no masked tail), 64 rows make 3,142 programs at its vocabulary. Not yet tuned on a GPU.
+BN, BKW = 64, 16
 QUANTIZE_ROWS = 16384  # rows quantized at a time: bounds the transient fp32 copy (~190 MB at hidden 2,880)
 WARPS = 4
 
