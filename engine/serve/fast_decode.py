@@ -193,7 +193,7 @@ class FastDecoder:
 
     def _merge(self) -> None:
         """Merge the active adapter's attention LoRA into the buffers its graphs read ("qkv.W"/"o_proj.W":
-        W + (A·B)ᵀ, computed in fp32 and rounded once, as PEFT's merge does), unless they hold it already.
+        W + (A·B)ᵀ, accumulated in fp32 and rounded once, as PEFT's merge does), unless they hold it already.
         Every prefill and step calls this first."""
         import torch
 
@@ -203,9 +203,9 @@ class FastDecoder:
         with torch.inference_mode():  # the buffers were made under it, with the pack (`prepare`)
             for w, layer in zip(self.layers, pack.layers, strict=True):
                 for key, lora_key in (("qkv", "qkv"), ("o", "o_proj")):
-                    if f"{lora_key}.W" in layer:
-                        a, b = layer[f"{lora_key}.A"].float(), layer[f"{lora_key}.B"].float()
-                        layer[f"{lora_key}.W"].copy_(torch.addmm(w[f"{key}_w"].float(), b.t(), a.t()))
+                    if f"{lora_key}.W" in layer:  # one GEMM each: fp32 accumulation, the sum rounded once
+                        torch.addmm(w[f"{key}_w"], layer[f"{lora_key}.B"].t(), layer[f"{lora_key}.A"].t(),
+                                    out=layer[f"{lora_key}.W"])
         self._merged_for = pack
 
     def _merged_weight(self, i: int, lora_key: str) -> Any:
