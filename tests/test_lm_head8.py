@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 from engine.serve.fast_decode import FastDecoder, _unwrap
 from engine.serve.lm_head8 import Int8Head, dequantize, error_bound, exact_logits, logits, quantize
@@ -32,6 +33,7 @@ def test_quantize_rounds_each_row_to_its_own_scale():
 
 KERNEL_CHECK = """
 import torch
+import triton
 from engine.serve import lm_head8 as H
 
 gen = torch.Generator().manual_seed(1)
@@ -138,3 +140,23 @@ def test_kernel_at_the_real_shape_on_the_gpu_and_in_a_graph():
     for got in (head(x), out):
         assert got.dtype == torch.bfloat16
         assert ((got.cpu().float() - want).abs() <= want.abs() * 2**-6 + 1e-3).all()  # a bf16 rounding either way
+
+
+@pytest.mark.parametrize("arch", [86, 90])
+def test_kernel_builds_for_ampere_and_hopper(arch):
+    """Compiled to a cubin for sm_86 (RTX 3090) and sm_90 (H100) without a GPU: no FP8, TMA or wgmma, the
+    codes read with 16-byte loads and no integer-to-float conversion per value."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from engine.serve import lm_head8
+
+    aligned = [["tt.divisibility", 16]]  # as Triton specializes the real shapes (pointers, K = 2,880, 720 words)
+    src = ASTSource(fn=lm_head8._logits_kernel, constexprs={"BN": lm_head8.BN, "BKW": lm_head8.BKW},
+                    signature={"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "out_ptr": "*bf16", "V": "i32",
+                               "K": "i32", "KW": "i32", "BN": "constexpr", "BKW": "constexpr"},
+                    attrs={(i,): aligned for i in (0, 1, 2, 3, 5, 6)})
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": lm_head8.WARPS})
+    ptx = kernel.asm["ptx"]
+    assert kernel.asm["cubin"] and "ld.global.v4.b32" in ptx
+    assert not any(op in ptx for op in ("wgmma", "cp.async.bulk", "e4m3", "e5m2", "cvt.rn.f32.s32", "cvt.rn.f32.u32"))
