@@ -160,3 +160,24 @@ def test_kernel_builds_for_ampere_and_hopper(arch):
     ptx = kernel.asm["ptx"]
     assert kernel.asm["cubin"] and "ld.global.v4.b32" in ptx
     assert not any(op in ptx for op in ("wgmma", "cp.async.bulk", "e4m3", "e5m2", "cvt.rn.f32.s32", "cvt.rn.f32.u32"))
+
+
+def test_the_self_check_allows_the_8bit_heads_rounding_and_nothing_more(base, demo_model_dir):
+    """With the 8-bit head on, the self-check (which picks the fast decoder over the reference) allows each
+    logit its rounding bound: a correct decoder passes, a misread checkpoint is still flagged, and its verdict
+    is cached apart from the bf16 head's."""
+    from transformers import AutoTokenizer
+
+    from engine.serve import selfcheck
+    from engine.serve.decoder import ReferenceDecoder
+    from tests.test_selfcheck import swap_gate_up
+
+    tok = AutoTokenizer.from_pretrained(demo_model_dir)
+    fast = FastDecoder(base, max_len=256, lm_head_8bit=True)
+    good = selfcheck.compare(fast, ReferenceDecoder(base, 256), tok, None)
+    assert good.ok and good.line() == "agrees", good
+    swap_gate_up(fast)
+    bad = selfcheck.compare(fast, ReferenceDecoder(base, 256), tok, None)
+    assert not bad.ok and bad.worst > 10 * bad.tolerance, bad
+    lm = type("LM", (), {"name": "m", "quant": None, "device": "cpu"})()
+    assert selfcheck.identity(lm, None, None) != selfcheck.identity(lm, None, None, head8=True)

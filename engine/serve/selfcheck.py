@@ -11,7 +11,9 @@ checkpoint barely moves (the floor stays at the dtype's bound); random weights a
 until bf16 logits carry no signal, and the verdict then says so instead of blaming either decoder. The
 verdict is cached per checkpoint and adapter version
 under Tandem's cache folder, so it costs a second or two once. On disagreement the reference decoder
-serves (the engine says why in the header, the GPU panel and the log).
+serves (the engine says why in the header, the GPU panel and the log). With the opt-in 8-bit lm_head
+([model] lm_head_8bit) each logit may also sit as far as that head's own rounding bound (lm_head8.py) from the
+reference's, measured on the reference's hidden states: a misread checkpoint still lands far outside it.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ INCONCLUSIVE = 0.25  # a floor above this (relative to the largest logit): round
 @dataclass
 class Verdict:
     ok: bool
-    worst: float  # largest logit difference, relative to the largest reference logit
+    worst: float  # largest logit difference (beyond the 8-bit lm_head's bound), relative to the largest reference logit
     tolerance: float
     top1: str  # "agreed at n of m positions"
     seconds: float
@@ -58,9 +60,11 @@ def _cache_file(identity: str) -> Path:
     return cache_root() / "selfcheck" / f"{hashlib.sha256(identity.encode()).hexdigest()[:24]}.json"
 
 
-def identity(lm: Any, adapter: str | None, created: float | None) -> str:
-    """What a verdict holds for: the checkpoint as served, and the adapter version (None: the base)."""
-    return json.dumps([lm.name, lm.quant, str(lm.device).split(":")[0], PROMPT, adapter, created])
+def identity(lm: Any, adapter: str | None, created: float | None, head8: bool = False) -> str:
+    """What a verdict holds for: the checkpoint as served, the adapter version (None: the base), and whether
+    logits come from the 8-bit lm_head."""
+    return json.dumps([lm.name, lm.quant, str(lm.device).split(":")[0], PROMPT, adapter, created]
+                      + (["lm_head_8bit"] if head8 else []))
 
 
 def cached(key: str) -> Verdict | None:
@@ -92,7 +96,7 @@ def compare(fast: Any, reference: Any, tokenizer: Any, adapter: str | None) -> V
     if not (fast.select(adapter) and reference.select(adapter)):
         return Verdict(False, float("inf"), 0.0, "", 0.0, f"a decoder refused {adapter or 'the base'}")
     with torch.inference_mode():
-        want = reference.model(input_ids=ids).logits[0, split - 1:].float()
+        want, slack = _reference_logits(reference.model, ids, split, fast.head8)
         noise = _rounding_noise(reference.model, ids, want, split)
         got = [fast.prefill(ids[:, :split])[0].float()]
         for j in range(split, ids.shape[1] - 1):
@@ -100,10 +104,12 @@ def compare(fast: Any, reference: Any, tokenizer: Any, adapter: str | None) -> V
         fast.release()
     got_t = torch.stack(got)
     want = want[: got_t.shape[0]]
-    worst = ((got_t - want).abs().max() / want.abs().max()).item()
+    slack = slack[: got_t.shape[0]]
+    worst = (((got_t - want).abs() - slack).clamp(min=0).max() / want.abs().max()).item()
     tolerance = max(TOLERANCE.get(str(fast.dtype).removeprefix("torch."), BF16), NOISE_FACTOR * noise)
     top2 = want.topk(2, dim=-1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 2 * tolerance * want.abs().max()  # the reference's choice is not a tie
+    # the reference's choice is not a tie (nor within twice the 8-bit head's bound)
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * tolerance * want.abs().max() + 2 * slack.amax(-1)
     agree = got_t.argmax(-1) == want.argmax(-1)
     top1 = f"agreed at {int((agree | ~clear).sum())} of {len(agree)} positions"
     reasons = []
@@ -114,6 +120,25 @@ def compare(fast: Any, reference: Any, tokenizer: Any, adapter: str | None) -> V
     subject = f"adapter {adapter}" if adapter else "the base model"
     reason = f"self-check on {subject}: " + "; ".join(reasons) if reasons else ""
     return Verdict(not reasons, worst, tolerance, top1, time.perf_counter() - started, reason, noise)
+
+
+def _reference_logits(model: Any, ids: Any, split: int, head8: Any) -> tuple[Any, Any]:
+    """The reference's fp32 logits from position split - 1 on, and how far the fast decoder's 8-bit lm_head
+    (`head8`, or None) may put each one from them by its rounding alone (zeros without it): its bound on the
+    hidden states the reference's lm_head reads."""
+    import torch
+
+    seen: list[Any] = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+    try:
+        want = model(input_ids=ids).logits[0, split - 1:].float()
+    finally:
+        hook.remove()
+    if head8 is None:
+        return want, torch.zeros_like(want)
+    from engine.serve.lm_head8 import error_bound
+
+    return want, error_bound(seen[0][0, split - 1:], head8.scales)
 
 
 def _rounding_noise(model: Any, ids: Any, want: Any, split: int) -> float:
@@ -130,7 +155,7 @@ def _rounding_noise(model: Any, ids: Any, want: Any, split: int) -> float:
 
 def check(lm: Any, fast: Any, reference: Any, adapter: str | None = None, created: float | None = None) -> Verdict:
     """The cached verdict for this checkpoint and adapter version, or a fresh comparison (then cached)."""
-    key = identity(lm, adapter, created)
+    key = identity(lm, adapter, created, fast.head8 is not None)
     verdict = cached(key)
     if verdict is None:
         verdict = compare(fast, reference, lm.tokenizer, adapter)
