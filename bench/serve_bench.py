@@ -93,8 +93,8 @@ def decode_rate(dec, ids, tokens: int, repeat: int = 2) -> tuple[float, float]:
 
 def bytes_per_token(dec, lora: bool) -> float:
     """Bytes one decode step must read: every layer's dense weights, the experts the last step routed to
-    (each read once however many rows chose it), lm_head, the LoRA factors, the KV cache (its live part on
-    full-attention layers, the window on sliding ones)."""
+    (each read once however many rows chose it), lm_head (its codes and scales when 8-bit), the LoRA factors,
+    the KV cache (its live part on full-attention layers, the window on sliding ones)."""
     total = 0.0
     for i, w in enumerate(dec.layers):  # the experts the last step routed to, per layer
         routed = dec.routes[0][i].unique().numel() / dec.num_experts if dec.routes else 1.0
