@@ -436,6 +436,7 @@ class FastDecoder:
         return self._logits(last), torch.stack(routes_i), torch.stack(routes_w)
 
     def _logits(self, last: Any) -> Any:
+        """Logits of the final hidden states: the 8-bit lm_head when it is on, else the checkpoint's own."""
         return (self.head8 or _unwrap(self.hf.lm_head))(last)
 
     # ----- prefill and steps
