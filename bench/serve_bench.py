@@ -152,7 +152,9 @@ def main() -> None:
 
         from tests.test_mxfp4 import TINY
 
-        cfg, what = GptOssConfig(**{**TINY, "num_hidden_layers": a.layers}), "tiny GPT-OSS on the CPU"
+        types = [TINY["layer_types"][i % 2] for i in range(a.layers)]  # sliding and full in turn, as GPT-OSS
+        cfg = GptOssConfig(**{**TINY, "num_hidden_layers": a.layers, "layer_types": types})
+        what = "tiny GPT-OSS on the CPU"
         a.context, a.tokens = min(a.context, 512), min(a.tokens, 8)
     dtype = torch.bfloat16 if gpu else torch.float32
     bw = copy_bandwidth()
