@@ -243,7 +243,7 @@ def test_attention_lora_is_merged_for_the_selected_adapter_and_remerged_on_a_swi
         decoder.select(None)
         assert torch.equal(decoder.layers[1]["qkv_w"][:q.out_features], base_q)
         shared = decoder.merged_bytes
-        assert shared == sum(4 * w[k].numel() for w in decoder.layers for k in ("qkv_w", "o_w"))
+        assert shared == sum(4 * w[k].numel() for w in decoder.layers for k in ("qkv_w", "o_proj_w"))
         for name in ("one", "two"):
             state = get_peft_model_state_dict(model, adapter_name=name)
             assert decoder.pack_bytes(name) == decoder.pack_estimate(state)

@@ -10,7 +10,7 @@ kernels) and replayed as a CUDA graph. Tests compare its logits with the PEFT mo
 
 An adapter's factors are packed once, when it is loaded; each adapter gets its own CUDA graphs. Its
 attention LoRA is merged into one copy of q/k/v and o_proj (W + (A·B)ᵀ, shared by all adapters and
-refilled when another one is selected: ~1.3 GB at the 20B shape, ~2 ms a switch), so that a step with a
+refilled when another one is selected: ~1.3 GB at the 20B shape, ~1.5 ms a switch), so that a step with a
 specialist runs attention as the base does, with no LoRA products and no extra launches. Experts in MXFP4
 (engine/serve/mxfp4.py) stay 4-bit: their routed pairs run through mxfp4_kernels.py, with the adapter's
 expert LoRA folded into the kernels. Adapters that adapt
@@ -40,6 +40,7 @@ MOE_ROWS = 4096  # prompt rows per grouped expert pass of a prefill: bounds the 
 GROUPED_ROWS = 64  # from this many prompt rows, a prefill dequantizes MXFP4 experts for grouped matmuls
 SCORES_BYTES = 256 * 2**20  # and at long contexts fewer: one layer's fp32 scores stay under this
 NOT_ATTACHED = " is not attached to the model"
+MERGED = ("qkv", "o_proj")  # the weights an adapter's attention LoRA is merged into (`FastDecoder._merge`)
 
 
 def _unwrap(module: Any) -> Any:
@@ -170,9 +171,9 @@ class FastDecoder:
             "sinks": attn.sinks, "window": attn.sliding_window or 0, "scaling": attn.scaling,
             "router_w": router.weight, "router_b": router.bias, "alpha": experts.alpha, "limit": experts.limit,
         }
-        # q/k/v stacked (one GEMV computes them), and o_proj
+        # q/k/v stacked (one GEMV computes them), and o_proj; named as the pack names their LoRA ("qkv", "o_proj")
         qkv = [_unwrap(getattr(attn, p)) for p in ATTENTION[:3]]
-        for key, linears in (("qkv", qkv), ("o", [_unwrap(attn.o_proj)])):
+        for key, linears in (("qkv", qkv), ("o_proj", [_unwrap(attn.o_proj)])):
             w[f"{key}_w"] = _rows_of_one(linears)
             w[f"{key}_b"] = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
         for p in EXPERT_PARAMS:
@@ -186,7 +187,7 @@ class FastDecoder:
                 w[p] = getattr(experts, p)
         # loaders keep some small tensors in fp32 (unsloth: the biases); a copy in the compute dtype keeps
         # every matmul in one dtype
-        for k in ("qkv_b", "o_b", "router_b", "gate_up_proj_bias", "down_proj_bias", "router_w"):
+        for k in ("qkv_b", "o_proj_b", "router_b", "gate_up_proj_bias", "down_proj_bias", "router_w"):
             if w[k] is not None and w[k].dtype != self.dtype:
                 w[k] = w[k].detach().to(self.dtype)
         return w
@@ -202,20 +203,18 @@ class FastDecoder:
             return
         with torch.inference_mode():  # the buffers were made under it, with the pack (`prepare`)
             for w, layer in zip(self.layers, pack.layers, strict=True):
-                for key, lora_key in (("qkv", "qkv"), ("o", "o_proj")):
-                    if f"{lora_key}.W" in layer:  # one GEMM each: fp32 accumulation, the sum rounded once
-                        torch.addmm(w[f"{key}_w"], layer[f"{lora_key}.B"].t(), layer[f"{lora_key}.A"].t(),
-                                    out=layer[f"{lora_key}.W"])
+                for key in MERGED:
+                    if f"{key}.W" in layer:  # one GEMM each: fp32 accumulation, the sum rounded once
+                        torch.addmm(w[f"{key}_w"], layer[f"{key}.B"].t(), layer[f"{key}.A"].t(), out=layer[f"{key}.W"])
         self._merged_for = pack
 
-    def _merged_weight(self, i: int, lora_key: str) -> Any:
+    def _merged_weight(self, i: int, key: str) -> Any:
         """Layer `i`'s buffer for q/k/v ("qkv") or o_proj ("o_proj") with an adapter merged in."""
         import torch
 
         if not self._merged:
-            self._merged = [{"qkv": torch.empty_like(w["qkv_w"]), "o_proj": torch.empty_like(w["o_w"])}
-                            for w in self.layers]
-        return self._merged[i][lora_key]
+            self._merged = [{k: torch.empty_like(w[f"{k}_w"]) for k in MERGED} for w in self.layers]
+        return self._merged[i][key]
 
     def _pack(self, name: str) -> _Pack | str:
         """Read adapter `name`'s factors from the PEFT layers. A string says why it cannot be packed."""
@@ -273,9 +272,9 @@ class FastDecoder:
                         parts[f"{param}.A"] = pack_gate_up_a(parts[f"{param}.A"])
                 wrapper = wrapper.base_layer
             parts = self._with_router({k: t.to(self.dtype).contiguous() for k, t in parts.items()}, i)
-            for lora_key in ("qkv", "o_proj"):
-                if f"{lora_key}.A" in parts:
-                    parts[f"{lora_key}.W"] = self._merged_weight(i, lora_key)
+            for key in MERGED:
+                if f"{key}.A" in parts:
+                    parts[f"{key}.W"] = self._merged_weight(i, key)
             layers.append(parts)
         total = sum(1 for m in self.hf.modules() if name in (getattr(m, "lora_A", None) or {}))
         if total != seen:
@@ -641,12 +640,12 @@ def _rms(x: Any, weight: Any, eps: float) -> Any:
     return (weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
 
 
-def _lin(x: Any, w: dict, lora: dict | None, key: str, lora_key: str) -> Any:
-    """x · W^T + b for q/k/v (`key` "qkv") or o_proj ("o"): W the base weight, or the buffer that the active
-    adapter's LoRA `lora_key` is merged into (`FastDecoder._merge`)."""
+def _lin(x: Any, w: dict, lora: dict | None, key: str) -> Any:
+    """x · W^T + b for q/k/v (`key` "qkv") or o_proj ("o_proj"): W the base weight, or the buffer that the
+    active adapter's LoRA is merged into (`FastDecoder._merge`)."""
     import torch.nn.functional as F
 
-    merged = lora.get(f"{lora_key}.W") if lora is not None else None
+    merged = lora.get(f"{key}.W") if lora is not None else None
     return F.linear(x, w[f"{key}_w"] if merged is None else merged, w[f"{key}_b"])
 
 
@@ -685,7 +684,7 @@ def _attend(h: Any, pos: Any, kpos: Any, first: int | None, k_cache: Any, v_cach
     heads, kv_heads, hd, _, _ = dims
     b, t, _ = h.shape
     x = _rms(h, w["ln1"], w["eps1"])
-    q, k, v = _lin(x, w, lora, "qkv", "qkv").split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
+    q, k, v = _lin(x, w, lora, "qkv").split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
     q = q.view(b, t, heads, hd).transpose(1, 2)
     k = k.view(b, t, kv_heads, hd).transpose(1, 2)
     v = v.view(b, t, kv_heads, hd).transpose(1, 2)
@@ -698,7 +697,7 @@ def _attend(h: Any, pos: Any, kpos: Any, first: int | None, k_cache: Any, v_cach
     k_cache.index_copy_(2, pos, k)
     v_cache.index_copy_(2, pos, v)
     out = attention.attend(q, k_cache, v_cache, pos, kpos, first, w["sinks"], w["scaling"], w["window"])
-    return h + _lin(out, w, lora, "o", "o_proj")
+    return h + _lin(out, w, lora, "o_proj")
 
 
 def _moe(h: Any, w: dict, lora: dict | None, dims: tuple[int, int, int, int, int],
@@ -722,14 +721,14 @@ def _moe(h: Any, w: dict, lora: dict | None, dims: tuple[int, int, int, int, int
     gates = torch.softmax(top_v, dim=-1, dtype=top_v.dtype)
     if "routed" in w and weights is None:  # MXFP4: mxfp4_kernels.routed_experts
         return h + w["routed"](x, top_i, gates, w, lora, xa).view(b, t, d), top_i, gates
-    moe = _grouped_experts(x, top_i, gates, weights or w, w, lora, num_experts)
+    moe = _grouped_experts(x, top_i, gates, weights or w, w, lora, num_experts, xa)
     return h + moe.view(b, t, d), top_i, gates
 
 
 def _grouped_experts(x: Any, top_i: Any, gates: Any, weights: dict[str, Any], w: dict, lora: dict | None,
-                     num_experts: int) -> Any:
+                     num_experts: int, xa: Any = None) -> Any:
     """Grouped matmuls over the (row, expert) pairs sorted by expert: one GEMM per expert's group of rows,
-    the expert LoRA as two more."""
+    the expert LoRA as two more (`xa`: every expert's x·A for gate_up when the router's product gave it)."""
     import torch
     import torch.nn.functional as F
 
@@ -744,7 +743,7 @@ def _grouped_experts(x: Any, top_i: Any, gates: Any, weights: dict[str, Any], w:
         if lora is not None and f"{param}.A" in lora:
             a = lora[f"{param}.A"]
             if a.dim() == 2:  # MXFP4 packing of gate_up's A: [experts * r, in], every expert's x·A at once
-                za = F.linear(x, a).view(x.shape[0], num_experts, -1)[perm // top_k, experts]
+                za = (F.linear(x, a) if xa is None else xa).reshape(x.shape[0], num_experts, -1)[perm // top_k, experts]
             else:
                 za = F.grouped_mm(z, a, offs=offs)
             y = y + F.grouped_mm(za, lora[f"{param}.B"], offs=offs)
