@@ -448,11 +448,11 @@ class Router:
             neg = ship[keep]
             labels = np.concatenate([spec_labels, np.full(len(neg), c), np.full(len(fixed), c + 1)])
             centroids = _unit(np.stack([spec[spec_labels == k].mean(axis=0) for k in range(c)]))
-            discriminants, discriminant_mean = _discriminants(spec, spec_labels, np.concatenate([neg, fixed]), c)
+            others = np.concatenate([neg, fixed])  # the unrelated side both learned terms are measured against
+            discriminants, discriminant_mean = _discriminants(spec, spec_labels, others, c)
             name_vectors = np.zeros((c, spec.shape[1]), np.float32)
             name_vectors[said] = view.encode([named[k] for k in said], cache=True)
-            names_w, names_offset = _name_evidence(name_vectors, spec[own], spec_labels[own],
-                                                   np.concatenate([neg, fixed]))
+            names_w, names_offset = _name_evidence(name_vectors, spec[own], spec_labels[own], others)
             # Each shipped unrelated prompt's margin with itself left out: where the top ALPHA sit is the centre.
             within = neg @ neg.T
             np.fill_diagonal(within, -np.inf)
@@ -483,7 +483,7 @@ class Router:
         if to_fixed.shape[1]:
             none_side = np.maximum(none_side, to_fixed.max(axis=1, keepdims=True))
         near = np.stack([to_spec[:, spec_labels == c].max(axis=1) for c in range(len(self.classes))], axis=1)
-        own = near - none_side >= DISCRIMINANT_NEAR  # the discriminant speaks only where an example is near
+        own = near - none_side >= DISCRIMINANT_NEAR  # the discriminant and the name speak only where an example is near
         return (near - none_side + CENTROID_W * (to_centroids - none_side) + DISCRIMINANT_W * discriminant * own
                 + NAME_W * named * own)
 
