@@ -5,11 +5,23 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def in_triton_interpreter(code: str, done: str) -> None:
+    """Run `code` in a fresh Python with Triton's CPU interpreter on (TRITON_INTERPRET must be set before
+    triton loads, so never in this process): the GPU kernels' arithmetic checked without a GPU. Passes
+    when it exits 0 having printed `done`."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and done in out.stdout, out.stderr[-3000:]
 
 
 def terminal_sigint() -> None:

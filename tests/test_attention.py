@@ -1,17 +1,11 @@
 """engine/serve/attention.py on the CPU: the decode kernels in Triton's interpreter and the sink correction
 of flash attention's output, each against the reference softmax with sinks."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from engine.serve import attention
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import in_triton_interpreter
 
 # run in a fresh interpreter: TRITON_INTERPRET must be set before triton loads
 KERNEL_CHECK = """
@@ -39,10 +33,7 @@ print("kernels ok")
 
 
 def test_decode_kernels_match_the_reference_in_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-W", "ignore", "-c", KERNEL_CHECK], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "kernels ok" in out.stdout, out.stderr[-3000:]
+    in_triton_interpreter(KERNEL_CHECK, "kernels ok")
 
 
 def _lse_attention(q, keys, values, pos, kpos, scaling, window):

@@ -1,19 +1,13 @@
 """The opt-in 8-bit lm_head: its quantization, its Triton kernel in the interpreter against the exact path,
 and the fast decoder with it on (within the int8 rounding bound of the checkpoint's head) and off (unchanged)."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import triton
 
 from engine.serve.fast_decode import FastDecoder, _unwrap
 from engine.serve.lm_head8 import Int8Head, dequantize, error_bound, exact_logits, logits, quantize
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import in_triton_interpreter
 
 
 def test_quantize_rounds_each_row_to_its_own_scale():
@@ -55,10 +49,7 @@ print("kernel ok")
 def test_triton_kernel_matches_the_exact_path_in_the_interpreter():
     """The GPU kernel's arithmetic (codes placed into fp32 mantissas, masked tails of rows and columns),
     run by Triton's CPU interpreter (which must be on before triton loads)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-W", "ignore", "-c", KERNEL_CHECK], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "kernel ok" in out.stdout, out.stderr[-3000:]
+    in_triton_interpreter(KERNEL_CHECK, "kernel ok")
 
 
 @pytest.fixture(scope="module")

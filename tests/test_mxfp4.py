@@ -1,9 +1,6 @@
 """MXFP4 experts on the CPU: the format, the experts module under PEFT, the fast decoder over it, and its
 kernels in Triton's interpreter, each against the exact fp32 dequantization."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +11,9 @@ from hypothesis import strategies as st
 from engine.serve.fast_decode import FastDecoder
 from engine.serve.mxfp4 import FP4_VALUES, Mxfp4Experts, dequantize, install, quantize
 from engine.train.targets import ATTENTION, FUSED_EXPERTS
+from tests.conftest import in_triton_interpreter
 from tests.tolerance import relative, rounding_bound
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, num_local_experts=8, num_experts_per_tok=2, sliding_window=16, vocab_size=256,
             layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512,
@@ -171,10 +168,7 @@ print("kernels ok")
 
 def test_triton_kernels_match_the_exact_path_in_the_interpreter():
     """The GPU kernels' arithmetic, run by Triton's CPU interpreter (which must be on before triton loads)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-W", "ignore", "-c", KERNEL_CHECK], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "kernels ok" in out.stdout, out.stderr[-3000:]
+    in_triton_interpreter(KERNEL_CHECK, "kernels ok")
 
 
 def test_fast_decoder_rejects_nothing_it_can_run():

@@ -1,20 +1,14 @@
 """Prefill as grouped matmuls over the routed experts: MXFP4 experts dequantized once per layer, the
 expert LoRA applied, against the routed-pair path and the model's own forward (CPU, exact fp32)."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from engine.serve import fast_decode
 from engine.serve.fast_decode import FastDecoder
 from engine.train.targets import ATTENTION, FUSED_EXPERTS
+from tests.conftest import in_triton_interpreter
 from tests.test_mxfp4 import tiny_mxfp4_model
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +91,4 @@ print("dequantize ok")
 
 def test_dequantizing_kernel_is_exact_in_the_interpreter():
     """The Triton kernel that feeds the grouped matmuls, run by Triton's CPU interpreter: bit-exact."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-W", "ignore", "-c", DEQUANT_CHECK], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "dequantize ok" in out.stdout, out.stderr[-3000:]
+    in_triton_interpreter(DEQUANT_CHECK, "dequantize ok")
