@@ -721,14 +721,14 @@ def _moe(h: Any, w: dict, lora: dict | None, dims: tuple[int, int, int, int, int
     gates = torch.softmax(top_v, dim=-1, dtype=top_v.dtype)
     if "routed" in w and weights is None:  # MXFP4: mxfp4_kernels.routed_experts
         return h + w["routed"](x, top_i, gates, w, lora, xa).view(b, t, d), top_i, gates
-    moe = _grouped_experts(x, top_i, gates, weights or w, w, lora, num_experts, xa)
+    moe = _grouped_experts(x, top_i, gates, weights or w, w, lora, num_experts)
     return h + moe.view(b, t, d), top_i, gates
 
 
 def _grouped_experts(x: Any, top_i: Any, gates: Any, weights: dict[str, Any], w: dict, lora: dict | None,
-                     num_experts: int, xa: Any = None) -> Any:
+                     num_experts: int) -> Any:
     """Grouped matmuls over the (row, expert) pairs sorted by expert: one GEMM per expert's group of rows,
-    the expert LoRA as two more (`xa`: every expert's x·A for gate_up when the router's product gave it)."""
+    the expert LoRA as two more."""
     import torch
     import torch.nn.functional as F
 
@@ -743,7 +743,7 @@ def _grouped_experts(x: Any, top_i: Any, gates: Any, weights: dict[str, Any], w:
         if lora is not None and f"{param}.A" in lora:
             a = lora[f"{param}.A"]
             if a.dim() == 2:  # MXFP4 packing of gate_up's A: [experts * r, in], every expert's x·A at once
-                za = (F.linear(x, a) if xa is None else xa).reshape(x.shape[0], num_experts, -1)[perm // top_k, experts]
+                za = F.linear(x, a).view(x.shape[0], num_experts, -1)[perm // top_k, experts]
             else:
                 za = F.grouped_mm(z, a, offs=offs)
             y = y + F.grouped_mm(za, lora[f"{param}.B"], offs=offs)
