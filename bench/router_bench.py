@@ -1,7 +1,7 @@
 """Router accuracy, abstention and latency on the held-out set (data/router_heldout2.jsonl), on one CPU core.
 
     python bench/router_bench.py [--seeds 5] [--data data/router_heldout2.jsonl] [--sizes 10,20,100] [--repeat 3]
-                                 [--names task|meaningless|none] [--misses]
+                                 [--names task|meaningless|none] [--library-without math,...|all] [--misses]
 
 Specialists learn from the shipped datasets (data/samples/{math,code,translate}.jsonl: English, French,
 German and Spanish only; every code example is Python), drawing 10, 20 or 100 prompts each (code has 47
@@ -26,6 +26,11 @@ specialists, and p50/p99 latency on one core with each prompt embedded afresh.
 Each specialist is named as a user would name it (`tandem train --task math`): --names task (the
 default) passes math, code and translate to the router; meaningless passes s1, s2 and s3 (a name that
 says nothing of the task must change nothing); none passes no names.
+
+Each specialist borrows from the shipped task library (engine/data/router_tasks.jsonl) the family its
+examples bear out (the bench prints which). --library-without math leaves that family out of the library
+(comma-separated, or "all" for no library): the honest figure for a specialist whose task the library
+does not know.
 """
 
 from __future__ import annotations
@@ -95,13 +100,15 @@ def main() -> None:
     ap.add_argument("--sizes", default="10,20,100")
     ap.add_argument("--repeat", type=int, default=3, help="times each prompt is routed for the latency figures")
     ap.add_argument("--names", choices=tuple(NAMES), default="task", help="what the specialists are named")
+    ap.add_argument("--library-without", default="", metavar="FAMILIES",
+                    help="task library families to leave out, comma-separated; all: no library")
     ap.add_argument("--misses", action="store_true", help="list the default router's misses (not on held-out data "
                                                            "you will tune on: looking at them is tuning)")
     args = ap.parse_args()
     sizes = tuple(int(x) for x in args.sizes.split(","))
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
-    from engine.serve.router import ENCODERS, VIEWS, Router
+    from engine.serve.router import ENCODERS, VIEWS, Router, task_library
     from engine.train.dataset import load_examples
 
     pool = {t: list(dict.fromkeys(e.user_prompt for e in load_examples(str(ROOT / f"data/samples/{t}.jsonl")).examples))
@@ -109,15 +116,22 @@ def main() -> None:
     rows = [json.loads(x) for f in args.data.split(",") for x in (ROOT / f).read_text().splitlines() if x.strip()]
     langs = sorted({r["lang"] for r in rows}, key=lambda x: (x not in TRAINED, x not in USE_LANGS, x))
 
+    left_out = set(args.library_without.split(",")) - {""}
+    library = {} if "all" in left_out else {f: p for f, p in task_library().items() if f not in left_out}
+
+    def router(**kw) -> Router:
+        return Router(threshold=0.4, library=library, **kw)
+
     started = time.perf_counter()
     names = NAMES[args.names]
-    Router(threshold=0.4).fit(pick(pool, 20, 0), names=names)
+    first = router().fit(pick(pool, 20, 0), names=names)
     print(f"{args.data}: {len(rows)} prompts, {len(langs)} languages; specialists learn from en/fr/de/es only; "
-          f"{args.seeds} seeds per size; names: {args.names}; "
+          f"{args.seeds} seeds per size; names: {args.names}; library without: {args.library_without or '-'} "
+          f"(adopted: {', '.join(f'{k} -> {f}' for k, f in first.adopted.items()) or 'none'}); "
           f"first fit (loads both encoders) {time.perf_counter() - started:.2f} s, "
-          f"refit {Router(threshold=0.4).fit(pick(pool, 20, 1), names=names).fit_seconds:.2f} s")
+          f"refit {router().fit(pick(pool, 20, 1), names=names).fit_seconds:.2f} s")
     for name, (views, cascade) in CANDIDATES.items():
-        timed = Router(threshold=0.4, views=views, cascade=cascade).fit(pick(pool, 20, 0), names=names)
+        timed = router(views=views, cascade=cascade).fit(pick(pool, 20, 0), names=names)
         times, best, wide = [], [], 0
         for r in rows:
             once = []
@@ -139,7 +153,7 @@ def main() -> None:
     for view in VIEWS.values():  # every seed routes the same prompts: embed them once
         view.encode([r["prompt"] for r in rows], cache=True)
 
-    results = {(name, n): evaluate(lambda v=views, c=cascade: Router(threshold=0.4, views=v, cascade=c),
+    results = {(name, n): evaluate(lambda v=views, c=cascade: router(views=v, cascade=c),
                                    pool, rows, n, args.seeds, names=names)
                for name, (views, cascade) in CANDIDATES.items() for n in sizes}
     cols = [f"{name} n={n}" for name in CANDIDATES for n in sizes]
@@ -175,7 +189,7 @@ def main() -> None:
     print("| specialists | accuracy | unrelated + missing tasks routed |")
     print("| --- | ---: | ---: |")
     for tasks in (("math",), ("math", "code"), TASKS):
-        res = evaluate(lambda: Router(threshold=0.4), pool, rows, 20, args.seeds, tasks, names)
+        res = evaluate(router, pool, rows, 20, args.seeds, tasks, names)
         print(f"| {', '.join(tasks)} | {share(res)[0]:.1%} | {false_routes(res):.1%} |")
 
     if not args.misses:

@@ -75,6 +75,10 @@ if TYPE_CHECKING:
     from engine.settings import Settings
 
 UNRELATED_DATA = Path(__file__).resolve().parent.parent / "data" / "router_none.jsonl"
+TASK_LIBRARY = Path(__file__).resolve().parent.parent / "data" / "router_tasks.jsonl"
+# The families of the shipped task library (see adopted_families), each a common specialist task.
+TASK_FAMILIES = ("math", "code", "translate", "summarize", "proofread", "email", "extract", "classify", "legal",
+                 "medical", "recipe", "creative", "support")
 ALPHA = 0.01  # share of the unrelated prompts whose margin reaches probability 0.5
 SCALE = 0.03  # margin per unit of log-odds: how fast the probability moves around that point
 NONE_K = 5  # the unrelated side is the mean of the 5 nearest, so one odd unrelated prompt cannot veto
@@ -106,6 +110,15 @@ DISCRIMINANT_NEAR = -0.05
 NAME_W = 0.05
 NAME_MIN_Z = 1.0
 NAME_TEMPLATE = "A {} question"
+# The task library (see adopted_families and _margins): which view decides adoption, the share of a
+# specialist's own examples that must sit nearer one family than any other and than the unrelated side,
+# how many of a family's nearest prompts an example is compared with, and how much less a borrowed
+# prompt's similarity counts than an own example's.
+ADOPT_VIEW = "e5"
+ADOPT_SHARE = 0.5
+ADOPT_K = 3
+ADOPT_LEAD = 1.25
+BORROW_GAP = 0.05
 LANGUAGE_DIRECTIONS = 16  # how many directions of language, not meaning, e5's vectors lose (see Encoder)
 # The cascade (see Router.route): a view decides alone when it routes, or when the prompt is in one of
 # its encoder's languages (py3langid at least this sure) and its margin sits this far below its centre.
@@ -224,6 +237,20 @@ class Encoder:
             raw = _unit(raw - self._mean)
             raw = raw - (raw @ self._drop.T) @ self._drop
         return _unit(raw)
+
+
+def _top_mean(sims: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the mean of its k highest similarities (-1 where there is none)."""
+    if not sims.shape[1]:
+        return np.full(len(sims), -1.0, np.float32)
+    return np.sort(sims, axis=1)[:, -k:].mean(axis=1)
+
+
+def _without_diagonal(sims: np.ndarray) -> np.ndarray:
+    """A square similarity matrix with each row's self-similarity out of reach (-inf)."""
+    sims = sims.copy()
+    np.fill_diagonal(sims, -np.inf)
+    return sims
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -347,6 +374,78 @@ def unrelated_languages() -> tuple[str, ...]:
     return tuple(r["lang"] for r in _unrelated_rows())
 
 
+def _library_row(line: str, where: str) -> dict | None:
+    """One line of the task library, checked: None for a blank line, else the row; RouterError (naming
+    the file and line) for anything else: the library is shipped data, and a broken line is a broken
+    install, not something to route around."""
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except ValueError:
+        row = None
+    if not isinstance(row, dict) or set(row) != {"prompt", "task", "lang"} or not all(
+            isinstance(row[k], str) for k in row) or not row["prompt"].strip():
+        raise RouterError(f"{where}: expected one JSON object with a non-empty \"prompt\", a \"task\" and a "
+                          f"\"lang\" per line, got {line[:80]!r}")
+    if row["task"] not in TASK_FAMILIES:
+        raise RouterError(f"{where}: task {row['task']!r}: expected one of {', '.join(TASK_FAMILIES)}")
+    if not re.fullmatch(r"[a-z]{2,3}", row["lang"]):
+        raise RouterError(f"{where}: lang {row['lang']!r}: expected a language code such as 'en' or 'fil'")
+    return row
+
+
+@lru_cache(maxsize=1)
+def task_library() -> dict[str, tuple[str, ...]]:
+    """The shipped task library, {family: its prompts}: requests for common specialist tasks (TASK_FAMILIES)
+    in 30+ languages and many voices, which a specialist borrows from where its own examples bear a
+    family out (adopted_families)."""
+    try:
+        lines = TASK_LIBRARY.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RouterError(f"{TASK_LIBRARY}: cannot read the shipped task library ({e}): reinstall Tandem") from e
+    out: dict[str, list[str]] = {f: [] for f in TASK_FAMILIES}
+    seen: set[str] = set()
+    for n, line in enumerate(lines, 1):
+        row = _library_row(line, f"{TASK_LIBRARY}:{n}")
+        if row is None:
+            continue
+        if row["prompt"] in seen:
+            raise RouterError(f"{TASK_LIBRARY}:{n}: the prompt {row['prompt'][:60]!r} is there twice")
+        seen.add(row["prompt"])
+        out[row["task"]].append(row["prompt"])
+    return {f: tuple(p) for f, p in out.items() if p}
+
+
+def adopted_families(examples: dict[str, list[str]], library: dict[str, tuple[str, ...]], unrelated: list[str]
+                     ) -> dict[str, str]:
+    """{specialist: the library family it borrows from}, decided in ADOPT_VIEW (e5: every language) from
+    the specialist's own examples alone: each example votes for the family whose ADOPT_K nearest prompts
+    it sits nearest, or for none where the NONE_K nearest unrelated prompts are nearer still; a family
+    more than ADOPT_SHARE of the examples vote for is adopted. So a specialist named "s1" adopts from its
+    examples, and one whose examples match no family (cooking with no cooking in the library, a mix of
+    sums and translations) adopts nothing and routes on its examples only."""
+    if not library or not examples:
+        return {}
+    view = VIEWS[ADOPT_VIEW]
+    families = list(library)
+    vectors = [view.encode(list(library[f]), cache=True) for f in families]
+    spread = [float(np.std(_top_mean(_without_diagonal(v @ v.T), ADOPT_K))) or 1.0 for v in vectors]
+    none = view.encode(unrelated, cache=True)
+    out = {}
+    for name, prompts in examples.items():
+        mine = view.encode(prompts, cache=True)
+        scores = np.stack([_top_mean(mine @ v.T, ADOPT_K) for v in vectors], axis=1)
+        votes = np.where(scores.max(axis=1) > _top_mean(mine @ none.T, NONE_K), scores.argmax(axis=1), -1)
+        f = int(np.bincount(votes + 1, minlength=len(families) + 1)[1:].argmax())
+        if (votes == f).sum() <= ADOPT_SHARE * len(prompts):
+            continue
+        lead = float((scores[:, f] - np.delete(scores, f, axis=1).max(axis=1, initial=-1.0)).mean()) / spread[f]
+        if lead >= ADOPT_LEAD:
+            out[name] = families[f]
+    return out
+
+
 @dataclass
 class Decision:
     choice: str  # a specialist name, or "base"
@@ -388,6 +487,7 @@ class _Space:
     view: View
     examples: np.ndarray  # one vector a row
     labels: np.ndarray  # class index per row; len(classes): shipped unrelated; +1: "none" fixes
+    gap: np.ndarray  # per specialist row: what its similarity loses (BORROW_GAP for a borrowed library prompt)
     centroids: np.ndarray  # [classes, dim]: each specialist's mean example, unit length
     centre: float  # this view's margin reached by the most specialist-like ALPHA of the unrelated
     discriminants: np.ndarray  # [dim, classes]: each specialist's discriminant direction (see _discriminants)
@@ -401,6 +501,8 @@ class Router:
     threshold: float = 0.4
     views: tuple[str, ...] = tuple(VIEWS)  # which of VIEWS score, in this order (the benchmark compares others)
     cascade: bool = True  # stop at the first view that is sure (see route); False: every view reads
+    library: dict[str, tuple[str, ...]] | None = None  # {family: prompts}; None: the shipped task_library()
+    adopted: dict[str, str] = field(default_factory=dict)  # {specialist: the library family it borrows from}
     classes: list[str] = field(default_factory=list)
     fit_seconds: float = 0.0
     _spaces: list[_Space] = field(default_factory=list)
@@ -409,12 +511,14 @@ class Router:
     def fit(self, examples: dict[str, list[str]], unrelated: list[str] | tuple[str, ...] = (),
             names: dict[str, str] | None = None) -> Router:
         """Learn from {specialist: [prompts]}, the shipped unrelated prompts, `unrelated` ("none"
-        corrections) and `names` ({specialist: the name its user gave its task}, see _name_evidence).
-        Specialists without prompts are left out."""
+        corrections), `names` ({specialist: the name its user gave its task}, see _name_evidence) and
+        the task library (self.library, or the shipped one; see adopted_families). Specialists without
+        prompts are left out."""
         started = time.perf_counter()
         examples = {k: list(dict.fromkeys(v)) for k, v in sorted(examples.items()) if v}
         self.classes = list(examples)
         self._spaces = []
+        self.adopted = {}
         if not self.classes:
             return self
         taken = {p for v in examples.values() for p in v}
@@ -431,22 +535,28 @@ class Router:
                    for v in views]
         named = [name_text((names or {}).get(k, "")) for k in self.classes]
         said = [k for k, t in enumerate(named) if t]
-        # A shipped prompt as near a specialist's example as that specialist's own examples are to each
-        # other (their 10th percentile, each against the rest), by any view, is on the specialist's
-        # ground: a user's cooking specialist versus the shipped cooking questions. It is left out.
-        keep = np.ones(len(shipped), bool)
-        for spec, ship, _ in encoded:
-            for c in range(len(self.classes)):
-                mine = spec[(spec_labels == c) & own]
-                if len(mine) > 1:
-                    within = mine @ mine.T
-                    np.fill_diagonal(within, -np.inf)
-                    keep &= (ship @ spec[spec_labels == c].T).max(axis=1) < np.quantile(within.max(axis=1), OWN_Q)
+        keep = _off_their_ground([e[0] for e in encoded], spec_labels, own, [e[1] for e in encoded])
+        library = task_library() if self.library is None else self.library
+        kept = [p for p, k in zip(shipped, keep, strict=True) if k]
+        self.adopted = adopted_families({k: examples[k] for k in self.classes}, library, kept + fixes)
+        lent = {k: [p for p in library[f] if p not in taken and p not in fixes] for k, f in self.adopted.items()}
+        lent_texts = [p for k in self.classes for p in lent.get(k, ())]
+        lent_labels = np.array([c for c, k in enumerate(self.classes) for _ in lent.get(k, ())], int)
+        gap = np.concatenate([np.zeros(len(spec_texts), np.float32), np.full(len(lent_texts), BORROW_GAP, np.float32)])
+        spare = [p for f, ps in library.items() if f not in self.adopted.values() for p in ps
+                 if p not in taken and p not in fixes]
+        spare_vectors = [v.encode(spare, cache=True) for v in views]
+        spare_keep = _off_their_ground([e[0] for e in encoded], spec_labels, own, spare_vectors)
+        shipped_kept = len(kept)  # the calibration reads these only (see the module docstring)
+        kept += [p for p, k in zip(spare, spare_keep, strict=True) if k]
+        encoded = [(spec, np.concatenate([ship[keep], more[spare_keep]]), fixed)
+                   for (spec, ship, fixed), more in zip(encoded, spare_vectors, strict=True)]
         c = len(self.classes)
-        self._texts = spec_texts + [p for p, k in zip(shipped, keep, strict=True) if k] + fixes
-        for view, (spec, ship, fixed) in zip(views, encoded, strict=True):
-            neg = ship[keep]
-            labels = np.concatenate([spec_labels, np.full(len(neg), c), np.full(len(fixed), c + 1)])
+        self._texts = spec_texts + lent_texts + kept + fixes
+        for view, (spec, neg, fixed) in zip(views, encoded, strict=True):
+            rows = np.concatenate([spec, view.encode(lent_texts, cache=True)])
+            row_labels = np.concatenate([spec_labels, lent_labels])
+            labels = np.concatenate([row_labels, np.full(len(neg), c), np.full(len(fixed), c + 1)])
             centroids = _unit(np.stack([spec[spec_labels == k].mean(axis=0) for k in range(c)]))
             others = np.concatenate([neg, fixed])  # the unrelated side both learned terms are measured against
             discriminants, discriminant_mean = _discriminants(spec, spec_labels, others, c)
@@ -456,16 +566,16 @@ class Router:
             # Each shipped unrelated prompt's margin with itself left out: where the top ALPHA sit is the centre.
             within = neg @ neg.T
             np.fill_diagonal(within, -np.inf)
-            margins = self._margins(neg @ spec.T, spec_labels, within, neg @ fixed.T, neg @ centroids.T,
+            margins = self._margins(neg @ rows.T, row_labels, gap, within, neg @ fixed.T, neg @ centroids.T,
                                     (neg - discriminant_mean) @ discriminants,
                                     neg @ names_w - names_offset).max(axis=1)
-            centre = max(float(np.quantile(margins, 1 - ALPHA)), MIN_CENTRE)
-            self._spaces.append(_Space(view, np.concatenate([spec, neg, fixed]), labels, centroids, centre,
+            centre = max(float(np.quantile(margins[:shipped_kept], 1 - ALPHA)), MIN_CENTRE)
+            self._spaces.append(_Space(view, np.concatenate([rows, neg, fixed]), labels, gap, centroids, centre,
                                        discriminants, discriminant_mean, names_w, names_offset))
         self.fit_seconds = time.perf_counter() - started
         return self
 
-    def _margins(self, to_spec: np.ndarray, spec_labels: np.ndarray, to_none: np.ndarray,
+    def _margins(self, to_spec: np.ndarray, spec_labels: np.ndarray, gap: np.ndarray, to_none: np.ndarray,
                  to_fixed: np.ndarray, to_centroids: np.ndarray, discriminant: np.ndarray,
                  named: np.ndarray) -> np.ndarray:
         """[rows, classes]: nearest example of each specialist minus the unrelated side (the mean of the
@@ -482,8 +592,10 @@ class Router:
             (len(to_spec), 1), -1.0, np.float32)
         if to_fixed.shape[1]:
             none_side = np.maximum(none_side, to_fixed.max(axis=1, keepdims=True))
-        near = np.stack([to_spec[:, spec_labels == c].max(axis=1) for c in range(len(self.classes))], axis=1)
-        own = near - none_side >= DISCRIMINANT_NEAR  # the discriminant and the name speak only where an example is near
+        classes = range(len(self.classes))
+        near = np.stack([(to_spec - gap)[:, spec_labels == c].max(axis=1) for c in classes], axis=1)
+        near_own = np.stack([to_spec[:, (spec_labels == c) & (gap == 0)].max(axis=1) for c in classes], axis=1)
+        own = near_own - none_side >= DISCRIMINANT_NEAR  # the learned terms speak only where an own example is near
         return (near - none_side + CENTROID_W * (to_centroids - none_side) + DISCRIMINANT_W * discriminant * own
                 + NAME_W * named * own)
 
@@ -506,8 +618,9 @@ class Router:
             vector = read[key]
             sims = space.examples @ vector
             is_spec = space.labels < c
-            margins = self._margins(sims[None, is_spec], space.labels[is_spec], sims[None, space.labels == c],
-                                    sims[None, space.labels == c + 1], (space.centroids @ vector)[None],
+            margins = self._margins(sims[None, is_spec], space.labels[is_spec], space.gap,
+                                    sims[None, space.labels == c], sims[None, space.labels == c + 1],
+                                    (space.centroids @ vector)[None],
                                     ((vector - space.discriminant_mean) @ space.discriminants)[None],
                                     (vector @ space.names - space.name_offset)[None])[0]
             views.append((margins - space.centre, sims, space.labels, space.view.name))
@@ -539,6 +652,23 @@ class Router:
             return False
         lang, p = language_of(prompt)
         return lang in space.view.encoder.languages and p >= LANGUAGE_SURE
+
+
+def _off_their_ground(spec: list[np.ndarray], spec_labels: np.ndarray, own: np.ndarray,
+                      candidates: list[np.ndarray]) -> np.ndarray:
+    """Which candidate unrelated prompts stay: one as near a specialist's example as that specialist's
+    own examples are to each other (their OWN_Q quantile, each against the rest), by any view, is on the
+    specialist's ground (a user's cooking specialist versus the shipped cooking questions) and is left
+    out. `spec` and `candidates`: per view, the vectors."""
+    keep = np.ones(len(candidates[0]) if candidates else 0, bool)
+    for vectors, cand in zip(spec, candidates, strict=True):
+        for c in np.unique(spec_labels):
+            mine = vectors[(spec_labels == c) & own]
+            if len(mine) > 1 and len(cand):
+                within = mine @ mine.T
+                np.fill_diagonal(within, -np.inf)
+                keep &= (cand @ vectors[spec_labels == c].T).max(axis=1) < np.quantile(within.max(axis=1), OWN_Q)
+    return keep
 
 
 def _discriminants(spec: np.ndarray, spec_labels: np.ndarray, neg: np.ndarray, classes: int
