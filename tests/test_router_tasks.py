@@ -133,6 +133,15 @@ def test_a_borrowed_family_routes_requests_no_example_covers(router, without_lib
     assert (d.choice, d.reason) == (task, "routed") and old.choice == before, (d.explain(), old.explain())
 
 
+def test_the_explanation_says_when_the_nearest_example_was_borrowed(router):
+    prompt = "Πόσο κάνει 3/5 του 250;"  # a library prompt itself
+    assert prompt in task_library()["math"]
+    d = router.route(prompt)
+    assert (d.choice, d.nearest, d.nearest_label) == ("math", prompt, "math (task library)"), d.explain()
+    own = router.route("Calcule 12 fois 12, s'il te plaît.")
+    assert own.nearest_label == "math" and own.nearest in prompts("math")
+
+
 @pytest.mark.parametrize("prompt", [
     "How much do translators earn?",  # the topic-not-task prompts: the subject, not the task
     "Is a maths degree worth it?",

@@ -493,7 +493,7 @@ class Decision:
     runner_up: str = ""  # the second-best specialist, if any
     runner_up_score: float = 0.0
     nearest: str = ""  # the router's example most like the prompt
-    nearest_label: str = ""  # whose example it is: a specialist, or "none"
+    nearest_label: str = ""  # whose example it is: a specialist ("math (task library)": borrowed), or "none"
     nearest_similarity: float = 0.0
     views: tuple[str, ...] = ()  # the views (VIEWS) that read the prompt (the cascade stops at a sure one)
 
@@ -658,20 +658,22 @@ class Router:
                                     (space.centroids @ vector)[None],
                                     ((vector - space.discriminant_mean) @ space.discriminants)[None],
                                     (vector @ space.names - space.name_offset)[None])[0]
-            views.append((margins - space.centre, sims, space.labels, space.view.name))
+            views.append((margins - space.centre, sims, space.labels, space.view.name, space.gap))
             if self.cascade and self._sure(prompt, space, float(views[-1][0].max())):
                 break
         fused = np.max([v[0] for v in views], axis=0)
         scores = {name: _sigmoid(m / SCALE) for name, m in zip(self.classes, fused, strict=True)}
         ranked = sorted(scores, key=lambda name: -scores[name])
         best = ranked[0]
-        _, sims, labels, _ = max(views, key=lambda v: v[0][self.classes.index(best)])  # the view that decided
+        _, sims, labels, _, gap = max(views, key=lambda v: v[0][self.classes.index(best)])  # the view that decided
         near = int(sims.argmax())
+        lent = bool(near < len(gap) and gap[near] > 0)  # a borrowed library prompt, not one of the user's examples
         d = Decision("base", scores[best], scores, "below threshold", top=best,
                      runner_up=ranked[1] if len(ranked) > 1 else "",
                      runner_up_score=scores[ranked[1]] if len(ranked) > 1 else 0.0,
                      nearest=self._texts[near], nearest_similarity=float(sims[near]),
-                     nearest_label=self.classes[labels[near]] if labels[near] < c else NONE,
+                     nearest_label=(self.classes[labels[near]] + " (task library)" * lent) if labels[near] < c
+                     else NONE,
                      views=tuple(v[3] for v in views))
         if d.confidence >= self.threshold:
             d.choice, d.reason = best, "routed"
