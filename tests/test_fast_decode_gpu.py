@@ -197,7 +197,8 @@ def test_grouped_prefill_experts_at_real_width_match_exact_dequantization():
 def test_mxfp4_prefill_and_reused_prefix_at_real_width_are_within_bf16_noise():
     """A 4-layer MXFP4 slice with a specialist: the grouped prefill, the routed-pair one, and a second turn
     that reuses the first turn's cache (written by compiled graph steps) are all as close to an fp32
-    forward over the same dequantized weights as one another."""
+    forward over the same dequantized weights as one another, and as transformers' bf16 forward is.
+    Run to run the grouped prefill gave the same error once its experts summed in fp32 (in bf16: 0.15-0.30)."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import GptOssConfig
 
@@ -231,9 +232,11 @@ def test_mxfp4_prefill_and_reused_prefix_at_real_width_are_within_bf16_noise():
             dec.step(t.view(1))
         reused = err(dec.prefill(ids))
         assert dec.reused == 560
+        noise = err(model(input_ids=ids).logits[:, -1])  # transformers' own bf16 forward, same weights
     print(f"4-layer MXFP4 slice vs fp32: grouped prefill {grouped:.1e}, routed pairs {routed:.1e}, reused prefix "
-          f"{reused:.1e}; {dec.note or 'compiled'}")
+          f"{reused:.1e}, transformers bf16 {noise:.1e}; {dec.note or 'compiled'}")
     assert grouped < 2 * routed + 1e-2 and reused < 2 * routed + 1e-2
+    assert max(grouped, routed, reused) < 2 * noise + 1e-2  # H200: 0.15, 0.14, 0.13 against bf16's own 0.15
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the device)")

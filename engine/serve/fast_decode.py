@@ -753,4 +753,7 @@ def _grouped_experts(x: Any, top_i: Any, gates: Any, weights: dict[str, Any], w:
     gate = gate_up[..., ::2].clamp(max=w["limit"])
     up = gate_up[..., 1::2].clamp(-w["limit"], w["limit"])
     down = grouped((up + 1) * (gate * torch.sigmoid(gate * w["alpha"])), "down_proj")
-    return torch.zeros_like(x).index_add_(0, perm // top_k, down * gates.reshape(-1)[perm, None])
+    # Summed in fp32: index_add_ adds the k experts of a row by atomics in no fixed order, and in bf16 each
+    # add rounds, so a run differed from the next by enough to flip a later layer's expert choice.
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    return out.index_add_(0, perm // top_k, (down * gates.reshape(-1)[perm, None]).float()).to(x.dtype)
