@@ -46,7 +46,7 @@ unrelated prompts routed. Without the floor (before the discriminant), tuning ac
 but a lone math specialist took 26 % of other tasks' and unrelated prompts (11 % with it). Below the
 threshold, base answers.
 
-Why a task library (issue 24, round 5): 20 examples are narrow (every shipped math example is a sum,
+Why a task library (issue 24, round 4): 20 examples are narrow (every shipped math example is a sum,
 every translate example "Translate to X: ..."), and nearest-example routing reaches only as far as they
 do: derivatives, geometry, priced word problems and "what does '...' mean" sat nearer the unrelated
 prompts in any language. Tandem ships `engine/data/router_tasks.jsonl`: requests for 13 common
@@ -291,7 +291,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 def _language_directions(vectors: np.ndarray, k: int) -> np.ndarray:
     """The k directions along which the shipped unrelated prompts' per-language means differ most.
-    Those prompts ask the same kinds of things in every language (33 of them have 3 or more), so what
+    Those prompts ask the same kinds of things in every language (34 of them have 3 or more), so what
     separates their language means is the language, not the request. Without these directions a prompt
     sits nearer examples that ask the same in another language (on the tuning data: 95.0 -> 97.2 %)."""
     langs = np.array(unrelated_languages())
