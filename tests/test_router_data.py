@@ -8,14 +8,13 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from engine.serve.router import UNRELATED_DATA
+from engine.serve.router import TASK_LIBRARY, UNRELATED_DATA
 
 ROOT = Path(__file__).resolve().parent.parent
 # The languages the benchmark sets ask in most, each needing a calibration of its own.
 COVERED = ("en", "fr", "de", "es", "it", "pt", "nl", "pl", "ru", "uk", "cs", "ro", "tr", "ar", "he", "fa", "hi",
            "bn", "ur", "th", "vi", "id", "ms", "tl", "sw", "el", "ja", "ko", "zh", "sv", "da", "fi", "hu")
 MIN_PER_LANGUAGE = 20
-TUNING = ("router_tune", "router_eval", "router_heldout", "router_heldout2")  # bench/router_bench.py --data
 
 
 def rows() -> list[dict]:
@@ -40,9 +39,14 @@ def test_each_covered_language_has_enough_unrelated_prompts():
     assert not short, short
 
 
-def test_no_tuning_prompt_is_shipped():
-    shipped = {r["prompt"].casefold() for r in rows()}
-    for name in TUNING:
-        lines = (ROOT / "data" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
+def test_no_benchmark_prompt_is_shipped():
+    """Neither the unrelated set nor the task library holds a prompt of a tuning or held-out set
+    (data/router_*.jsonl, bench/router_bench.py --data)."""
+    shipped = {json.loads(x)["prompt"].casefold() for path in (UNRELATED_DATA, TASK_LIBRARY)
+               for x in path.read_text(encoding="utf-8").splitlines() if x.strip()}
+    sets = sorted((ROOT / "data").glob("router_*.jsonl"))
+    assert len(sets) >= 6
+    for path in sets:
+        lines = path.read_text(encoding="utf-8").splitlines()
         copied = [p for p in (json.loads(x)["prompt"] for x in lines if x.strip()) if p.casefold() in shipped]
-        assert not copied, (name, copied)
+        assert not copied, (path.name, copied)
