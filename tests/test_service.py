@@ -103,3 +103,20 @@ def test_a_budget_change_does_not_wait_behind_a_reply(station, monkeypatch):
     rest.join(60)
     station.engine.worker.call(lambda: None)
     assert station.engine.live.budget_bytes == 5 * 2**20
+
+
+def test_the_load_says_so_while_it_builds_the_router(settings, demo_model_dir, make_adapter):
+    """With a specialist, a fresh install's first router embeds the shipped prompts (~1 min on a core):
+    the load shows that step before it reports ready, and the router it built knows the specialist."""
+    from engine.serve.router import ROUTER_STEP
+
+    make_adapter("math", ["What is 12 * 7?", "Compute 15 + 27.", "How much is 9 squared?"])
+    said: list[tuple[str, float]] = []
+    ws = Workstation(settings)
+    try:
+        ws.load(lambda message, fraction: said.append((message, fraction)), lambda _: None, lambda _: None)
+        assert ws.engine.router.classes == ["math"]
+    finally:
+        ws.close()
+    step = next(i for i, (m, _) in enumerate(said) if m.startswith(ROUTER_STEP))
+    assert step < next(i for i, (_, f) in enumerate(said) if f >= 1.0)

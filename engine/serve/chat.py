@@ -20,7 +20,7 @@ from engine.serve import selfcheck
 from engine.serve.generate import Reply, Sampling
 from engine.serve.model import LoadedModel, Progress, base_identity, fast_decoder, load_model
 from engine.serve.residency import LiveAdapters, Residency
-from engine.serve.router import Decision, Router, router_for
+from engine.serve.router import ROUTER_STEP, Decision, Router, router_for
 from engine.serve.worker import API, KEYBOARD, InferenceWorker, Request, Started, Step, WorkerClosed
 from engine.settings import Settings
 from engine.startup import Phases
@@ -110,13 +110,14 @@ class Engine:
                     self.live.fast = None
                     self.fast_note = f"{verdict.reason}; transformers + PEFT answers"
             self.lm = lm
-            say("model ready" + (f" (fast decoder: {self.fast_note})" if self.fast_note else ""), 1.0)
 
         try:
             self.worker.call(load)
+            say(ROUTER_STEP, 0.97)
+            self.retrain_router()
+            say("model ready" + (f" (fast decoder: {self.fast_note})" if self.fast_note else ""), 1.0)
         finally:
             say.close()  # a failed load stops repeating its last step
-        self.retrain_router()
         if self.mode not in ("auto", "base") and self.mode not in self.live.known:
             self.log(f"pinned adapter {self.mode!r} is not in the store; using auto")
             self.mode = "auto"

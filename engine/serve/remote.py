@@ -20,7 +20,7 @@ from engine.serve.chat import Engine
 from engine.serve.generate import Reply, Stats
 from engine.serve.model import ModelLoadError, Progress, base_identity, resolve_model_name
 from engine.serve.residency import Residency
-from engine.serve.router import router_for
+from engine.serve.router import ROUTER_STEP, router_for
 from engine.serve.worker import Request, Started, Step
 from engine.store.adapters import AdapterError, AdapterStore
 from engine.text import line
@@ -147,6 +147,7 @@ class RemoteEngine(Engine):
         self.worker.connect()
         self._base = base_identity(*resolve_model_name(self.settings, say))
         self.store = AdapterStore(self.settings.adapters_dir, base_model=self._base)
+        say(ROUTER_STEP, 0.9)
         self.retrain_router()
         missing = [n for n in self.specialists() if n not in self.worker.served]
         if missing:

@@ -164,6 +164,11 @@ CODE_LANGUAGES = ("Python", "JavaScript", "TypeScript", "Java", "C++", "C#", "Go
 _CODE_NAME = re.compile(r"(?<![\w+#])(Python|JavaScript|TypeScript|Java|C\+\+|C#|Go|Rust|SQL|[Bb]ash)(?![\w+#])")
 
 
+# What a model load says while the router is built: with specialists, a fresh install embeds the task
+# library and the unrelated prompts with both encoders once (~1 min on one core); later starts read them back.
+ROUTER_STEP = "preparing the router (a first start reads its shipped prompts once)"
+
+
 class RouterError(AdapterError):
     """A correction that names no known specialist (shown to the user like any adapter error)."""
 
