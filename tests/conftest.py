@@ -24,6 +24,27 @@ def in_triton_interpreter(code: str, done: str) -> None:
     assert out.returncode == 0 and done in out.stdout, out.stderr[-3000:]
 
 
+ROUTER_TASKS = ("math", "code", "translate")  # the shipped samples' specialists
+
+
+def sample_prompts(task: str, n: int = 20) -> list[str]:
+    """The first `n` distinct user prompts of data/samples/{task}.jsonl: a specialist's router examples."""
+    from engine.train.dataset import load_examples
+
+    every = load_examples(str(ROOT / "data" / "samples" / f"{task}.jsonl")).examples
+    return list(dict.fromkeys(e.user_prompt for e in every))[:n]
+
+
+@pytest.fixture(scope="module")
+def router():
+    """As the engine builds it: a specialist per shipped sample set, each named for its task
+    (`tandem train --task math`)."""
+    from engine.serve.router import Router
+
+    return Router(threshold=0.4).fit({t: sample_prompts(t) for t in ROUTER_TASKS},
+                                     names={t: t for t in ROUTER_TASKS})
+
+
 def terminal_sigint() -> None:
     """`preexec_fn` for a child a test stops with Ctrl+C: SIGINT as a terminal delivers it. A test run started
     as a background job (a script's `cmd &`) ignores SIGINT, and a child inherits that through exec."""

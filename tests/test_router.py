@@ -20,22 +20,11 @@ from engine.serve.router import (
     unrelated_prompts,
 )
 from engine.store.corrections import RouterCorrections
-from engine.train.dataset import load_examples
+from tests.conftest import ROUTER_TASKS as TASKS
+from tests.conftest import sample_prompts as prompts
 from tui.screens.route import RouteCorrection, RouteScreen
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TASKS = ("math", "code", "translate")
-
-
-def prompts(task, n=20):
-    every = load_examples(os.path.join(ROOT, f"data/samples/{task}.jsonl")).examples
-    return list(dict.fromkeys(e.user_prompt for e in every))[:n]
-
-
-@pytest.fixture(scope="module")
-def router():
-    """As the engine builds it: each specialist named for its task (`tandem train --task math`)."""
-    return Router(threshold=0.4).fit({t: prompts(t) for t in TASKS}, names={t: t for t in TASKS})
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +118,12 @@ def test_a_python_trained_code_specialist_takes_other_programming_languages(rout
     "¿Qué lenguaje de programación aprendió primero Linus Torvalds?",
     "क्या गणित के शिक्षक बनना अच्छा करियर है?",
     "Je, walimu wa hisabati wanalipwa vizuri?",
+    "How much do translators earn?",  # the issue's own; each specialist borrows a library family (test_router_tasks)
+    "Is a maths degree worth it?",
+    "Wie viel verdienen Übersetzer im Monat?",
+    "Combien gagne un développeur Python ?",
+    "ผู้แปลหนังสือได้เงินเดือนเท่าไหร่",
+    "Kwa nini hisabati ni ngumu kwa watoto?",
 ])
 def test_topic_without_the_task_stays_with_base(router, prompt):
     d = router.route(prompt)

@@ -2,7 +2,6 @@
 examples, what a borrowed prompt routes, and that borrowing lets no topic-not-task prompt in."""
 
 import json
-import os
 import re
 from collections import Counter
 
@@ -17,10 +16,9 @@ from engine.serve.router import (
     task_library,
     unrelated_prompts,
 )
-from engine.train.dataset import load_examples
+from tests.conftest import ROUTER_TASKS as TASKS
+from tests.conftest import sample_prompts as prompts
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TASKS = ("math", "code", "translate")
 # The issue asks for at least these languages (ISO 639-1 codes, as the unrelated set writes them).
 LANGUAGES = {"en", "fr", "de", "es", "it", "pt", "nl", "pl", "ru", "uk", "cs", "ro", "tr", "ar", "he", "fa", "hi", "bn",
              "ur", "th", "vi", "id", "ms", "sw", "el", "ja", "ko", "zh", "da", "sv"}
@@ -29,16 +27,6 @@ COOKING = ["How do I make a tomato sauce from scratch?", "Give me a recipe for l
            "Comment faire une quiche lorraine ?", "Recette de la soupe à l'oignon, s'il te plaît.",
            "Wie koche ich einen Risotto?", "Rezept für Kartoffelsalat bitte.",
            "¿Cómo se prepara un gazpacho?", "Dame una receta de paella."]
-
-
-def prompts(task, n=20):
-    every = load_examples(os.path.join(ROOT, f"data/samples/{task}.jsonl")).examples
-    return list(dict.fromkeys(e.user_prompt for e in every))[:n]
-
-
-@pytest.fixture(scope="module")
-def router():
-    return Router(threshold=0.4).fit({t: prompts(t) for t in TASKS}, names={t: t for t in TASKS})
 
 
 @pytest.fixture(scope="module")
@@ -140,19 +128,6 @@ def test_the_explanation_says_when_the_nearest_example_was_borrowed(router):
     assert (d.choice, d.nearest, d.nearest_label) == ("math", prompt, "math (task library)"), d.explain()
     own = router.route("Calcule 12 fois 12, s'il te plaît.")
     assert own.nearest_label == "math" and own.nearest in prompts("math")
-
-
-@pytest.mark.parametrize("prompt", [
-    "How much do translators earn?",  # the issue's topic-not-task prompts: the subject, not the task
-    "Is a maths degree worth it?",
-    "Wie viel verdienen Übersetzer im Monat?",
-    "Combien gagne un développeur Python ?",
-    "ผู้แปลหนังสือได้เงินเดือนเท่าไหร่",
-    "Kwa nini hisabati ni ngumu kwa watoto?",
-])
-def test_a_topic_without_the_task_stays_with_base_beside_a_borrowed_family(router, prompt):
-    d = router.route(prompt)
-    assert d.choice == "base", d.explain()
 
 
 def test_two_specialists_that_adopt_one_family_are_told_apart_by_their_own_examples():
