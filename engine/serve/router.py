@@ -601,10 +601,8 @@ class Router:
             name_vectors[said] = view.encode([named[k] for k in said], cache=True)
             names_w, names_offset = _name_evidence(name_vectors, spec[own], spec_labels[own], others)
             # Each shipped unrelated prompt's margin with itself left out: where the top ALPHA sit is the centre.
-            within = neg @ neg.T
-            np.fill_diagonal(within, -np.inf)
-            margins = self._margins(neg @ rows.T, row_labels, gap, within, neg @ fixed.T, neg @ centroids.T,
-                                    (neg - discriminant_mean) @ discriminants,
+            margins = self._margins(neg @ rows.T, row_labels, gap, _without_diagonal(neg @ neg.T), neg @ fixed.T,
+                                    neg @ centroids.T, (neg - discriminant_mean) @ discriminants,
                                     neg @ names_w - names_offset).max(axis=1)
             centre = max(float(np.quantile(margins[:shipped_kept], 1 - ALPHA)), MIN_CENTRE)
             self._spaces.append(_Space(view, np.concatenate([rows, neg, fixed]), labels, gap, centroids, centre,
@@ -627,9 +625,7 @@ class Router:
         topic ("translate"), and "What is it like to work as a translator?" is about it. "Near" means an
         own example: gated by borrowed prompts as well, topic-not-task prompts routed rose 0.7 -> 2.6 %
         on the tuning data (unrelated 0.6 -> 1.6 %); gated by own examples, 0.7 %."""
-        k = min(NONE_K, to_none.shape[1])
-        none_side = np.sort(to_none, axis=1)[:, -k:].mean(axis=1, keepdims=True) if k else np.full(
-            (len(to_spec), 1), -1.0, np.float32)
+        none_side = _top_mean(to_none, NONE_K)[:, None]
         if to_fixed.shape[1]:
             none_side = np.maximum(none_side, to_fixed.max(axis=1, keepdims=True))
         classes = range(len(self.classes))
@@ -719,9 +715,8 @@ def _off_their_ground(spec: list[np.ndarray], spec_labels: np.ndarray, own: np.n
         for c in np.unique(spec_labels):
             mine = vectors[(spec_labels == c) & own]
             if len(mine) > 1 and len(cand):
-                within = mine @ mine.T
-                np.fill_diagonal(within, -np.inf)
-                keep &= (cand @ vectors[spec_labels == c].T).max(axis=1) < np.quantile(within.max(axis=1), OWN_Q)
+                within = _without_diagonal(mine @ mine.T).max(axis=1)
+                keep &= (cand @ vectors[spec_labels == c].T).max(axis=1) < np.quantile(within, OWN_Q)
     return keep
 
 
