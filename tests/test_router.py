@@ -71,20 +71,14 @@ def test_short_chat_turns_go_to_base(router, prompt):
 
 
 @pytest.mark.parametrize(("prompt", "task"), [
-    ("Сколько будет 48 плюс 19?", "math"),  # Cyrillic, Japanese, Chinese, Arabic: none in the training data
+    # Cyrillic, Japanese, Chinese, Arabic: none in the training data
+    ("Сколько будет 48 плюс 19?", "math"),
     ("81を9で割るといくつですか？", "math"),
     ("Quanto fa 120 diviso 8?", "math"),
     ("Напиши функцию на Python, которая удаляет пробелы из строки.", "code"),
     ("用Python写一个函数，计算列表的平均值。", "code"),
     ("Переведи на немецкий: доброе утро", "translate"),
     ("كيف أقول 'صباح الخير' بالإسبانية؟", "translate"),
-])
-def test_tasks_in_unseen_languages_and_scripts_are_routed(router, prompt, task):
-    d = router.route(prompt)
-    assert (d.choice, d.reason) == (task, "routed"), d.explain()
-
-
-@pytest.mark.parametrize(("prompt", "task"), [
     # issue 24: languages outside USE's 16, which the old router sent to base
     ("कृपया 36 और 27 का गुणनफल बताइए।", "math"),  # Hindi
     ("इसे अंग्रेज़ी में अनुवाद कीजिए: मेरा घर नदी के पास है", "translate"),
@@ -93,8 +87,16 @@ def test_tasks_in_unseen_languages_and_scripts_are_routed(router, prompt, task):
     ("כמה זה 45 כפול 3?", "math"),  # Hebrew
     ("Tafsiri kwa Kiingereza: mvua inanyesha leo", "translate"),  # Swahili
     ("Hãy dịch sang tiếng Anh: tôi thích đọc sách", "translate"),  # a known miss until the task library
+    # issue 24, round 3: requests unlike every example that the discriminant term (_discriminants) routes;
+    # each went to base (the integral to code) without it
+    ("Wenn ich 2000 Euro zu 3 % Zinsen für 4 Jahre anlege, wie viel habe ich am Ende?", "math"),
+    ("Kalau 3 kg beras harganya Rp45.000, berapa harga 7 kg?", "math"),
+    ("Compute the integral of 2x from 0 to 4.", "math"),
+    ("Nataka kumwandikia rafiki yangu Mfaransa \"nakutakia siku njema\" kwa lugha yake.", "translate"),
+    ("식당에서 \"계산서 주세요\"라고 일본어로 하려면 뭐라고 해요?", "translate"),
+    ("मुझे अपने जापानी दोस्त को \"तुम्हारी याद आती है\" लिखना है, जापानी में कैसे लिखूं?", "translate"),
 ])
-def test_tasks_in_languages_beyond_the_sentence_encoders_are_routed(router, prompt, task):
+def test_task_requests_in_other_languages_and_words_are_routed(router, prompt, task):
     d = router.route(prompt)
     assert (d.choice, d.reason) == (task, "routed"), d.explain()
 
@@ -128,21 +130,6 @@ def test_a_python_trained_code_specialist_takes_other_programming_languages(rout
 def test_topic_without_the_task_stays_with_base(router, prompt):
     d = router.route(prompt)
     assert d.choice == "base", d.explain()
-
-
-@pytest.mark.parametrize(("prompt", "task"), [
-    # issue 24, round 3: requests unlike every example that the discriminant term (_discriminants) routes;
-    # each went to base (the integral to code) without it
-    ("Wenn ich 2000 Euro zu 3 % Zinsen für 4 Jahre anlege, wie viel habe ich am Ende?", "math"),
-    ("Kalau 3 kg beras harganya Rp45.000, berapa harga 7 kg?", "math"),
-    ("Compute the integral of 2x from 0 to 4.", "math"),
-    ("Nataka kumwandikia rafiki yangu Mfaransa \"nakutakia siku njema\" kwa lugha yake.", "translate"),
-    ("식당에서 \"계산서 주세요\"라고 일본어로 하려면 뭐라고 해요?", "translate"),
-    ("मुझे अपने जापानी दोस्त को \"तुम्हारी याद आती है\" लिखना है, जापानी में कैसे लिखूं?", "translate"),
-])
-def test_requests_unlike_any_example_are_routed_by_what_the_examples_share(router, prompt, task):
-    d = router.route(prompt)
-    assert (d.choice, d.reason) == (task, "routed"), d.explain()
 
 
 @pytest.mark.parametrize(("prompt", "task"), [
